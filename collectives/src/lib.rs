@@ -1,1 +1,44 @@
-//! (in progress)
+//! Communicator abstraction and the collectives that tensor, sequence and expert parallelism
+//! need (`broadcast`, `all_reduce`, `all_gather(v)`, `reduce_scatter(v)`, `all_to_all(v)`,
+//! `split`), with two backends:
+//!
+//! - [`threads`]: N ranks in one process, one OS thread each (tests, conformance suite); never
+//!   hangs: timeouts, dropped-peer detection and per-call consistency checks.
+//! - `mpi` (feature `mpi`, default on): rsmpi over `MPI_COMM_WORLD`.
+//!
+//! Both backends exchange every call's arguments before moving data, so a collective issued
+//! with different ops/dtypes/counts on different ranks fails on every rank instead of hanging
+//! (the failure mode behind NeMo Automodel PR 1570/1589; see `shared/reference/collectives.md`).
+//! [`selftest`] holds the checks both backends must pass.
+//!
+//! ```
+//! use collectives::{threads::spawn_world, CommunicatorExt, ReduceOp};
+//! let out = spawn_world(3, |comm| {
+//!     let mut x = [comm.rank() as f32, 1.0];
+//!     comm.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+//!     let g = comm.all_gather(&[comm.rank() as u8; 2][..comm.rank()], &[0, 1, 2]).unwrap();
+//!     (x, g)
+//! });
+//! for r in out {
+//!     let (x, g) = r.unwrap();
+//!     assert_eq!(x, [3.0, 3.0]);
+//!     assert_eq!(g, vec![1, 2, 2]);
+//! }
+//! ```
+
+mod call;
+mod communicator;
+mod dtype;
+mod error;
+mod mesh;
+mod reduce;
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod selftest;
+pub mod threads;
+
+pub use communicator::{Communicator, CommunicatorExt};
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::{CommError, Result};
+pub use mesh::mesh_dim_comm;
