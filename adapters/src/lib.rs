@@ -1,1 +1,21 @@
-//! (in progress)
+//! Hugging Face MoE checkpoints <-> the native grouped-expert layout, on whole tensors and on
+//! local shards (PyTorch DTensor placements), plus validated safetensors reading and writing.
+//!
+//! A format conversion NEVER communicates and NEVER changes dtype: everything here works on raw
+//! little-endian bytes + dtype + shape ([`HostTensor`]). See README.md for the rules and sources.
+
+pub mod adapter;
+pub mod checkpoint;
+pub mod error;
+pub mod local;
+pub mod qwen3_moe;
+pub mod tensor;
+pub mod writer;
+
+pub use adapter::{adapter_for, MoeAdapter, SUPPORTED_MODEL_TYPES};
+pub use checkpoint::{HfCheckpoint, TensorInfo};
+pub use error::{AdapterError, Result};
+pub use local::{LocalTensor, NativeTensorInfo};
+pub use safetensors::Dtype;
+pub use tensor::{assemble, HostTensor};
+pub use writer::write_hf_checkpoint;

@@ -1,1 +1,14 @@
-//! (in progress)
+//! Conformance checks of the MoE stack against single-device references, on one rank or many.
+//!
+//! Suites (see [`suites::Suite`]): `roundtrip` (HF -> native -> HF bit-identity), `golden` (MoE block
+//! forward vs transformers), `sharded` (local shards per EP / EP x FSDP plan: shapes vs `placement`,
+//! gathered bit-exact, both directions), `collectives` (the communicator against naive references).
+//! The `conformance` binary runs them under the threads backend or under `mpirun`; `cargo xtask
+//! conformance` runs the matrix and writes the reports.
+
+pub mod gather;
+pub mod golden;
+pub mod report;
+pub mod roundtrip;
+pub mod sharded;
+pub mod suites;

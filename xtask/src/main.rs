@@ -1,1 +1,80 @@
-fn main() {}
+//! `cargo xtask conformance`: builds the conformance binary, runs its suites under the threads backend
+//! and (when Open MPI is installed) under `mpirun`, prints a summary table and writes
+//! `target/conformance/report.md` and `target/conformance/junit.xml`. Exits non-zero on any failure.
+//!
+//! xtask only orchestrates: every check lives in the `conformance` crate.
+
+mod report;
+mod results;
+mod runner;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+pub enum Backend {
+    Threads,
+    Mpi,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Threads => "threads",
+            Backend::Mpi => "mpi",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the conformance suites (threads backend, and mpirun when MPI is installed).
+    Conformance(ConformanceArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConformanceArgs {
+    /// Backends to run (default: threads, and mpi when mpirun and the MPI library are present).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub backend: Vec<Backend>,
+    /// World sizes (number of ranks) to run each backend at [default: 1,2,4; with --quick: 1,2].
+    #[arg(long, value_delimiter = ',')]
+    pub world_sizes: Vec<usize>,
+    /// Suites to run (roundtrip, golden, sharded, collectives); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub suites: Vec<String>,
+    /// Fixture directories (default: every directory under conformance/fixtures/ with a config.json).
+    #[arg(long = "fixture")]
+    pub fixtures: Vec<PathBuf>,
+    /// CI-sized run: world sizes 1 and 2 only, unless --world-sizes is given.
+    #[arg(long)]
+    pub quick: bool,
+    /// Build and run the release profile.
+    #[arg(long)]
+    pub release: bool,
+    /// Seconds a single run may take before it is killed and reported as failed.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Conformance(args) => match runner::conformance(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("xtask conformance: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,182 @@
+//! Test helpers: tiny random Qwen3-MoE checkpoints written with the safetensors crate directly
+//! (independent of this crate's writer), and raw safetensors byte crafting.
+#![allow(dead_code)]
+
+use adapters::{Dtype, HostTensor};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// xorshift64* bytes: deterministic "random" data.
+pub fn rand_bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+pub fn rand_tensor(seed: u64, dtype: Dtype, shape: &[usize]) -> HostTensor {
+    let n: usize = shape.iter().product::<usize>() * (dtype.bitsize() / 8);
+    HostTensor::new(dtype, shape.to_vec(), rand_bytes(seed, n)).unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub layers: usize,
+    pub e: usize,
+    pub h: usize,
+    pub i: usize,
+}
+
+pub const SMALL: Dims = Dims {
+    layers: 3,
+    e: 4,
+    h: 6,
+    i: 5,
+};
+
+/// config.json for the tiny model: decoder_sparse_step 1, layer 0 mlp-only (dense).
+pub fn config(d: Dims, model_type: &str) -> serde_json::Value {
+    json!({
+        "model_type": model_type,
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_hidden_layers": d.layers,
+        "num_experts": d.e,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": d.i,
+        "hidden_size": d.h,
+        "intermediate_size": 7,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],
+        "vocab_size": 11,
+    })
+}
+
+/// HF tensors of the tiny model in the given layout (fused = transformers v5 on-disk fused form).
+pub fn hf_tensors(d: Dims, dtype: Dtype, fused: bool) -> BTreeMap<String, HostTensor> {
+    let mut m = BTreeMap::new();
+    let mut seed = 1u64;
+    let mut add = |m: &mut BTreeMap<String, HostTensor>, k: String, shape: &[usize]| {
+        seed += 1;
+        m.insert(k, rand_tensor(seed, dtype, shape));
+    };
+    add(&mut m, "model.embed_tokens.weight".into(), &[11, d.h]);
+    add(&mut m, "model.norm.weight".into(), &[d.h]);
+    for l in 0..d.layers {
+        let p = format!("model.layers.{l}");
+        add(&mut m, format!("{p}.self_attn.q_proj.weight"), &[d.h, d.h]);
+        add(&mut m, format!("{p}.input_layernorm.weight"), &[d.h]);
+        if l == 0 {
+            add(&mut m, format!("{p}.mlp.gate_proj.weight"), &[7, d.h]);
+            add(&mut m, format!("{p}.mlp.up_proj.weight"), &[7, d.h]);
+            add(&mut m, format!("{p}.mlp.down_proj.weight"), &[d.h, 7]);
+            continue;
+        }
+        add(&mut m, format!("{p}.mlp.gate.weight"), &[d.e, d.h]);
+        if fused {
+            add(
+                &mut m,
+                format!("{p}.mlp.experts.gate_up_proj"),
+                &[d.e, 2 * d.i, d.h],
+            );
+            add(
+                &mut m,
+                format!("{p}.mlp.experts.down_proj"),
+                &[d.e, d.h, d.i],
+            );
+        } else {
+            for e in 0..d.e {
+                add(
+                    &mut m,
+                    format!("{p}.mlp.experts.{e}.gate_proj.weight"),
+                    &[d.i, d.h],
+                );
+                add(
+                    &mut m,
+                    format!("{p}.mlp.experts.{e}.up_proj.weight"),
+                    &[d.i, d.h],
+                );
+                add(
+                    &mut m,
+                    format!("{p}.mlp.experts.{e}.down_proj.weight"),
+                    &[d.h, d.i],
+                );
+            }
+        }
+    }
+    m
+}
+
+fn st_bytes(tensors: &[(&String, &HostTensor)]) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            (
+                (*k).clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Writes config.json + model.safetensors, or (nshards > 1) round-robin shards + index.json.
+pub fn write_ckpt(
+    dir: &Path,
+    cfg: &serde_json::Value,
+    tensors: &BTreeMap<String, HostTensor>,
+    nshards: usize,
+) {
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    if nshards <= 1 {
+        let all: Vec<_> = tensors.iter().collect();
+        std::fs::write(dir.join("model.safetensors"), st_bytes(&all)).unwrap();
+        return;
+    }
+    let mut wm = serde_json::Map::new();
+    for s in 0..nshards {
+        let name = format!("model-{:05}-of-{:05}.safetensors", s + 1, nshards);
+        let part: Vec<_> = tensors
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % nshards == s)
+            .map(|(_, kv)| kv)
+            .collect();
+        for (k, _) in &part {
+            wm.insert((*k).clone(), json!(name));
+        }
+        std::fs::write(dir.join(&name), st_bytes(&part)).unwrap();
+    }
+    let idx = json!({"metadata": {"total_size": 0}, "weight_map": wm});
+    std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
+}
+
+/// 8-byte LE header length + header + data: a hand-crafted safetensors file.
+pub fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Element `flat` (row-major index) of a tensor, as bytes.
+pub fn elem(t: &HostTensor, idx: &[usize]) -> Vec<u8> {
+    assert_eq!(idx.len(), t.shape.len());
+    let mut flat = 0;
+    for (d, &i) in idx.iter().enumerate() {
+        assert!(i < t.shape[d]);
+        flat = flat * t.shape[d] + i;
+    }
+    let es = t.element_size();
+    t.data[flat * es..(flat + 1) * es].to_vec()
+}
+
+/// The index set `a..b` (one run).
+pub fn run(a: usize, b: usize) -> placement::IndexSet {
+    placement::IndexSet::from_runs(std::iter::once(a..b).collect())
+}

@@ -1,0 +1,304 @@
+//! Check outcomes, suite reports, the per-run JSON file that `cargo xtask conformance` reads, and the
+//! merge of every rank's outcomes into one verdict (a check passes only when it passes on all ranks).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The outcome of one named check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Passed; the text says what was measured (e.g. a max abs diff), may be empty.
+    Pass(String),
+    /// Failed; the text says what differed.
+    Fail(String),
+    /// Not run; the text says why.
+    Skip(String),
+}
+
+/// One named check and its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub outcome: Outcome,
+}
+
+impl Check {
+    pub fn pass(name: impl Into<String>, note: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            outcome: Outcome::Pass(note.into()),
+        }
+    }
+    pub fn fail(name: impl Into<String>, why: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            outcome: Outcome::Fail(why.into()),
+        }
+    }
+    pub fn skip(name: impl Into<String>, why: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            outcome: Outcome::Skip(why.into()),
+        }
+    }
+    /// Pass when `ok`, else fail with `why`.
+    pub fn expect(
+        name: impl Into<String>,
+        ok: bool,
+        note: impl Into<String>,
+        why: impl FnOnce() -> String,
+    ) -> Self {
+        if ok {
+            Check::pass(name, note)
+        } else {
+            Check::fail(name, why())
+        }
+    }
+    /// A check whose computation itself failed with an error.
+    pub fn error(name: impl Into<String>, err: impl fmt::Display) -> Self {
+        Check::fail(name, format!("error: {err}"))
+    }
+    pub fn failed(&self) -> bool {
+        matches!(self.outcome, Outcome::Fail(_))
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.outcome {
+            Outcome::Pass(n) if n.is_empty() => write!(f, "PASS {}", self.name),
+            Outcome::Pass(n) => write!(f, "PASS {} ({n})", self.name),
+            Outcome::Fail(w) => write!(f, "FAIL {}: {w}", self.name),
+            Outcome::Skip(w) => write!(f, "SKIP {}: {w}", self.name),
+        }
+    }
+}
+
+/// The checks of one suite on one rank, with the wall time they took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteReport {
+    pub suite: String,
+    pub seconds: f64,
+    pub checks: Vec<Check>,
+}
+
+impl SuiteReport {
+    pub fn counts(&self) -> (usize, usize, usize) {
+        self.checks
+            .iter()
+            .fold((0, 0, 0), |(p, f, s), c| match c.outcome {
+                Outcome::Pass(_) => (p + 1, f, s),
+                Outcome::Fail(_) => (p, f + 1, s),
+                Outcome::Skip(_) => (p, f, s + 1),
+            })
+    }
+}
+
+/// Merges the reports of all ranks (`per_rank[r]` is rank r's list, suites in the same order on every
+/// rank). A check fails if it failed on any rank (the message names the ranks); it passes if it passed
+/// on every rank that ran it; a check only some ranks ran is kept as each rank reported it. Time is the
+/// slowest rank's.
+pub fn merge_ranks(per_rank: &[Vec<SuiteReport>]) -> Vec<SuiteReport> {
+    let Some(first) = per_rank.first() else {
+        return Vec::new();
+    };
+    if per_rank.len() == 1 {
+        return first.clone();
+    }
+    let mut merged = Vec::new();
+    for (si, suite) in first.iter().enumerate() {
+        let mut seconds = 0.0f64;
+        let mut names: Vec<String> = Vec::new();
+        let mut by_name: std::collections::HashMap<String, Vec<(usize, Outcome)>> =
+            Default::default();
+        for (rank, reports) in per_rank.iter().enumerate() {
+            let Some(rs) = reports.get(si) else { continue };
+            seconds = seconds.max(rs.seconds);
+            for c in &rs.checks {
+                if !by_name.contains_key(&c.name) {
+                    names.push(c.name.clone());
+                }
+                by_name
+                    .entry(c.name.clone())
+                    .or_default()
+                    .push((rank, c.outcome.clone()));
+            }
+        }
+        let checks = names
+            .into_iter()
+            .map(|name| {
+                let outcomes = &by_name[&name];
+                let fails: Vec<String> = outcomes
+                    .iter()
+                    .filter_map(|(r, o)| match o {
+                        Outcome::Fail(w) => Some(format!("rank {r}: {w}")),
+                        _ => None,
+                    })
+                    .collect();
+                let outcome = if !fails.is_empty() {
+                    Outcome::Fail(fails.join("; "))
+                } else if outcomes.iter().all(|(_, o)| matches!(o, Outcome::Skip(_))) {
+                    outcomes[0].1.clone()
+                } else {
+                    let note = outcomes
+                        .iter()
+                        .find_map(|(_, o)| match o {
+                            Outcome::Pass(n) => Some(n.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    Outcome::Pass(if outcomes.len() > 1 {
+                        format!(
+                            "{} ranks{}{note}",
+                            outcomes.len(),
+                            if note.is_empty() { "" } else { "; " }
+                        )
+                    } else {
+                        note
+                    })
+                };
+                Check { name, outcome }
+            })
+            .collect();
+        merged.push(SuiteReport {
+            suite: suite.suite.clone(),
+            seconds,
+            checks,
+        });
+    }
+    merged
+}
+
+/// One failed check in the result file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailureJson {
+    pub name: String,
+    pub message: String,
+}
+
+/// A suite's counts in the result file (the format `xtask/src/results.rs` reads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SuiteJson {
+    pub suite: String,
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub seconds: f64,
+    pub failures: Vec<FailureJson>,
+}
+
+/// The result file of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunJson {
+    pub backend: String,
+    pub world_size: usize,
+    pub suites: Vec<SuiteJson>,
+}
+
+impl RunJson {
+    pub fn new(backend: &str, world_size: usize, reports: &[SuiteReport]) -> Self {
+        let suites = reports
+            .iter()
+            .map(|r| {
+                let (passed, failed, skipped) = r.counts();
+                SuiteJson {
+                    suite: r.suite.clone(),
+                    passed,
+                    failed,
+                    skipped,
+                    seconds: r.seconds,
+                    failures: r
+                        .checks
+                        .iter()
+                        .filter_map(|c| match &c.outcome {
+                            Outcome::Fail(w) => Some(FailureJson {
+                                name: c.name.clone(),
+                                message: w.clone(),
+                            }),
+                            _ => None,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        RunJson {
+            backend: backend.into(),
+            world_size,
+            suites,
+        }
+    }
+}
+
+/// Prints every failed and skipped check, the per-suite counts, and the closing
+/// `N passed, M failed, K skipped` line; with `verbose`, passing checks too. Returns the failure count.
+pub fn print_reports(reports: &[SuiteReport], verbose: bool) -> usize {
+    let (mut tp, mut tf, mut ts) = (0, 0, 0);
+    for r in reports {
+        for c in &r.checks {
+            if verbose || !matches!(c.outcome, Outcome::Pass(_)) {
+                println!("  [{}] {c}", r.suite);
+            }
+        }
+        let (p, f, s) = r.counts();
+        println!(
+            "{}: {p} passed, {f} failed, {s} skipped ({:.2} s)",
+            r.suite, r.seconds
+        );
+        tp += p;
+        tf += f;
+        ts += s;
+    }
+    println!("{tp} passed, {tf} failed, {ts} skipped");
+    tf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn suite(checks: Vec<Check>) -> Vec<SuiteReport> {
+        vec![SuiteReport {
+            suite: "s".into(),
+            seconds: 1.0,
+            checks,
+        }]
+    }
+
+    #[test]
+    fn a_failure_on_one_rank_fails_the_merged_check() {
+        let merged = merge_ranks(&[
+            suite(vec![Check::pass("a", ""), Check::pass("b", "")]),
+            suite(vec![Check::pass("a", ""), Check::fail("b", "differs")]),
+        ]);
+        assert_eq!(merged[0].counts(), (1, 1, 0));
+        assert_eq!(
+            merged[0].checks[1].outcome,
+            Outcome::Fail("rank 1: differs".into())
+        );
+    }
+
+    #[test]
+    fn checks_only_some_ranks_ran_are_kept() {
+        let merged = merge_ranks(&[
+            suite(vec![Check::pass("a", "")]),
+            suite(vec![Check::skip("c", "n/a")]),
+        ]);
+        assert_eq!(merged[0].checks.len(), 2);
+        assert_eq!(merged[0].counts(), (1, 0, 1));
+    }
+
+    #[test]
+    fn run_json_counts_match_reports() {
+        let r = suite(vec![
+            Check::pass("a", ""),
+            Check::fail("b", "x"),
+            Check::skip("c", "y"),
+        ]);
+        let j = RunJson::new("threads", 2, &r);
+        assert_eq!(
+            (j.suites[0].passed, j.suites[0].failed, j.suites[0].skipped),
+            (1, 1, 1)
+        );
+        assert_eq!(j.suites[0].failures[0].name, "b");
+    }
+}

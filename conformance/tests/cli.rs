@@ -1,0 +1,199 @@
+//! The `conformance` binary on the committed fixtures and on corrupted copies of them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn conformance(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .args(args)
+        .output()
+        .expect("run conformance")
+}
+
+/// A private copy of a fixture directory, to corrupt.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    tmp
+}
+
+/// Splits a safetensors file into (header JSON, data section).
+fn split_safetensors(bytes: &[u8]) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+fn join_safetensors(header: &serde_json::Map<String, serde_json::Value>, data: &[u8]) -> Vec<u8> {
+    let h = serde_json::to_vec(header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out
+}
+
+/// The key whose data ends last in the file (the one a truncation cuts).
+fn last_key(header: &serde_json::Map<String, serde_json::Value>) -> String {
+    header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .max_by_key(|(_, v)| v["data_offsets"][1].as_u64().unwrap())
+        .map(|(k, _)| k.clone())
+        .unwrap()
+}
+
+/// Asserts a failed run with exactly one stderr line that contains every `needle`.
+fn assert_one_line_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "'{}' does not name '{n}'", lines[0]);
+    }
+}
+
+#[test]
+fn roundtrip_and_golden_pass_on_every_committed_fixture() {
+    for name in ["qwen3_moe_tiny", "qwen3_moe_tiny_sharded"] {
+        let dir = fixture(name);
+        let out = conformance(&["roundtrip", "--checkpoint", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let out = conformance(&["golden", "--fixture", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("0 failed"));
+    }
+}
+
+#[test]
+fn golden_fails_when_the_expected_output_is_perturbed() {
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("golden.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (header, mut data) = split_safetensors(&bytes);
+    let [start, _] = [0, 1].map(|i| header["output"]["data_offsets"][i].as_u64().unwrap() as usize);
+    let v = f32::from_le_bytes(data[start..start + 4].try_into().unwrap()) + 1e-3;
+    data[start..start + 4].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
+    let out = conformance(&["golden", "--fixture", tmp.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 of"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn truncated_file_names_file_and_key() {
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let key = last_key(&split_safetensors(&bytes).0);
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let out = conformance(&["roundtrip", "--checkpoint", tmp.path().to_str().unwrap()]);
+    assert_one_line_error(&out, &["model.safetensors", &key]);
+}
+
+#[test]
+fn header_offsets_out_of_range_name_file_and_key() {
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("model.safetensors");
+    let (mut header, data) = split_safetensors(&std::fs::read(&path).unwrap());
+    let key = last_key(&header);
+    let end = header[&key]["data_offsets"][1].as_u64().unwrap();
+    header[&key]["data_offsets"][1] = serde_json::json!(end + 4096);
+    std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
+    let out = conformance(&["roundtrip", "--checkpoint", tmp.path().to_str().unwrap()]);
+    assert_one_line_error(&out, &["model.safetensors", &key]);
+}
+
+#[test]
+fn missing_expert_key_names_file_and_key() {
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("model.safetensors");
+    let (mut header, data) = split_safetensors(&std::fs::read(&path).unwrap());
+    let key = "model.layers.1.mlp.experts.5.up_proj.weight";
+    // Drop the key and its bytes, shifting the offsets of the tensors after it.
+    let [s, e] = [0, 1].map(|i| header[key]["data_offsets"][i].as_u64().unwrap());
+    header.remove(key);
+    let mut rest = data[..s as usize].to_vec();
+    rest.extend_from_slice(&data[e as usize..]);
+    for (k, v) in header.iter_mut() {
+        if k == "__metadata__" {
+            continue;
+        }
+        for i in 0..2 {
+            let o = v["data_offsets"][i].as_u64().unwrap();
+            if o >= e {
+                v["data_offsets"][i] = serde_json::json!(o - (e - s));
+            }
+        }
+    }
+    std::fs::write(&path, join_safetensors(&header, &rest)).unwrap();
+    for sub in [["roundtrip", "--checkpoint"], ["golden", "--fixture"]] {
+        let out = conformance(&[sub[0], sub[1], tmp.path().to_str().unwrap()]);
+        assert_one_line_error(&out, &[key]);
+    }
+}
+
+#[test]
+fn run_over_two_thread_ranks_writes_the_result_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("r.json");
+    let dir = fixture("qwen3_moe_tiny_sharded");
+    let out = conformance(&[
+        "run",
+        "--backend",
+        "threads",
+        "--world",
+        "2",
+        "--fixture",
+        dir.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["world_size"], 2);
+    let suites: Vec<&str> = v["suites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["suite"].as_str().unwrap())
+        .collect();
+    assert_eq!(suites, ["collectives", "roundtrip", "golden", "sharded"]);
+    for s in v["suites"].as_array().unwrap() {
+        assert_eq!(s["failed"], 0, "{s}");
+        assert!(s["passed"].as_u64().unwrap() > 0, "{s}");
+    }
+}
