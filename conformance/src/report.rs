@@ -128,11 +128,25 @@ pub fn merge_ranks(per_rank: &[Vec<SuiteReport>]) -> Vec<SuiteReport> {
             .into_iter()
             .map(|name| {
                 let outcomes = &by_name[&name];
-                let fails: Vec<String> = outcomes
-                    .iter()
-                    .filter_map(|(r, o)| match o {
-                        Outcome::Fail(w) => Some(format!("rank {r}: {w}")),
-                        _ => None,
+                // Identical messages from several ranks are reported once, naming the ranks.
+                let mut fails: Vec<(Vec<usize>, &str)> = Vec::new();
+                for (r, o) in outcomes {
+                    if let Outcome::Fail(w) = o {
+                        match fails.iter_mut().find(|(_, m)| *m == w.as_str()) {
+                            Some((ranks, _)) => ranks.push(*r),
+                            None => fails.push((vec![*r], w.as_str())),
+                        }
+                    }
+                }
+                let fails: Vec<String> = fails
+                    .into_iter()
+                    .map(|(ranks, w)| {
+                        let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+                        format!(
+                            "rank{} {}: {w}",
+                            if ranks.len() > 1 { "s" } else { "" },
+                            list.join(", ")
+                        )
                     })
                     .collect();
                 let outcome = if !fails.is_empty() {
@@ -274,6 +288,19 @@ mod tests {
         assert_eq!(
             merged[0].checks[1].outcome,
             Outcome::Fail("rank 1: differs".into())
+        );
+    }
+
+    #[test]
+    fn identical_failures_are_reported_once_with_their_ranks() {
+        let merged = merge_ranks(&[
+            suite(vec![Check::fail("a", "bad file")]),
+            suite(vec![Check::fail("a", "other")]),
+            suite(vec![Check::fail("a", "bad file")]),
+        ]);
+        assert_eq!(
+            merged[0].checks[0].outcome,
+            Outcome::Fail("ranks 0, 2: bad file; rank 1: other".into())
         );
     }
 
