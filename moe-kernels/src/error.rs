@@ -39,4 +39,18 @@ pub enum KernelError {
         /// The offending value.
         value: f32,
     },
+    /// A router / activation hyper-parameter or an optional tensor does not fit the
+    /// configuration (e.g. `E % n_group != 0`, a correction bias given to a softmax router).
+    #[error("invalid MoE configuration: {0}")]
+    InvalidConfig(String),
+    /// A router score is NaN or infinite (e.g. after adding `e_score_correction_bias`).
+    #[error("router score for token {token}, expert {expert} is not finite ({value})")]
+    NonFiniteScore {
+        /// Token (row) index.
+        token: usize,
+        /// Expert (column) index.
+        expert: usize,
+        /// The offending value, widened to f64.
+        value: f64,
+    },
 }

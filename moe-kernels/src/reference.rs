@@ -6,6 +6,15 @@
 //! tokens, `gate, up = x W_gu^T`, `h = silu(gate) * up`, `y = h W_d^T`, scale by the routing
 //! weight and `index_add_` into a zero output, experts in ascending index order.
 
+//!
+//! The general block of every seed family (all routers, activations, biases, shared experts),
+//! forward and backward, is [`moe_forward`] / [`moe_backward`] (submodule `moe_block`).
+
+mod moe_block;
+
+pub(crate) use moe_block::check_saved;
+pub use moe_block::{moe_backward, moe_forward};
+
 use ndarray::{s, Array2, ArrayView2, ArrayView3, Axis};
 
 use crate::activation::swiglu;

@@ -20,15 +20,16 @@ pub struct RouterConfig {
     pub norm_topk_prob: bool,
 }
 
-/// Router result for `T` tokens and `E` experts.
+/// Router result for `T` tokens and `E` experts (element type `F`, `f32` by default).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Routing {
+pub struct Routing<F = f32> {
     /// `[T, k]` expert ids per token, by descending weight; ties: lowest expert index first.
     pub top_k_index: Array2<usize>,
     /// `[T, k]` routing weights (selected probabilities, renormalised if `norm_topk_prob`).
-    pub top_k_weights: Array2<f32>,
-    /// `[T, E]` softmax of the logits over experts, f32.
-    pub probs: Array2<f32>,
+    pub top_k_weights: Array2<F>,
+    /// `[T, E]` softmax of the logits over experts (for the other routers of
+    /// [`crate::routing::route`]: the scores the weights are taken from).
+    pub probs: Array2<F>,
 }
 
 /// Router logits `z = x @ gate^T` in f32 (`F.linear(x, gate_weight)`, no bias).
@@ -56,7 +57,7 @@ pub fn router_logits(x: ArrayView2<f32>, gate_weight: ArrayView2<f32>) -> Result
 /// # Errors
 /// [`KernelError::ZeroTopK`] if `k == 0`; [`KernelError::TopKTooLarge`] if `k > E`;
 /// [`KernelError::NonFiniteLogit`] naming the first NaN / infinite logit (token, expert).
-pub fn softmax_topk(logits: ArrayView2<f32>, cfg: &RouterConfig) -> Result<Routing> {
+pub fn softmax_topk(logits: ArrayView2<f32>, cfg: &RouterConfig) -> Result<Routing<f32>> {
     let (tokens, num_experts) = logits.dim();
     let k = cfg.top_k;
     if k == 0 {

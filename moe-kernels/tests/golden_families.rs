@@ -1,0 +1,368 @@
+//! Both paths (reference and fast) against transformers for every family with a golden fixture
+//! in `conformance/fixtures/<name>/` (written by the adapters work, format
+//! `/work/shared/reference/fixtures.md`): output, grad_input and every parameter gradient,
+//! compared in the HF disk layout (`grad.<disk key>`). HF disk -> native is done here by hand,
+//! independently of the adapters crate: per-expert `[I, H]` / `[H, I]` weights, Mixtral
+//! `w1`/`w3`/`w2`, fused `[E, 2I, H]`/`[E, H, I]` (transposed) or `[E, H, 2I]`/`[E, I, H]`
+//! (native), GPT-OSS interleaved gate/up columns (gate = 0::2, up = 1::2).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use moe_kernels::{fast, reference, Activation, MoeConfig, MoeGrads, MoeParams, RouterKind, SharedExpertParams};
+use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+
+type Tensors = HashMap<String, ArrayD<f32>>;
+
+fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
+    let mut out = HashMap::new();
+    let mut meta = HashMap::new();
+    for file in files {
+        let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
+        if let Some(m) = m.metadata() {
+            meta.extend(m.clone());
+        }
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            let data: Vec<f32> = match view.dtype() {
+                Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                    .collect(),
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                other => panic!("{name}: unexpected dtype {other:?}"),
+            };
+            out.insert(name, ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap());
+        }
+    }
+    (out, meta)
+}
+
+fn model_files(dir: &Path) -> Vec<PathBuf> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        let mut files: Vec<String> = json["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        files.sort();
+        files.dedup();
+        files.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    }
+}
+
+fn m2(t: &Tensors, key: &str) -> Array2<f32> {
+    t.get(key)
+        .unwrap_or_else(|| panic!("missing {key}"))
+        .clone()
+        .into_dimensionality()
+        .unwrap()
+}
+fn m1(t: &Tensors, key: &str) -> Array1<f32> {
+    t.get(key).unwrap().clone().into_dimensionality().unwrap()
+}
+fn m3(t: &Tensors, key: &str) -> Array3<f32> {
+    t.get(key).unwrap().clone().into_dimensionality().unwrap()
+}
+
+/// The block's weights in the native layout plus how the experts are stored on disk.
+struct Native {
+    gate: Array2<f32>,
+    gate_bias: Option<Array1<f32>>,
+    corr: Option<Array1<f32>>,
+    gate_up: Array3<f32>,
+    down: Array3<f32>,
+    gate_up_bias: Option<Array2<f32>>,
+    down_bias: Option<Array2<f32>>,
+    shared: Option<[Array2<f32>; 3]>,
+    shared_gate: Option<Array2<f32>>,
+    disk: ExpertDisk,
+    shared_prefix: &'static str,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum ExpertDisk {
+    /// `experts.{e}.{gate,up,down}_proj.weight`, or Mixtral `w1`/`w3`/`w2`.
+    PerExpert { mixtral: bool },
+    /// `experts.gate_up_proj` / `down_proj`; `transposed`: `[E, 2I, H]` / `[E, H, I]`.
+    Fused { transposed: bool },
+    /// GPT-OSS: `[E, H, 2I]` interleaved + biases.
+    Interleaved,
+}
+
+fn native(w: &Tensors, p: &str, num_experts: usize) -> Native {
+    let router_key = if w.contains_key(&format!("{p}.router.weight")) { "router" } else { "gate" };
+    let gate = m2(w, &format!("{p}.{router_key}.weight"));
+    let gate_bias = w.contains_key(&format!("{p}.router.bias")).then(|| m1(w, &format!("{p}.router.bias")));
+    let corr_key = format!("{p}.gate.e_score_correction_bias");
+    let corr = w.contains_key(&corr_key).then(|| m1(w, &corr_key));
+    let h = gate.ncols();
+    let (disk, gate_up, down, gate_up_bias, down_bias);
+    if w.contains_key(&format!("{p}.experts.gate_up_proj")) {
+        let gu = m3(w, &format!("{p}.experts.gate_up_proj"));
+        let dn = m3(w, &format!("{p}.experts.down_proj"));
+        if gate_bias.is_some() {
+            // GPT-OSS: de-interleave columns (gate = 0::2, up = 1::2).
+            let i = gu.shape()[2] / 2;
+            let mut g = Array3::<f32>::zeros(gu.raw_dim());
+            g.slice_mut(s![.., .., ..i]).assign(&gu.slice(s![.., .., 0..;2]));
+            g.slice_mut(s![.., .., i..]).assign(&gu.slice(s![.., .., 1..;2]));
+            let b = m2(w, &format!("{p}.experts.gate_up_proj_bias"));
+            let mut bb = Array2::<f32>::zeros(b.raw_dim());
+            bb.slice_mut(s![.., ..i]).assign(&b.slice(s![.., 0..;2]));
+            bb.slice_mut(s![.., i..]).assign(&b.slice(s![.., 1..;2]));
+            disk = ExpertDisk::Interleaved;
+            gate_up = g;
+            down = dn;
+            gate_up_bias = Some(bb);
+            down_bias = Some(m2(w, &format!("{p}.experts.down_proj_bias")));
+        } else {
+            // down_proj [E, H, I] -> fused transformers-v5 orientation; [E, I, H] -> native.
+            let transposed = dn.shape()[1] == h && dn.shape()[2] != h;
+            disk = ExpertDisk::Fused { transposed };
+            if transposed {
+                gate_up = gu.permuted_axes([0, 2, 1]).as_standard_layout().to_owned();
+                down = dn.permuted_axes([0, 2, 1]).as_standard_layout().to_owned();
+            } else {
+                gate_up = gu;
+                down = dn;
+            }
+            gate_up_bias = None;
+            down_bias = None;
+        }
+    } else {
+        let mixtral = w.contains_key(&format!("{p}.experts.0.w1.weight"));
+        let names = if mixtral { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+        let g0 = m2(w, &format!("{p}.experts.0.{}.weight", names[0]));
+        let i = g0.nrows();
+        let mut gu = Array3::<f32>::zeros((num_experts, h, 2 * i));
+        let mut dn = Array3::<f32>::zeros((num_experts, i, h));
+        for e in 0..num_experts {
+            let g = m2(w, &format!("{p}.experts.{e}.{}.weight", names[0]));
+            let u = m2(w, &format!("{p}.experts.{e}.{}.weight", names[1]));
+            let d = m2(w, &format!("{p}.experts.{e}.{}.weight", names[2]));
+            gu.slice_mut(s![e, .., ..i]).assign(&g.t());
+            gu.slice_mut(s![e, .., i..]).assign(&u.t());
+            dn.slice_mut(s![e, .., ..]).assign(&d.t());
+        }
+        disk = ExpertDisk::PerExpert { mixtral };
+        gate_up = gu;
+        down = dn;
+        gate_up_bias = None;
+        down_bias = None;
+    }
+    let shared_prefix = if w.contains_key(&format!("{p}.shared_expert.gate_proj.weight")) {
+        "shared_expert"
+    } else {
+        "shared_experts"
+    };
+    let shared = w.contains_key(&format!("{p}.{shared_prefix}.gate_proj.weight")).then(|| {
+        ["gate_proj", "up_proj", "down_proj"].map(|n| m2(w, &format!("{p}.{shared_prefix}.{n}.weight")))
+    });
+    let sg_key = format!("{p}.shared_expert_gate.weight");
+    let shared_gate = w.contains_key(&sg_key).then(|| m2(w, &sg_key));
+    Native {
+        gate,
+        gate_bias,
+        corr,
+        gate_up,
+        down,
+        gate_up_bias,
+        down_bias,
+        shared,
+        shared_gate,
+        disk,
+        shared_prefix,
+    }
+}
+
+fn config(cfg: &serde_json::Value) -> MoeConfig {
+    let c = cfg.get("text_config").unwrap_or(cfg);
+    let model_type = cfg["model_type"].as_str().unwrap();
+    let top_k = c["num_experts_per_tok"].as_u64().unwrap() as usize;
+    let norm = c["norm_topk_prob"].as_bool();
+    let router = match model_type {
+        "gpt_oss" => RouterKind::TopKSoftmax,
+        "deepseek_v3" | "glm4_moe" => RouterKind::SigmoidGroupLimited {
+            n_group: c["n_group"].as_u64().unwrap() as usize,
+            topk_group: c["topk_group"].as_u64().unwrap() as usize,
+            norm_topk_prob: norm.unwrap(),
+            routed_scaling_factor: c["routed_scaling_factor"].as_f64().unwrap() as f32,
+        },
+        // Mixtral, Qwen3.5 and Qwen3-VL always renormalise; Qwen3-MoE / Next read the flag.
+        "mixtral" | "qwen3_5_moe" | "qwen3_5_moe_text" | "qwen3_vl_moe" => RouterKind::SoftmaxTopK { norm_topk_prob: true },
+        _ => RouterKind::SoftmaxTopK {
+            norm_topk_prob: norm.unwrap(),
+        },
+    };
+    let activation = match model_type {
+        "gpt_oss" => Activation::GptOssGlu {
+            limit: c["swiglu_limit"].as_f64().unwrap() as f32,
+            alpha: 1.702,
+        },
+        _ => Activation::SwiGlu,
+    };
+    MoeConfig {
+        router,
+        top_k,
+        activation,
+    }
+}
+
+/// Our native gradients in the HF disk layout, keyed like the golden file (`grad.<key>`).
+fn disk_grads(n: &Native, g: &MoeGrads<f32>, p: &str) -> HashMap<String, ArrayD<f32>> {
+    let mut out = HashMap::new();
+    let mut put = |k: String, a: ArrayD<f32>| {
+        out.insert(format!("grad.{p}.{k}"), a);
+    };
+    let router_key = if n.gate_bias.is_some() { "router" } else { "gate" };
+    put(format!("{router_key}.weight"), g.gate_weight.clone().into_dyn());
+    if let Some(b) = &g.gate_bias {
+        put("router.bias".into(), b.clone().into_dyn());
+    }
+    let i = g.down_projs.shape()[1];
+    match n.disk {
+        ExpertDisk::PerExpert { mixtral } => {
+            let names = if mixtral { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+            for e in 0..g.down_projs.shape()[0] {
+                let gu = g.gate_and_up_projs.index_axis(Axis(0), e);
+                put(format!("experts.{e}.{}.weight", names[0]), gu.slice(s![.., ..i]).t().to_owned().into_dyn());
+                put(format!("experts.{e}.{}.weight", names[1]), gu.slice(s![.., i..]).t().to_owned().into_dyn());
+                put(
+                    format!("experts.{e}.{}.weight", names[2]),
+                    g.down_projs.index_axis(Axis(0), e).t().to_owned().into_dyn(),
+                );
+            }
+        }
+        ExpertDisk::Fused { transposed } => {
+            let (gu, dn) = if transposed {
+                (
+                    g.gate_and_up_projs.view().permuted_axes([0, 2, 1]).to_owned(),
+                    g.down_projs.view().permuted_axes([0, 2, 1]).to_owned(),
+                )
+            } else {
+                (g.gate_and_up_projs.clone(), g.down_projs.clone())
+            };
+            put("experts.gate_up_proj".into(), gu.into_dyn());
+            put("experts.down_proj".into(), dn.into_dyn());
+        }
+        ExpertDisk::Interleaved => {
+            let mut gu = Array3::<f32>::zeros(g.gate_and_up_projs.raw_dim());
+            gu.slice_mut(s![.., .., 0..;2]).assign(&g.gate_and_up_projs.slice(s![.., .., ..i]));
+            gu.slice_mut(s![.., .., 1..;2]).assign(&g.gate_and_up_projs.slice(s![.., .., i..]));
+            put("experts.gate_up_proj".into(), gu.into_dyn());
+            let b = g.gate_up_bias.as_ref().unwrap();
+            let mut bb = Array2::<f32>::zeros(b.raw_dim());
+            bb.slice_mut(s![.., 0..;2]).assign(&b.slice(s![.., ..i]));
+            bb.slice_mut(s![.., 1..;2]).assign(&b.slice(s![.., i..]));
+            put("experts.gate_up_proj_bias".into(), bb.into_dyn());
+            put("experts.down_proj".into(), g.down_projs.clone().into_dyn());
+            put("experts.down_proj_bias".into(), g.down_bias.clone().unwrap().into_dyn());
+        }
+    }
+    if let Some(s) = &g.shared {
+        let sp = n.shared_prefix;
+        put(format!("{sp}.gate_proj.weight"), s.gate_proj.clone().into_dyn());
+        put(format!("{sp}.up_proj.weight"), s.up_proj.clone().into_dyn());
+        put(format!("{sp}.down_proj.weight"), s.down_proj.clone().into_dyn());
+        if let Some(gg) = &s.gate {
+            put("shared_expert_gate.weight".into(), gg.clone().into_dyn());
+        }
+    }
+    out
+}
+
+/// max |ours - torch| <= tol * (1 + max |torch|).
+fn check(name: &str, what: &str, ours: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
+    assert_eq!(ours.shape(), want.shape(), "{name} {what}: shape");
+    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = ours.iter().zip(want.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 2e-5 * scale, "{name} {what}: max |ours - torch| = {err} (scale {scale})");
+    err / scale
+}
+
+fn check_fixture(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/fixtures").join(name);
+    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let (weights, _) = load(&model_files(&dir));
+    let (golden, meta) = load(&[dir.join("golden.safetensors")]);
+    // Fixtures of generator v0 (qwen3_moe_tiny*) predate the `block_prefix` key.
+    let p = meta.get("block_prefix").cloned().unwrap_or_else(|| "model.layers.1.mlp".to_owned());
+    let num_experts: usize = meta["num_experts"].parse().unwrap();
+    let n = native(&weights, &p, num_experts);
+    let cfg = config(&cfg_json);
+    let params = MoeParams {
+        gate_weight: n.gate.view(),
+        gate_bias: n.gate_bias.as_ref().map(|a| a.view()),
+        e_score_correction_bias: n.corr.as_ref().map(|a| a.view()),
+        gate_and_up_projs: n.gate_up.view(),
+        down_projs: n.down.view(),
+        gate_up_bias: n.gate_up_bias.as_ref().map(|a| a.view()),
+        down_bias: n.down_bias.as_ref().map(|a| a.view()),
+        shared: n.shared.as_ref().map(|[g, u, d]| SharedExpertParams {
+            gate_proj: g.view(),
+            up_proj: u.view(),
+            down_proj: d.view(),
+            gate: n.shared_gate.as_ref().map(|a| a.view()),
+        }),
+    };
+    let x = m2(&golden, "input");
+    let go = m2(&golden, "grad_output");
+    let grad_keys: Vec<&String> = golden.keys().filter(|k| k.starts_with("grad.")).collect();
+    for path in ["reference", "fast"] {
+        let (fwd, grads) = if path == "reference" {
+            let f = reference::moe_forward(x.view(), &params, &cfg).unwrap();
+            let g = reference::moe_backward(x.view(), &params, &cfg, &f, go.view()).unwrap();
+            (f, g)
+        } else {
+            let f = fast::moe_forward(x.view(), &params, &cfg).unwrap();
+            let g = fast::moe_backward(x.view(), &params, &cfg, &f, go.view()).unwrap();
+            (f, g)
+        };
+        let mut worst = check(name, "output", &fwd.output.into_dyn(), &golden["output"]);
+        worst = worst.max(check(name, "grad_input", &grads.grad_input.clone().into_dyn(), &golden["grad_input"]));
+        let ours = disk_grads(&n, &grads, &p);
+        let mut ours_keys: Vec<&String> = ours.keys().collect();
+        let mut want_keys = grad_keys.clone();
+        ours_keys.sort();
+        want_keys.sort();
+        assert_eq!(ours_keys, want_keys, "{name}: gradient key sets differ");
+        for k in want_keys {
+            worst = worst.max(check(name, k, &ours[k], &golden[k]));
+        }
+        println!("{name} {path}: {} gradients + output + grad_input, worst rel err {worst:e}", grad_keys.len());
+    }
+}
+
+macro_rules! golden_test {
+    ($test:ident, $fixture:literal) => {
+        #[test]
+        fn $test() {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/fixtures").join($fixture);
+            assert!(dir.join("golden.safetensors").exists(), "fixture {} missing", dir.display());
+            check_fixture($fixture);
+        }
+    };
+}
+
+golden_test!(golden_qwen3_moe, "qwen3_moe_tiny");
+golden_test!(golden_qwen3_moe_sharded, "qwen3_moe_tiny_sharded");
+golden_test!(golden_qwen3_next, "qwen3_next_tiny");
+golden_test!(golden_qwen3_5_moe, "qwen3_5_moe_tiny");
+golden_test!(golden_qwen3_vl_moe, "qwen3_vl_moe_tiny");
+golden_test!(golden_mixtral, "mixtral_tiny");
+golden_test!(golden_gpt_oss, "gpt_oss_tiny");
+golden_test!(golden_deepseek_v3, "deepseek_v3_tiny");
+golden_test!(golden_glm4_moe, "glm4_moe_tiny");
