@@ -191,4 +191,55 @@ pub enum PlacementError {
         /// The op that conflicts with it.
         second: String,
     },
+    /// A redistribution PyTorch refuses (public `DTensor.redistribute`): to a Partial from
+    /// anything but the same Partial or a plain `S(d)` -> `P(sum)`.
+    #[error("cannot redistribute mesh dim {mesh_dim} from {src} to {dst}: {reason}")]
+    UnsupportedRedistribute {
+        /// Mesh dim of the offending pair.
+        mesh_dim: usize,
+        /// Source placement.
+        src: Placement,
+        /// Target placement.
+        dst: Placement,
+        /// Why PyTorch rejects it (source of the rule).
+        reason: String,
+    },
+    /// A view op PyTorch refuses (strict `view` rules of `_view_ops.py`), or an op argument that
+    /// does not fit the tensor.
+    #[error("view op {op} on global shape {shape:?} with {placements}: {reason}")]
+    ViewRejected {
+        /// The op and its arguments, e.g. `view([6, 4] -> [24])`.
+        op: String,
+        /// The input global shape.
+        shape: Vec<usize>,
+        /// The input placements (text form).
+        placements: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Local shapes of all ranks that no global shape explains under the placements (issue
+    /// 110762: uneven `from_local` without `shape=`).
+    #[error("inconsistent local shapes under {placements}: {detail}")]
+    InconsistentLocalShapes {
+        /// Placements in text form.
+        placements: String,
+        /// Which tensor dim, which ranks, expected vs got, and what `from_local` infers per rank.
+        detail: String,
+    },
+    /// A flat data buffer whose length is not the element count of its shape.
+    #[error("data of {len} elements does not match shape {shape:?} ({expected} elements)")]
+    DataLength {
+        /// Elements given.
+        len: usize,
+        /// The shape.
+        shape: Vec<usize>,
+        /// Elements the shape holds.
+        expected: usize,
+    },
+    /// A placement-cases document that cannot be read (not JSON, wrong `format`, no `cases`).
+    #[error("placement cases: {0}")]
+    Cases(String),
+    /// An FSDP2 / TP / EP sharding request that the library refuses.
+    #[error("{0}")]
+    Parallelism(String),
 }

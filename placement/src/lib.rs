@@ -16,13 +16,21 @@
 //! assert_eq!(s.dim_indices(0, 15).to_vec(), vec![8, 9]);
 //! ```
 
+pub mod cases;
+mod checked;
 mod error;
 mod index_set;
 mod local;
 mod mesh;
+pub mod parallel;
 mod placement;
+pub mod redistribute;
 mod shard;
+pub mod shard_order;
 mod view;
+mod view_more;
+mod view_rule;
+pub use checked::{global_shape_from_all_locals, local_data};
 
 pub use error::{PlacementError, Result, ShapeMismatch};
 pub use index_set::IndexSet;
@@ -36,6 +44,11 @@ pub use placement::{
 };
 pub use shard::{chunk, placement_indices, shard_indices, strided_shard_indices};
 pub use view::{inverse_permutation, permute_placements, permute_shape, transpose_placements};
+pub use view_more::{
+    flatten_placements, squeeze_placements, stack_placements, unflatten_placements,
+    unsqueeze_placements,
+};
+pub use view_rule::view_placements;
 
 /// The README's usage example, compiled and run as a doctest.
 #[cfg(doctest)]

@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""Oracle generator: placement cases from PyTorch DTensor's own code (torch 2.15, CPU).
+
+Writes placement/oracle/cases.json in the format of shared/reference/fixtures.md
+("Placement cases"): kinds `local`, `global_from_local`, `view`, `redistribute`.
+
+Set-up (see shared/reference/placement.md, last section): one subprocess per world size W runs
+`dist.init_process_group("fake", rank=0, world_size=W)` and `init_device_mesh("cpu", shape)`;
+per-rank truth comes from setting `mesh._coordinate_on_dim` and running
+`distribute_tensor(..., src_data_rank=None)` (no communication), clearing the sharding
+propagation caches between ranks.
+
+Deterministic: every random choice comes from `random.Random(seed)` with a fixed seed per world
+size; the output is sorted by id.
+
+Usage: python3 placement/oracle/generate_cases.py [--out PATH]
+"""
+
+import argparse
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+WORLD_SIZES = [1, 2, 3, 4, 6, 8]
+SIZES = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 15, 16, 18, 24]
+
+
+def mesh_shapes(w):
+    """Mesh shapes with product w: 1-D, 2-D, 3-D (size-1 dims included, a few of them)."""
+    out = [(w,)]
+    for a in range(1, w + 1):
+        if w % a == 0:
+            out.append((a, w // a))
+    for a in range(1, w + 1):
+        for b in range(1, w + 1):
+            if w % (a * b) == 0:
+                out.append((a, b, w // (a * b)))
+    seen, res = set(), []
+    for s in out:
+        if s in seen:
+            continue
+        # keep meshes with at most one size-1 dim unless w == 1
+        if w > 1 and sum(1 for x in s if x == 1) > 1:
+            continue
+        seen.add(s)
+        res.append(s)
+    return res
+
+
+def worker(w, seed=0):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    from torch.distributed.tensor._redistribute import _gen_transform_infos_non_cached
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    dist.init_process_group("fake", rank=0, world_size=w)
+    rng = random.Random(1000 + w + 100003 * seed)
+    cases = []
+    meshes = {s: init_device_mesh("cpu", s) for s in mesh_shapes(w)}
+
+    def clear_caches():
+        torch._C._clear_DTensor_sharding_propagator_cache()
+        try:
+            from torch.distributed.tensor import _redistribute as r
+
+            r._gen_transform_infos.cache_clear()
+        except Exception:
+            pass
+
+    def set_coord(mesh, coord):
+        mesh._coordinate_on_dim = list(coord)
+        clear_caches()
+
+    def coords(shape):
+        return list(itertools.product(*[range(s) for s in shape]))
+
+    def rand_placements(ndim, n, allow_ss=True, allow_p=True):
+        """n placements; all Partials of one list share one reduce op (PyTorch rejects mixing)."""
+        pl = [rand_placement(ndim, allow_ss, allow_p) for _ in range(n)]
+        op = rng.choice(["sum", "sum", "avg", "max"])
+        return [Partial(op) if p.is_partial() else p for p in pl]
+
+    def rand_placement(ndim, allow_ss=True, allow_p=True):
+        kinds = ["S", "S", "R"] + (["P"] if allow_p else []) + (["SS"] if allow_ss else [])
+        k = rng.choice(kinds)
+        if k == "S":
+            return Shard(rng.randrange(ndim))
+        if k == "R":
+            return Replicate()
+        if k == "P":
+            return Partial(rng.choice(["sum", "sum", "avg", "max"]))
+        return _StridedShard(rng.randrange(ndim), split_factor=rng.choice([2, 3, 4]))
+
+    def rand_shape(ndim, small=False):
+        pool = SIZES[:10] if small else SIZES
+        return [rng.choice(pool) for _ in range(ndim)]
+
+    def ps(pl):
+        return [str(p) for p in pl]
+
+    # ---- local ----
+    per_mesh_local = max(3, 220 // len(meshes) // max(1, min(w, 8)) + 2)
+    # Targeted: FSDP2 + TP layout [_S(d, sf), S(d)] with uneven sizes on 2-D meshes, where
+    # PyTorch disagrees with itself (issue 168134; placement.md: [9] on [4, 2]).
+    targeted = []
+    for shape in meshes:
+        if len(shape) == 2 and min(shape) > 1:
+            for n in [9, 10, 11, 13, 15]:
+                for sf in [2, 3]:
+                    targeted.append((shape, [n], [_StridedShard(0, split_factor=sf), Shard(0)]))
+    configs = []
+    for shape in meshes:
+        for i in range(per_mesh_local):
+            ndim = rng.choice([1, 1, 2, 2, 3])
+            configs.append((shape, rand_shape(ndim), rand_placements(ndim, len(shape))))
+    for i, (shape, g, pl) in enumerate(configs + targeted):
+        mesh = meshes[shape]
+        ndim = len(g)
+        for coord in coords(shape):
+            set_coord(mesh, coord)
+            ls, off = compute_local_shape_and_global_offset(g, mesh, pl)
+            indices = []
+            for d in range(ndim):
+                if not any(p.is_shard() and p.dim == d or isinstance(p, _StridedShard) and p.dim == d for p in pl):
+                    indices.append(None)
+                    continue
+                # Probe: values = index along d; every other dim gets an extent that no
+                # rank's split leaves empty (12 * W), and Partial is laid out as Replicate
+                # (a Partial rank holds the whole tensor; distribute_tensor would divide
+                # the values for P(sum)).
+                probe = [12 * w] * ndim
+                probe[d] = g[d]
+                view = [1] * ndim
+                view[d] = g[d]
+                t = torch.arange(g[d]).reshape(view).expand(probe).contiguous()
+                clear_caches()
+                pl_probe = [Replicate() if p.is_partial() else p for p in pl]
+                loc = distribute_tensor(t, mesh, pl_probe, src_data_rank=None).to_local()
+                if loc.shape[d] != ls[d]:
+                    raise AssertionError(f"distribute_tensor gives {list(loc.shape)}, local shape {ls}")
+                idx = loc
+                for e in range(ndim):
+                    if e != d:
+                        idx = idx.narrow(e, 0, 1)
+                indices.append([int(x) for x in idx.reshape(-1).tolist()])
+            case = {
+                "id": f"local/w{w}/m{'x'.join(map(str, shape))}/{i}/c{''.join(map(str, coord))}",
+                "kind": "local",
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "placements": ps(pl),
+                "coordinate": list(coord),
+                "local_shape": list(ls),
+                "global_offset": list(off),
+                "indices": indices,
+            }
+            # Uneven _StridedShard: redistribute-from-Replicate may disagree with
+            # compute_local_shape_and_global_offset (issue 168134): keep such cases apart.
+            if any(isinstance(p, _StridedShard) for p in pl):
+                try:
+                    full = distribute_tensor(
+                        torch.arange(max(1, int(torch.tensor(g).prod()))).reshape(-1)[: int(torch.tensor(g).prod())].reshape(g),
+                        mesh,
+                        [Replicate()] * len(shape),
+                        src_data_rank=None,
+                    )
+                    clear_caches()
+                    # Partial is kept out: the public API refuses R -> P (not an SS matter).
+                    pl_np = [Replicate() if p.is_partial() else p for p in pl]
+                    red = full.redistribute(mesh, pl_np).to_local()
+                    direct = distribute_tensor(full.to_local(), mesh, pl_np, src_data_rank=None).to_local()
+                    if tuple(red.shape) != tuple(direct.shape) or not torch.equal(red, direct):
+                        case["excluded"] = (
+                            "uneven _StridedShard: redistribute from Replicate gives local "
+                            f"{list(red.shape)}, compute_local_shape_and_global_offset / "
+                            f"distribute_tensor give {list(direct.shape)} (issue 168134); "
+                            "this crate follows _split_tensor"
+                        )
+                except Exception as e:  # noqa: BLE001
+                    msg = " ".join(str(e).split())[:160]
+                    case["excluded"] = (
+                        f"redistribute from Replicate raises {type(e).__name__} ({msg}) while "
+                        "distribute_tensor accepts these placements (issue 168134); this crate "
+                        "follows _split_tensor"
+                    )
+            cases.append(case)
+
+    # ---- global_from_local ----
+    set_coord(next(iter(meshes.values())), [0] * len(next(iter(meshes))))
+    for shape, mesh in meshes.items():
+        set_coord(mesh, [0] * len(shape))
+        for i in range(max(4, 60 // len(meshes))):
+            ndim = rng.choice([1, 2, 3])
+            l = rand_shape(ndim)
+            pl = rand_placements(ndim, len(shape))
+            dt = DTensor.from_local(torch.zeros(l), mesh, pl, run_check=False)
+            cases.append(
+                {
+                    "id": f"global_from_local/w{w}/m{'x'.join(map(str, shape))}/{i}",
+                    "kind": "global_from_local",
+                    "local_shape": list(l),
+                    "mesh_shape": list(shape),
+                    "placements": ps(pl),
+                    "global_shape": list(dt.shape),
+                }
+            )
+
+    # ---- view (transpose, permute) ----
+    for shape, mesh in meshes.items():
+        for i in range(max(4, 50 // len(meshes))):
+            ndim = rng.choice([2, 3, 4])
+            g = rand_shape(ndim, small=True)
+            pl = rand_placements(ndim, len(shape))
+            if rng.random() < 0.5:
+                op = "transpose"
+                args = [rng.randrange(ndim), rng.randrange(ndim)]
+            else:
+                op = "permute"
+                args = list(range(ndim))
+                rng.shuffle(args)
+            set_coord(mesh, [0] * len(shape))
+            case = {
+                "id": f"view/w{w}/m{'x'.join(map(str, shape))}/{op}/{i}",
+                "kind": "view",
+                "op": op,
+                "args": args,
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "placements": ps(pl),
+            }
+            try:
+                dt = distribute_tensor(torch.zeros(g), mesh, [Replicate()] * len(shape), src_data_rank=None)
+                dt = DTensor.from_local(dt.to_local(), mesh, [Replicate()] * len(shape), run_check=False)
+                # Build the input DTensor with the wanted placements without communication.
+                spec_local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in pl], src_data_rank=None).to_local()
+                x = DTensor.from_local(spec_local, mesh, pl, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                y = x.transpose(*args) if op == "transpose" else x.permute(*args)
+                case["output_placements"] = ps(y.placements)
+            except Exception:  # noqa: BLE001
+                case["error"] = True
+            cases.append(case)
+
+    # ---- view (Tensor.view: strict view rules) ----
+    from torch.distributed.tensor._ops._view_ops import propagate_shape_and_sharding, view_groups
+
+    def divisors(n):
+        return [d for d in range(1, n + 1) if n % d == 0]
+
+    def view_targets(g):
+        """Flattens of a dim range, unflattens of one dim, and a random refactorisation."""
+        out = []
+        nd = len(g)
+        for a in range(nd):
+            for b in range(a + 1, nd):
+                out.append(g[:a] + [prod(g[a : b + 1])] + g[b + 1 :])
+        for a in range(nd):
+            for d in divisors(g[a]) if g[a] > 0 else []:
+                if 1 < d < g[a]:
+                    out.append(g[:a] + [d, g[a] // d] + g[a + 1 :])
+        total = prod(g)
+        if total > 0:
+            f = []
+            rest = total
+            for _ in range(rng.choice([1, 2, 3]) - 1):
+                d = rng.choice(divisors(rest))
+                f.append(d)
+                rest //= d
+            f.append(rest)
+            out.append(f)
+        out.append([total])
+        return out
+
+    def prod(xs):
+        r = 1
+        for x in xs:
+            r *= x
+        return r
+
+    for shape, mesh in meshes.items():
+        per = max(6, 260 // len(meshes))
+        i = 0
+        while i < per:
+            ndim = rng.choice([1, 2, 2, 3, 3])
+            g = [rng.choice([1, 2, 3, 4, 6, 8, 9, 12]) for _ in range(ndim)]
+            tgt = rng.choice(view_targets(g))
+            if rng.random() < 0.2 and len(tgt) > 1:
+                tgt = list(tgt)
+                tgt[rng.randrange(len(tgt))] = -1
+            pl = rand_placements(ndim, len(shape))
+            case = {
+                "id": f"view/w{w}/m{'x'.join(map(str, shape))}/view/{i}",
+                "kind": "view",
+                "op": "view",
+                "args": list(tgt),
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "placements": ps(pl),
+            }
+            i += 1
+            try:
+                _, out = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(tgt)), tuple(shape), strict_view=True)
+                case["output_placements"] = ps(out)
+            except RuntimeError:
+                case["error"] = True
+            except Exception as e:  # noqa: BLE001
+                case["error"] = True
+                case["excluded"] = (
+                    f"PyTorch's view rule crashes with {type(e).__name__} ({' '.join(str(e).split())[:120]}); "
+                    "treated as a refusal here"
+                )
+            # The rule is rank independent; the local op is not: run the view on every rank.
+            if "output_placements" in case:
+                fails = []
+                for coord in coords(shape):
+                    set_coord(mesh, coord)
+                    try:
+                        local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in pl], src_data_rank=None).to_local()
+                        x = DTensor.from_local(local, mesh, pl, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                        y = x.view(*tgt)
+                        if ps(y.placements) != case["output_placements"]:
+                            fails.append(f"rank coord {list(coord)} gives {ps(y.placements)}")
+                    except Exception as e:  # noqa: BLE001
+                        fails.append(f"rank coord {list(coord)}: local op raises {type(e).__name__}")
+                if fails:
+                    case["excluded"] = (
+                        "PyTorch's view rule accepts this view but the op disagrees on some ranks ("
+                        + "; ".join(fails[:2])
+                        + "); the rule's answer is kept as expected"
+                    )
+            cases.append(case)
+
+    # ---- other shape ops, run as DTensor ops on every rank ----
+    def op_call(op, args):
+        if op == "unsqueeze":
+            return lambda x: x.unsqueeze(*args)
+        if op == "squeeze":
+            return lambda x: x.squeeze(*args) if args else x.squeeze()
+        if op == "flatten":
+            return lambda x: x.flatten(*args)
+        if op == "unflatten":
+            return lambda x: x.unflatten(args[0], tuple(args[1:]))
+        if op == "narrow":
+            return lambda x: x.narrow(*args)
+        if op == "select":
+            return lambda x: x.select(*args)
+        if op == "cat":
+            return lambda x: torch.cat([x, x], args[0])
+        return lambda x: torch.stack([x, x], args[0])
+
+    def op_args(op, g):
+        nd = len(g)
+        if op == "unsqueeze":
+            return [rng.randrange(-nd - 1, nd + 1)]
+        if op == "squeeze":
+            ones = [d for d in range(nd) if g[d] == 1]
+            return rng.choice([[], [rng.randrange(nd)]] + ([[rng.choice(ones)]] if ones else []))
+        if op == "flatten":
+            a = rng.randrange(nd)
+            return [a, rng.randrange(a, nd)]
+        if op == "unflatten":
+            d = rng.randrange(nd)
+            divs = [x for x in range(1, g[d] + 1) if g[d] % x == 0]
+            a = rng.choice(divs)
+            return [d, a, g[d] // a] if rng.random() < 0.8 else [d, a, -1]
+        if op == "narrow":
+            d = rng.randrange(nd)
+            start = rng.randrange(g[d] + 1)
+            return [d, start, rng.randrange(g[d] - start + 1)] if rng.random() < 0.8 else [d, 0, g[d]]
+        if op == "select":
+            d = rng.randrange(nd)
+            return [d, rng.randrange(max(1, g[d]))]
+        return [rng.randrange(nd)]
+
+    for shape, mesh in meshes.items():
+        for i in range(max(10, 300 // len(meshes))):
+            # narrow / select / cat are left out: their output comes from PyTorch's cost-based
+            # single-dim strategy search, which this crate does not model (see README).
+            op = rng.choice(["unsqueeze", "squeeze", "flatten", "unflatten", "stack"])
+            ndim = rng.choice([1, 2, 2, 3])
+            g = [rng.choice([1, 2, 3, 4, 6, 8]) for _ in range(ndim)]
+            args = op_args(op, g)
+            pl = rand_placements(ndim, len(shape), allow_ss=True)
+            case = {
+                "id": f"view/w{w}/m{'x'.join(map(str, shape))}/{op}/{i}",
+                "kind": "view",
+                "op": op,
+                "args": args,
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "placements": ps(pl),
+            }
+            outs = {}
+            for coord in coords(shape):
+                set_coord(mesh, coord)
+                try:
+                    local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in pl], src_data_rank=None).to_local()
+                    x = DTensor.from_local(local, mesh, pl, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                    outs[coord] = ps(op_call(op, args)(x).placements)
+                except Exception as e:  # noqa: BLE001
+                    outs[coord] = f"error {type(e).__name__}"
+            vals = sorted(set(map(str, outs.values())))
+            first = outs[coords(shape)[0]]
+            if len(vals) > 1:
+                case["excluded"] = f"PyTorch gives different answers on different ranks: {vals[:3]}"
+            if isinstance(first, str):
+                case["error"] = True
+                if "RuntimeError" not in first and "IndexError" not in first and "ValueError" not in first:
+                    case["excluded"] = f"PyTorch crashes with {first[6:]}; treated as a refusal here"
+            else:
+                case["output_placements"] = first
+            if op in ("flatten", "unflatten") and ("excluded" in case or "error" in case):
+                # Where the op and the view rule disagree, keep the rule's answer (as for `view`).
+                out_shape = list(op_call(op, args)(torch.zeros(g)).shape)
+                try:
+                    _, rule_out = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(out_shape)), tuple(shape), strict_view=True)
+                    rule = ps(rule_out)
+                except Exception:  # noqa: BLE001
+                    rule = None
+                if rule is not None:
+                    case.pop("error", None)
+                    case["output_placements"] = rule
+                    case["excluded"] = (
+                        "PyTorch's view rule accepts this view but the op fails or disagrees on some ranks "
+                        f"({'; '.join(vals[:2])}); the rule's answer is kept as expected"
+                    )
+            cases.append(case)
+
+    # ---- redistribute (S, R, P: the default greedy planner) ----
+    for shape, mesh in meshes.items():
+        for i in range(max(6, 160 // len(meshes))):
+            ndim = rng.choice([1, 2, 3])
+            g = rand_shape(ndim)
+            src = [rand_placement(ndim, allow_ss=False) for _ in shape]
+            # keep partial ops of src consistent (sum only) so the placements are legal
+            src = [Partial("sum") if p.is_partial() else p for p in src]
+            dst = [rand_placement(ndim, allow_ss=False) for _ in shape]
+            dst = [Partial("sum") if p.is_partial() else p for p in dst]
+            case = {
+                "id": f"redistribute/w{w}/m{'x'.join(map(str, shape))}/{i}",
+                "kind": "redistribute",
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "src": ps(src),
+                "dst": ps(dst),
+                # CommDebugMode counts on a CPU mesh: there `shard_dim_alltoall` falls back to
+                # all_gather + chunk (_collective_utils.py), so S(i)->S(j) counts an all_gather.
+                "device_type": "cpu",
+            }
+            set_coord(mesh, [0] * len(shape))
+            try:
+                local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in src], src_data_rank=None).to_local()
+                x = DTensor.from_local(local, mesh, src, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                meta = TensorMeta(torch.Size(g), torch.zeros(g).stride(), torch.float32)
+                infos = _gen_transform_infos_non_cached(
+                    DTensorSpec(mesh, tuple(src), tensor_meta=meta),
+                    DTensorSpec(mesh, tuple(dst), tensor_meta=meta),
+                )
+                with CommDebugMode() as cdm:
+                    x.redistribute(mesh, dst)
+                counts = {str(k): int(v) for k, v in cdm.get_comm_counts().items() if v}
+                case["steps"] = [
+                    {"mesh_dim": t.mesh_dim, "src": str(t.src_dst_placements[0]), "dst": str(t.src_dst_placements[1])}
+                    for t in infos
+                ]
+                case["comm_counts"] = dict(sorted(counts.items()))
+            except Exception:  # noqa: BLE001
+                case["error"] = True
+            cases.append(case)
+
+    json.dump(cases, sys.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases.json"))
+    ap.add_argument("--worker", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="another seed gives another file of fresh cases")
+    a = ap.parse_args()
+    if a.worker is not None:
+        worker(a.worker, a.seed)
+        return
+    import torch
+
+    t0 = time.time()
+    cases = []
+    for w in WORLD_SIZES:
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--seed", str(a.seed)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        got = json.loads(out)
+        print(f"world size {w}: {len(got)} cases", file=sys.stderr)
+        cases.extend(got)
+    cases.sort(key=lambda c: c["id"])
+    ids = [c["id"] for c in cases]
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    doc = {"format": "placement-cases/1", "torch_version": torch.__version__, "cases": cases}
+    with open(a.out, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.write("\n")
+    kinds = {}
+    for c in cases:
+        kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
+    print(f"{len(cases)} cases {kinds} in {time.time() - t0:.1f} s -> {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

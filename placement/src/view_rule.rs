@@ -1,0 +1,627 @@
+//! Placement propagation of `Tensor.view` (strict view rules): which output placements a view
+//! of a DTensor gets, or the refusal PyTorch raises.
+//!
+//! Source: `torch/distributed/tensor/_ops/_view_ops.py` (torch 2.15): `view_groups` decomposes
+//! the reshape into kept / flattened / split dims, `_ViewShardingPropagator` (strict mode, as
+//! registered for `aten.view.default`) decides each placement. Ported rule by rule, including
+//! the order of its side effects. Examples: `[6, 4] -> [24]` with `S(1)` on mesh `[2]` gives
+//! `_S(0, 6)`; `[12, 6] -> [72]` with `S(1)` on `[4]` gives `_S(0, 12)` (uneven inner flatten
+//! allowed); `[6] -> [2, 3]` with `S(0)` on `[4]` is refused (2 % 4 != 0).
+//!
+//! Where PyTorch's rule crashes (a bare `KeyError` / `AssertionError` for some flattens of a `_S`
+//! on a non-leading dim), this crate returns [`PlacementError::ViewRejected`] too.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::error::{PlacementError, Result};
+use crate::placement::{format_placements, Placement};
+
+/// What one output dim of a view is made of (`DimSpec` of `_view_ops.py`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DimSpec {
+    /// A size-1 output dim with no input.
+    Singleton,
+    /// Input dim kept as is.
+    Input(usize),
+    /// Input dims flattened together (always plain input dims here).
+    Flatten(Vec<usize>),
+    /// Member `split_id` of a split of `input` into `group_shape`.
+    Split {
+        input: Box<DimSpec>,
+        group_shape: Vec<usize>,
+        split_id: usize,
+    },
+}
+
+fn flatten_new(dims: Vec<usize>) -> DimSpec {
+    match dims.len() {
+        0 => DimSpec::Singleton,
+        1 => DimSpec::Input(dims[0]),
+        _ => DimSpec::Flatten(dims),
+    }
+}
+
+fn split_new(dim: DimSpec, group_shape: &[usize], idx: usize) -> DimSpec {
+    if group_shape.len() == 1 {
+        return dim;
+    }
+    if group_shape[idx] == 1 {
+        return DimSpec::Singleton;
+    }
+    let kept: Vec<(usize, usize)> = group_shape
+        .iter()
+        .enumerate()
+        .filter(|(_, &s)| s != 1)
+        .map(|(i, &s)| (s, i))
+        .collect();
+    let new_idx = kept.iter().position(|&(_, i)| i == idx).unwrap_or(0);
+    DimSpec::Split {
+        input: Box::new(dim),
+        group_shape: kept.iter().map(|&(s, _)| s).collect(),
+        split_id: new_idx,
+    }
+}
+
+/// `infer_size`: resolves one `-1` in `sizes` for `total` elements.
+fn infer_size(
+    total: usize,
+    sizes: &[i64],
+    err: &dyn Fn(String) -> PlacementError,
+) -> Result<Vec<usize>> {
+    let infers: Vec<usize> = (0..sizes.len()).filter(|&i| sizes[i] == -1).collect();
+    if infers.len() > 1 {
+        return Err(err("only one dimension can be inferred (-1)".to_string()));
+    }
+    if let Some(&bad) = sizes.iter().find(|&&s| s < -1) {
+        return Err(err(format!("invalid size {bad}")));
+    }
+    let known: usize = sizes
+        .iter()
+        .filter(|&&s| s != -1)
+        .try_fold(1usize, |a, &s| a.checked_mul(usize::try_from(s).ok()?))
+        .ok_or_else(|| err(format!("element count of sizes {sizes:?} overflows")))?;
+    let mut out: Vec<usize> = sizes.iter().map(|&s| s.max(0) as usize).collect();
+    if let Some(&i) = infers.first() {
+        if known == 0 || total % known != 0 {
+            return Err(err(format!(
+                "size inferred for -1 is not integral: {sizes:?} should have {total} elements"
+            )));
+        }
+        out[i] = total / known;
+    } else if known != total {
+        return Err(err(format!("sizes do not match: {total} vs {known}")));
+    }
+    Ok(out)
+}
+
+/// `view_groups(from_size, to_size)` of `_view_ops.py` for concrete sizes.
+fn view_groups(from: &[usize], to: &[usize]) -> Vec<DimSpec> {
+    let (from_len, to_len) = (from.len(), to.len());
+    let (mut fi, mut ti) = (0usize, 0usize);
+    let mut result = Vec::new();
+    while fi < from_len || ti < to_len {
+        let mut from_group: Vec<usize> = Vec::new();
+        let mut to_group: Vec<usize> = Vec::new();
+        let mut f = if fi >= from_len {
+            1
+        } else {
+            from_group.push(fi);
+            fi += 1;
+            from[fi - 1]
+        };
+        let mut t = if ti >= to_len {
+            1
+        } else {
+            to_group.push(to[ti]);
+            ti += 1;
+            to[ti - 1]
+        };
+        if f == 1 && t != 1 {
+            ti -= 1;
+            to_group.clear();
+        } else if f != 1 && t == 1 {
+            fi -= 1;
+            from_group.clear();
+        } else {
+            while f != t {
+                if fi < from_len && (ti >= to_len || (f != 0 && t % f == 0) || t > f) {
+                    from_group.push(fi);
+                    f = f.saturating_mul(from[fi]);
+                    fi += 1;
+                } else if ti < to_len && (fi >= from_len || (t != 0 && f % t == 0) || f > t) {
+                    to_group.push(to[ti]);
+                    t = t.saturating_mul(to[ti]);
+                    ti += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        if !to_group.is_empty() {
+            let flattened = flatten_new(from_group.into_iter().filter(|&d| from[d] >= 1).collect());
+            for i in 0..to_group.len() {
+                result.push(split_new(flattened.clone(), &to_group, i));
+            }
+        }
+    }
+    result
+}
+
+/// Phase 1 result: input placements after demotion, and input dim -> output dims.
+type Analysis = (Vec<Placement>, BTreeMap<usize, Vec<usize>>);
+
+/// The strict view propagator (`_ViewShardingPropagator`, `strict_view=True`).
+struct Propagator<'a> {
+    src: &'a [Placement],
+    global: &'a [usize],
+    rule: &'a [DimSpec],
+    mesh: &'a [usize],
+    shard_allowed: BTreeMap<usize, Vec<bool>>,
+    matched_strided: BTreeSet<usize>,
+    fallback: BTreeSet<(usize, usize)>,
+}
+
+fn plain_dim(p: &Placement) -> Option<usize> {
+    match p {
+        Placement::Shard(d) => Some(*d),
+        _ => None,
+    }
+}
+
+impl Propagator<'_> {
+    fn find_plain_shard(&self, dim: usize) -> Option<usize> {
+        self.src.iter().position(|p| plain_dim(p) == Some(dim))
+    }
+
+    fn expected_split_factor(
+        &self,
+        group_shape: &[usize],
+        split_id: usize,
+        dim: usize,
+        mesh_dim: usize,
+        placements: &[Placement],
+    ) -> Option<usize> {
+        let mut sf: usize = group_shape[..split_id].iter().product();
+        for (m, p) in placements.iter().enumerate().take(mesh_dim) {
+            if p.shard_dim() == Some(dim) {
+                if sf % self.mesh[m] != 0 {
+                    return None;
+                }
+                sf /= self.mesh[m];
+            }
+        }
+        Some(sf)
+    }
+
+    fn analyze_dim(&mut self, cmd: &DimSpec) -> std::result::Result<Vec<usize>, String> {
+        match cmd {
+            DimSpec::Input(d) => Ok(vec![*d]),
+            DimSpec::Flatten(dims) => self.analyze_flatten(dims),
+            DimSpec::Split {
+                input,
+                group_shape,
+                split_id,
+            } => self.analyze_split(input, group_shape, *split_id),
+            DimSpec::Singleton => Ok(vec![]),
+        }
+    }
+
+    fn analyze_flatten(&mut self, dims: &[usize]) -> std::result::Result<Vec<usize>, String> {
+        let mut sharded = Vec::new();
+        for (i, &dim) in dims.iter().enumerate() {
+            let Some(m) = self.find_plain_shard(dim) else {
+                continue;
+            };
+            let (n, k) = (self.global[dim], self.mesh[m]);
+            if i != dims.len() - 1 && n % k != 0 {
+                return Err(format!(
+                    "cannot flatten unevenly sharded tensor: dimension {dim} (size {n}) is not evenly divisible by mesh dimension {m} (size {k})"
+                ));
+            }
+            sharded.push(dim);
+            self.shard_allowed.insert(dim, vec![true; self.mesh.len()]);
+        }
+        if sharded.is_empty() {
+            Ok(vec![dims[0]])
+        } else {
+            Ok(sharded)
+        }
+    }
+
+    fn analyze_split(
+        &mut self,
+        input: &DimSpec,
+        group_shape: &[usize],
+        split_id: usize,
+    ) -> std::result::Result<Vec<usize>, String> {
+        let in_dims = self.analyze_dim(input)?;
+        let Some(&in_dim) = in_dims.first() else {
+            return Ok(vec![]);
+        };
+        if let DimSpec::Flatten(flat) = input {
+            for &fd in &flat[1..] {
+                for (m, p) in self.src.iter().enumerate() {
+                    if plain_dim(p) == Some(fd) {
+                        if let Some(a) = self.shard_allowed.get_mut(&fd) {
+                            a[m] = false;
+                        }
+                        self.fallback.insert((fd, m));
+                    }
+                }
+            }
+        }
+        let out_size = group_shape[split_id];
+        // _find_shard_for_split
+        let mut found: Option<(usize, Placement)> = None;
+        for (m, p) in self.src.iter().enumerate() {
+            if p.shard_dim() != Some(in_dim) || self.matched_strided.contains(&m) {
+                continue;
+            }
+            match p {
+                Placement::StridedShard { split_factor, .. } => {
+                    let e = self.expected_split_factor(group_shape, split_id, in_dim, m, self.src);
+                    if e == Some(*split_factor) {
+                        found = Some((m, *p));
+                        break;
+                    }
+                }
+                _ => {
+                    found = Some((m, *p));
+                    break;
+                }
+            }
+        }
+        if split_id == 0 {
+            let allowed: Vec<bool> = self.mesh.iter().map(|&k| out_size % k == 0).collect();
+            self.shard_allowed.insert(in_dim, allowed);
+            if let Some(pm) = self.find_plain_shard(in_dim) {
+                if !self.shard_allowed[&in_dim][pm] {
+                    return Err(format!(
+                        "cannot unflatten unevenly sharded tensor: output dimension {split_id} (size {out_size}) is not evenly divisible by mesh dimension {pm} (size {})",
+                        self.mesh[pm]
+                    ));
+                }
+            }
+        }
+        if let Some((m, Placement::StridedShard { .. })) = found {
+            let is_last = split_id == group_shape.len() - 1;
+            if !is_last && out_size % self.mesh[m] != 0 {
+                return Err(format!(
+                    "cannot unflatten unevenly sharded tensor: output dimension {split_id} (size {out_size}) is not evenly divisible by mesh dimension {m} (size {})",
+                    self.mesh[m]
+                ));
+            }
+            self.matched_strided.insert(m);
+            if let Some(a) = self.shard_allowed.get_mut(&in_dim) {
+                a[m] = out_size % self.mesh[m] == 0 || is_last;
+            }
+        }
+        Ok(if split_id == 0 { vec![in_dim] } else { vec![] })
+    }
+
+    fn analyze(&mut self) -> std::result::Result<Analysis, String> {
+        let mut in_rule = BTreeSet::new();
+        fn walk(cmd: &DimSpec, seen: &mut BTreeSet<usize>) {
+            match cmd {
+                DimSpec::Input(d) => {
+                    seen.insert(*d);
+                }
+                DimSpec::Flatten(ds) => seen.extend(ds.iter().copied()),
+                DimSpec::Split { input, .. } => walk(input, seen),
+                DimSpec::Singleton => {}
+            }
+        }
+        for cmd in self.rule {
+            walk(cmd, &mut in_rule);
+        }
+        for d in 0..self.global.len() {
+            self.shard_allowed
+                .insert(d, vec![in_rule.contains(&d); self.mesh.len()]);
+        }
+        let mut map: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (out_dim, cmd) in self.rule.iter().enumerate() {
+            let in_dims = self.analyze_dim(cmd)?;
+            match cmd {
+                DimSpec::Flatten(_) => {
+                    for d in in_dims {
+                        if map.contains_key(&d) {
+                            return Err(format!(
+                                "input dim {d} already mapped (PyTorch AssertionError)"
+                            ));
+                        }
+                        map.insert(d, vec![out_dim]);
+                    }
+                }
+                _ if !in_dims.is_empty() => map.entry(in_dims[0]).or_default().push(out_dim),
+                DimSpec::Split { input, .. } => {
+                    let mut root: &DimSpec = input;
+                    loop {
+                        match root {
+                            DimSpec::Flatten(ds) => {
+                                // Flatten holds plain input dims: its first one is the root.
+                                if let Some(v) = map.get_mut(&ds[0]) {
+                                    v.push(out_dim);
+                                }
+                                break;
+                            }
+                            DimSpec::Split { input, .. } => root = input,
+                            DimSpec::Input(d) => {
+                                if let Some(v) = map.get_mut(d) {
+                                    v.push(out_dim);
+                                }
+                                break;
+                            }
+                            DimSpec::Singleton => break,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut tgt = Vec::with_capacity(self.src.len());
+        for (m, p) in self.src.iter().enumerate() {
+            match p.shard_dim() {
+                Some(d) if !self.shard_allowed[&d][m] => {
+                    if !self.fallback.contains(&(d, m)) {
+                        return Err(format!(
+                            "this operation would remove or reshape sharded dimension {d}, which requires redistribution"
+                        ));
+                    }
+                    tgt.push(Placement::Replicate);
+                }
+                _ => tgt.push(*p),
+            }
+        }
+        Ok((tgt, map))
+    }
+
+    fn rewrite(
+        &self,
+        tgt: &[Placement],
+        map: &BTreeMap<usize, Vec<usize>>,
+    ) -> std::result::Result<Vec<Placement>, String> {
+        let mut claimed: BTreeSet<(usize, usize)> = BTreeSet::new();
+        let mut local: Vec<usize> = self.global.to_vec();
+        let mut out = Vec::with_capacity(tgt.len());
+        for (m, p) in tgt.iter().enumerate() {
+            let Some(d) = p.shard_dim() else {
+                out.push(*p);
+                continue;
+            };
+            let dims: Vec<usize> = map
+                .get(&d)
+                .ok_or_else(|| format!("input dim {d} has no output dim (PyTorch KeyError)"))?
+                .iter()
+                .copied()
+                .filter(|&o| !claimed.contains(&(d, o)))
+                .collect();
+            let k = self.mesh[m];
+            match p {
+                Placement::Shard(_) => {
+                    let o = match dims.len() {
+                        0 => {
+                            return Err(format!(
+                                "no output dim for S({d}) (PyTorch AssertionError)"
+                            ))
+                        }
+                        1 => dims[0],
+                        _ => *dims
+                            .iter()
+                            .find(|&&o| matches!(self.rule[o], DimSpec::Split { split_id: 0, .. }))
+                            .ok_or_else(|| {
+                                format!("no Split(split_id=0) for S({d}) (PyTorch AssertionError)")
+                            })?,
+                    };
+                    match &self.rule[o] {
+                        DimSpec::Split { input, .. } => {
+                            if let DimSpec::Flatten(fl) = input.as_ref() {
+                                if fl[0] != d {
+                                    return Err(format!(
+                                        "S({d}) should have been demoted (PyTorch AssertionError)"
+                                    ));
+                                }
+                            }
+                            local[d] /= k;
+                            out.push(Placement::Shard(o));
+                        }
+                        DimSpec::Input(_) => {
+                            local[d] /= k;
+                            out.push(Placement::Shard(o));
+                        }
+                        DimSpec::Flatten(fl) => {
+                            let (first, last) = (fl[0], fl[fl.len() - 1]);
+                            let placement = if d == first {
+                                Placement::Shard(o)
+                            } else {
+                                Placement::StridedShard {
+                                    dim: o,
+                                    split_factor: local[first..d].iter().product(),
+                                }
+                            };
+                            let is_last = !tgt[m + 1..].iter().any(|q| {
+                                q.shard_dim()
+                                    .is_some_and(|qd| first <= qd && qd <= last && qd >= d)
+                            });
+                            if local[d] % k != 0 && !is_last {
+                                return Err(format!(
+                                    "cannot shard unevenly distributed tensor: dimension {d} (size {}) is not evenly divisible by mesh dimension {m} (size {k})",
+                                    local[d]
+                                ));
+                            }
+                            local[d] /= k;
+                            out.push(placement);
+                        }
+                        DimSpec::Singleton => {
+                            return Err("expected Flatten (PyTorch AssertionError)".to_string())
+                        }
+                    }
+                }
+                Placement::StridedShard { split_factor, .. } => {
+                    let sf = *split_factor;
+                    let mut done = false;
+                    for &o in &dims {
+                        if let DimSpec::Split {
+                            group_shape,
+                            split_id,
+                            ..
+                        } = &self.rule[o]
+                        {
+                            if self.expected_split_factor(group_shape, *split_id, d, m, tgt)
+                                == Some(sf)
+                            {
+                                claimed.insert((d, o));
+                                local[d] /= k;
+                                out.push(Placement::Shard(o));
+                                done = true;
+                                break;
+                            }
+                        }
+                    }
+                    if done {
+                        continue;
+                    }
+                    let keep = self.find_keep_ss_dim(&dims, d, sf, m);
+                    let o = match keep {
+                        Some(o) => o,
+                        None => {
+                            if dims
+                                .iter()
+                                .any(|&o| matches!(self.rule[o], DimSpec::Split { .. }))
+                            {
+                                return Err(format!(
+                                    "cannot unflatten tensor with _StridedShard placement: split_factor={sf} does not match any output dimension"
+                                ));
+                            }
+                            *dims.first().ok_or_else(|| {
+                                format!("no unclaimed output dim for _S({d}, {sf}) (PyTorch AssertionError)")
+                            })?
+                        }
+                    };
+                    local[d] /= k;
+                    out.push(Placement::StridedShard {
+                        dim: o,
+                        split_factor: sf,
+                    });
+                }
+                _ => out.push(*p),
+            }
+        }
+        Ok(out)
+    }
+
+    fn find_keep_ss_dim(&self, dims: &[usize], d: usize, sf: usize, m: usize) -> Option<usize> {
+        let total = self.mesh[m] * sf;
+        let n = self.global[d];
+        if total == 0 || n % total != 0 {
+            return None;
+        }
+        let shard_size = n / total;
+        for &o in dims {
+            if let DimSpec::Split {
+                input,
+                group_shape,
+                split_id,
+            } = &self.rule[o]
+            {
+                let inner: usize = group_shape[split_id + 1..].iter().product();
+                let mut trailing = 1;
+                if let DimSpec::Flatten(fl) = input.as_ref() {
+                    let mut found = false;
+                    for &fd in fl {
+                        if fd == d {
+                            found = true;
+                        } else if found {
+                            trailing *= self.global[fd];
+                        }
+                    }
+                }
+                let fss = shard_size * trailing;
+                if inner != 0 && fss >= inner && fss % inner == 0 {
+                    return Some(o);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Output placements of `x.view(*sizes)` for a DTensor of `global_shape` with `placements` on a
+/// mesh of `mesh_shape` (one `-1` allowed in `sizes`), by PyTorch's strict view rule.
+///
+/// Errors ([`PlacementError::ViewRejected`]): sizes that do not fit the element count, a view
+/// that would reshape a sharded dim unevenly or otherwise need redistribution (PyTorch raises
+/// "Please redistribute the tensor before this operation"), and the inputs on which PyTorch's rule
+/// crashes; [`PlacementError::PlacementCountMismatch`] / `ShardDimOutOfRange` for bad placements.
+pub fn view_placements(
+    global_shape: &[usize],
+    sizes: &[i64],
+    mesh_shape: &[usize],
+    placements: &[Placement],
+) -> Result<Vec<Placement>> {
+    let mesh = crate::mesh::DeviceMesh::new(mesh_shape.to_vec())?;
+    crate::local::check_placements(&mesh, placements, global_shape.len())?;
+    let err = |reason: String| PlacementError::ViewRejected {
+        op: format!("view({global_shape:?} -> {sizes:?})"),
+        shape: global_shape.to_vec(),
+        placements: format_placements(placements),
+        reason,
+    };
+    let total = global_shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| PlacementError::Overflow {
+            what: format!("element count of {global_shape:?}"),
+        })?;
+    let to = infer_size(total, sizes, &err)?;
+    let rule = view_groups(global_shape, &to);
+    let mut prop = Propagator {
+        src: placements,
+        global: global_shape,
+        rule: &rule,
+        mesh: mesh_shape,
+        shard_allowed: BTreeMap::new(),
+        matched_strided: BTreeSet::new(),
+        fallback: BTreeSet::new(),
+    };
+    let (tgt, map) = prop.analyze().map_err(err)?;
+    prop.rewrite(&tgt, &map).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::parse_placements;
+
+    fn v(g: &[usize], sizes: &[i64], mesh: &[usize], p: &str) -> Result<String> {
+        view_placements(g, sizes, mesh, &parse_placements(p).unwrap())
+            .map(|q| format_placements(&q))
+    }
+
+    #[test]
+    fn placement_md_examples() {
+        assert_eq!(v(&[6, 4], &[24], &[2], "[S(1)]").unwrap(), "[_S(0, 6)]");
+        assert_eq!(v(&[12, 6], &[72], &[4], "[S(1)]").unwrap(), "[_S(0, 12)]");
+        assert_eq!(v(&[6, 4], &[24], &[2], "[S(0)]").unwrap(), "[S(0)]");
+        // Unflatten: S(d) -> S(first output dim) iff g0 % mesh == 0.
+        assert_eq!(v(&[6], &[2, 3], &[2], "[S(0)]").unwrap(), "[S(0)]");
+        assert!(v(&[6], &[2, 3], &[4], "[S(0)]").is_err());
+        // _S from a flatten unflattens back to S.
+        assert_eq!(v(&[24], &[6, 4], &[2], "[_S(0, 6)]").unwrap(), "[S(1)]");
+        assert_eq!(v(&[2, 3, 4], &[2, -1], &[2], "[R]").unwrap(), "[R]");
+        assert!(v(&[2, 3], &[7], &[2], "[R]").is_err());
+    }
+
+    #[test]
+    fn view_groups_matches_docstring() {
+        assert_eq!(
+            view_groups(&[2, 3, 4], &[2, 12]),
+            vec![DimSpec::Input(0), DimSpec::Flatten(vec![1, 2])]
+        );
+        let s = |i| DimSpec::Split {
+            input: Box::new(DimSpec::Flatten(vec![0, 1])),
+            group_shape: vec![3, 2],
+            split_id: i,
+        };
+        assert_eq!(view_groups(&[2, 3], &[3, 2]), vec![s(0), s(1)]);
+    }
+}

@@ -1,0 +1,85 @@
+//! Runs the case checker on the committed PyTorch oracle file (`oracle/cases.json`, written by
+//! `oracle/generate_cases.py` with torch 2.15's own DTensor code) and requires 0 failures.
+//! Excluded cases (documented PyTorch self-disagreements) are counted and printed, not hidden.
+
+use placement::cases::{check_cases_json, CaseOutcome};
+
+#[test]
+fn committed_oracle_cases_all_pass() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/oracle/cases.json");
+    let text = std::fs::read_to_string(path).expect("read oracle/cases.json");
+    let report = check_cases_json(&text).expect("a placement-cases/1 document");
+    let (passed, failed, excluded) = report.counts();
+    let mut by_kind = std::collections::BTreeMap::new();
+    for r in &report.results {
+        let e = by_kind.entry(r.kind.clone()).or_insert((0, 0, 0));
+        match &r.outcome {
+            CaseOutcome::Pass => e.0 += 1,
+            CaseOutcome::Fail { expected, got } => {
+                e.1 += 1;
+                println!("FAIL {}: expected {expected}, got {got}", r.id);
+            }
+            CaseOutcome::Excluded { reason } => {
+                e.2 += 1;
+                println!("excluded {}: {reason}", r.id);
+            }
+        }
+    }
+    println!(
+        "torch {:?}: {passed} passed, {failed} failed, {excluded} excluded; by kind (passed, failed, excluded): {by_kind:?}",
+        report.torch_version
+    );
+    assert!(
+        passed > 3000,
+        "the oracle file should hold several thousand cases"
+    );
+    for kind in ["local", "global_from_local", "view", "redistribute"] {
+        assert!(
+            by_kind.get(kind).is_some_and(|c| c.0 > 100),
+            "too few passing {kind} cases"
+        );
+    }
+    assert_eq!(failed, 0, "cases disagreeing with PyTorch");
+
+    // Informative: the excluded cases evaluated anyway against the answer the file records.
+    let mut doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    if let Some(cases) = doc.get_mut("cases").and_then(|c| c.as_array_mut()) {
+        cases.retain(|c| c.get("excluded").is_some());
+        for c in cases.iter_mut() {
+            if let Some(o) = c.as_object_mut() {
+                o.remove("excluded");
+            }
+        }
+    }
+    let again = check_cases_json(&doc.to_string()).expect("document");
+    let (agree, disagree, _) = again.counts();
+    for r in &again.results {
+        if let CaseOutcome::Fail { expected, got } = &r.outcome {
+            println!(
+                "excluded case {} differs from the recorded answer: expected {expected}, got {got}",
+                r.id
+            );
+        }
+    }
+    println!("excluded cases: {agree} give the recorded answer, {disagree} do not");
+}
+
+/// Checks any other file in the same format when `PLACEMENT_CASES=path` is set (prints
+/// "skipped" otherwise): `PLACEMENT_CASES=other.json cargo test -p placement --test oracle_cases`.
+#[test]
+fn cases_file_from_env() {
+    let Ok(path) = std::env::var("PLACEMENT_CASES") else {
+        println!("skipped: PLACEMENT_CASES not set");
+        return;
+    };
+    let text = std::fs::read_to_string(&path).expect("read PLACEMENT_CASES");
+    let report = check_cases_json(&text).expect("a placement-cases/1 document");
+    for r in &report.results {
+        if let CaseOutcome::Fail { expected, got } = &r.outcome {
+            println!("FAIL {}: expected {expected}, got {got}", r.id);
+        }
+    }
+    let (passed, failed, excluded) = report.counts();
+    println!("{path}: {passed} passed, {failed} failed, {excluded} excluded");
+    assert_eq!(failed, 0);
+}
