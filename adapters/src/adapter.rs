@@ -2,15 +2,39 @@
 //! picks the implementation from config.json's `model_type`.
 
 use crate::checkpoint::HfCheckpoint;
-use crate::error::{AdapterError, Result};
+use crate::error::Result;
+use crate::family_adapter::FamilyAdapter;
 use crate::local::{LocalTensor, NativeTensorInfo};
-use crate::qwen3_moe::Qwen3MoeAdapter;
 use crate::tensor::HostTensor;
 use placement::{DeviceMesh, Placement};
 use std::collections::BTreeMap;
 
-/// model_type values [`adapter_for`] accepts.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe"];
+pub use crate::family::SUPPORTED_MODEL_TYPES;
+
+/// Native key names of one layer's MoE block (the contract with moe-kernels; README "Native
+/// layout"). `<L>` is the HF layer prefix (`model.layers.3`, `model.language_model.layers.3`); the
+/// MoE module is always `mlp` in native keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeMoeKeys {
+    /// `<L>.mlp.gate.weight` [E, H] (router).
+    pub gate_weight: String,
+    /// `<L>.mlp.gate.bias` [E] (GPT-OSS router bias).
+    pub gate_bias: Option<String>,
+    /// `<L>.mlp.gate.e_score_correction_bias` [E] (DeepSeek-V3, GLM4, Step3.5; dtype as on disk).
+    pub e_score_correction_bias: Option<String>,
+    /// `<L>.mlp.experts.gate_and_up_projs` [E, H, 2I], gate half first.
+    pub gate_and_up_projs: String,
+    /// `<L>.mlp.experts.down_projs` [E, I, H].
+    pub down_projs: String,
+    /// `<L>.mlp.experts.gate_up_proj_bias` [E, 2I] (GPT-OSS, gate half first).
+    pub gate_up_proj_bias: Option<String>,
+    /// `<L>.mlp.experts.down_proj_bias` [E, H] (GPT-OSS).
+    pub down_proj_bias: Option<String>,
+    /// `<L>.mlp.shared_experts.{gate_proj,up_proj,down_proj}.weight` [Is, H], [Is, H], [H, Is].
+    pub shared: Option<[String; 3]>,
+    /// `<L>.mlp.shared_expert_gate.weight` [1, H] (Qwen3-Next / Qwen3.5).
+    pub shared_gate: Option<String>,
+}
 
 /// One MoE model family. Native layout: models.md ("Native grouped layout"):
 /// `...mlp.experts.gate_and_up_projs` `[E, H, 2I]` (gate half first) and `...mlp.experts.down_projs`
@@ -27,9 +51,13 @@ pub trait MoeAdapter {
     fn moe_layers(&self) -> Vec<usize>;
     /// Native expert tensors (gate_and_up_projs [E, H, 2I], down_projs [E, I, H] per MoE layer) with global shapes.
     fn native_expert_tensors(&self, ckpt: &HfCheckpoint) -> Result<Vec<NativeTensorInfo>>;
+    /// Native key names of MoE layer `layer`'s block. Errors when `layer` is not a MoE layer.
+    fn native_moe_keys(&self, layer: usize) -> Result<NativeMoeKeys>;
     /// Whole checkpoint HF -> native; every non-expert key passes through unchanged.
     fn from_hf(&self, ckpt: &HfCheckpoint) -> Result<BTreeMap<String, HostTensor>>;
-    /// Native -> HF disk layout (the inverse; bit-identical round trip). Must handle gradients the same way.
+    /// Native -> HF disk layout (the inverse; bit-identical round trip). Works key by key, so a
+    /// native GRADIENT map (any subset of the native keys, same names as the weights) maps to the
+    /// HF disk keys the same way.
     fn to_hf(&self, native: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>>;
     /// Init path: this rank's shard of native tensor `native_key` for `placements` on `mesh` at
     /// `coord`, reading only the HF tensors it needs.
@@ -46,17 +74,8 @@ pub trait MoeAdapter {
     fn to_hf_local(&self, local: &LocalTensor) -> Result<Vec<LocalTensor>>;
 }
 
-/// Chooses the adapter from config.json's model_type; unknown -> error listing the supported ones.
+/// Chooses the adapter from config.json's model_type (layout detected from the keys); unknown ->
+/// error listing the supported ones.
 pub fn adapter_for(ckpt: &HfCheckpoint) -> Result<Box<dyn MoeAdapter>> {
-    let mt = ckpt.model_type()?;
-    match mt {
-        "qwen3_moe" => Ok(Box::new(Qwen3MoeAdapter::from_checkpoint(ckpt)?)),
-        other => Err(AdapterError::UnknownModelType {
-            model_type: other.to_string(),
-            supported: SUPPORTED_MODEL_TYPES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        }),
-    }
+    Ok(Box::new(FamilyAdapter::from_checkpoint(ckpt)?))
 }

@@ -6,15 +6,22 @@
 
 pub mod adapter;
 pub mod checkpoint;
+pub mod convert;
+pub mod direct_io;
 pub mod error;
+pub mod family;
+pub mod family_adapter;
+pub mod layout;
 pub mod local;
 pub mod qwen3_moe;
 pub mod tensor;
 pub mod writer;
 
-pub use adapter::{adapter_for, MoeAdapter, SUPPORTED_MODEL_TYPES};
+pub use adapter::{adapter_for, MoeAdapter, NativeMoeKeys, SUPPORTED_MODEL_TYPES};
 pub use checkpoint::{HfCheckpoint, TensorInfo};
 pub use error::{AdapterError, Result};
+pub use family_adapter::FamilyAdapter;
+pub use layout::DiskLayout;
 pub use local::{LocalTensor, NativeTensorInfo};
 pub use safetensors::Dtype;
 pub use tensor::{assemble, HostTensor};

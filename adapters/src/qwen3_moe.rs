@@ -593,6 +593,27 @@ impl MoeAdapter for Qwen3MoeAdapter {
         Ok(out)
     }
 
+    fn native_moe_keys(&self, layer: usize) -> Result<crate::adapter::NativeMoeKeys> {
+        if !self.config.is_moe_layer(layer) {
+            return Err(AdapterError::Config(format!(
+                "layer {layer} is not a MoE layer of this qwen3_moe config (MoE layers {:?})",
+                self.moe_layers()
+            )));
+        }
+        let p = format!("model.layers.{layer}.mlp");
+        Ok(crate::adapter::NativeMoeKeys {
+            gate_weight: format!("{p}.gate.weight"),
+            gate_bias: None,
+            e_score_correction_bias: None,
+            gate_and_up_projs: native_gate_up_key(layer),
+            down_projs: native_down_key(layer),
+            gate_up_proj_bias: None,
+            down_proj_bias: None,
+            shared: None,
+            shared_gate: None,
+        })
+    }
+
     fn from_hf(&self, ckpt: &HfCheckpoint) -> Result<BTreeMap<String, HostTensor>> {
         let dtypes = self.validate_hf(ckpt)?;
         let mut out = BTreeMap::new();

@@ -114,6 +114,53 @@ pub(crate) fn gather_bytes(
     out
 }
 
+/// Tile edge of [`transpose_last2`] (elements).
+const TILE: usize = 32;
+
+/// `data` holds `batch` row-major [r, c] matrices of `elem`-byte elements; returns them transposed
+/// ([c, r] each). Bit-exact element moves.
+fn transpose_last2(data: &[u8], r: usize, c: usize, elem: usize) -> Vec<u8> {
+    let mut out = vec![0u8; data.len()];
+    let m = r * c * elem;
+    if m == 0 {
+        return out;
+    }
+    for (src, dst) in data.chunks_exact(m).zip(out.chunks_exact_mut(m)) {
+        match elem {
+            1 => tile_transpose::<1>(src, dst, r, c),
+            2 => tile_transpose::<2>(src, dst, r, c),
+            4 => tile_transpose::<4>(src, dst, r, c),
+            8 => tile_transpose::<8>(src, dst, r, c),
+            _ => {
+                for i in 0..r {
+                    for j in 0..c {
+                        let (a, b) = ((i * c + j) * elem, (j * r + i) * elem);
+                        dst[b..b + elem].copy_from_slice(&src[a..a + elem]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One [r, c] matrix of N-byte elements -> [c, r], in TILE x TILE blocks (cache friendly).
+fn tile_transpose<const N: usize>(src: &[u8], dst: &mut [u8], r: usize, c: usize) {
+    for i0 in (0..r).step_by(TILE) {
+        let i1 = (i0 + TILE).min(r);
+        for j0 in (0..c).step_by(TILE) {
+            let j1 = (j0 + TILE).min(c);
+            for i in i0..i1 {
+                let row = &src[(i * c + j0) * N..(i * c + j1) * N];
+                for (dj, e) in row.chunks_exact(N).enumerate() {
+                    let b = ((j0 + dj) * r + i) * N;
+                    dst[b..b + N].copy_from_slice(e);
+                }
+            }
+        }
+    }
+}
+
 /// Validates per-dim index lists against `shape`; `what` names the tensor in errors.
 pub(crate) fn check_indices(what: &str, shape: &[usize], idx: &[Vec<usize>]) -> Result<()> {
     if idx.len() != shape.len() {
@@ -197,6 +244,16 @@ impl HostTensor {
         let in_st = strides(&self.shape);
         let out_shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
         let src_st: Vec<usize> = perm.iter().map(|&p| in_st[p]).collect();
+        if nd >= 2
+            && perm[nd - 1] == nd - 2
+            && perm[nd - 2] == nd - 1
+            && perm[..nd - 2].iter().enumerate().all(|(i, &p)| i == p)
+        {
+            // Batched transpose of the last two dims: tiled, fixed-size element copies.
+            let (r, c) = (self.shape[nd - 2], self.shape[nd - 1]);
+            let data = transpose_last2(&self.data, r, c, elem);
+            return HostTensor::new(self.dtype, out_shape, data);
+        }
         let mut out = Vec::with_capacity(self.data.len());
         if nd == 0 || self.numel() == 0 {
             out.extend_from_slice(&self.data);

@@ -138,8 +138,31 @@ fn layout_is_remembered() {
 
 /// For every rank of `mesh`, from_hf_local equals gather(whole, indices), has placement's local
 /// shape, and assembling all ranks gives the whole tensor back. Also checks to_hf_local of each
-/// shard assembles to the whole-tensor to_hf output.
+/// shard assembles to the whole-tensor to_hf output, and that each HF piece's placements give
+/// (through placement::local_shard at the same coordinate) exactly the indices it holds.
 fn check_local(f: &Fixture, a: &dyn MoeAdapter, key: &str, mesh_shape: &[usize], pl: &[Placement]) {
+    check_local_impl(f, a, key, mesh_shape, pl, true)
+}
+
+/// [`check_local`] without the to_hf_local part (placements with no HF equivalent).
+fn check_local_native(
+    f: &Fixture,
+    a: &dyn MoeAdapter,
+    key: &str,
+    mesh_shape: &[usize],
+    pl: &[Placement],
+) {
+    check_local_impl(f, a, key, mesh_shape, pl, false)
+}
+
+fn check_local_impl(
+    f: &Fixture,
+    a: &dyn MoeAdapter,
+    key: &str,
+    mesh_shape: &[usize],
+    pl: &[Placement],
+    hf: bool,
+) {
     let whole = a.from_hf(&f.ckpt).unwrap();
     let w = &whole[key];
     let hf_whole = a
@@ -159,8 +182,22 @@ fn check_local(f: &Fixture, a: &dyn MoeAdapter, key: &str, mesh_shape: &[usize],
         assert_eq!(lt.indices, idx);
         assert_eq!(lt.tensor, w.gather(&idx).unwrap(), "{key} {pl:?} rank {r}");
         assert_eq!(lt.global_shape, w.shape);
-        for h in a.to_hf_local(&lt).unwrap() {
+        let pieces = if hf {
+            a.to_hf_local(&lt).unwrap()
+        } else {
+            Vec::new()
+        };
+        for h in pieces {
             assert_eq!(h.global_shape, hf_whole[&h.key].shape);
+            let hls = local_shard(&h.global_shape, &mesh, &h.placements, &c).unwrap();
+            let want: Vec<IndexSet> = (0..h.global_shape.len())
+                .map(|d| hls.dim_indices(d, h.global_shape[d]))
+                .collect();
+            assert_eq!(
+                h.indices, want,
+                "{} placements {:?} rank {r}",
+                h.key, h.placements
+            );
             assert_eq!(
                 h.tensor,
                 hf_whole[&h.key].gather(&h.indices).unwrap(),
@@ -175,6 +212,9 @@ fn check_local(f: &Fixture, a: &dyn MoeAdapter, key: &str, mesh_shape: &[usize],
         parts.push((lt.indices, lt.tensor));
     }
     assert_eq!(&assemble(&w.shape, w.dtype, &parts).unwrap(), w);
+    if !hf {
+        return;
+    }
     assert_eq!(hf_parts.len(), hf_whole.len());
     for (k, ps) in hf_parts {
         let t = &hf_whole[&k];
@@ -209,18 +249,22 @@ fn from_hf_local_matches_gather_of_whole() {
 }
 
 #[test]
-fn packed_dim_sharding_is_unsupported() {
-    let f = fixture(SMALL, Dtype::BF16, false, 1);
-    let a = adapter_for(&f.ckpt).unwrap();
-    let mesh = DeviceMesh::new(vec![2]).unwrap();
-    let e = a
-        .from_hf_local(&f.ckpt, &gu_key(1), &mesh, &[Placement::Shard(2)], &[0])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("unsupported in this version") && e.contains(&gu_key(1)),
-        "{e}"
-    );
+fn packed_dim_sharding_loads() {
+    // The packed 2I dim of gate_and_up_projs loads under any S / _S (each native column is read
+    // from its gate or up source); checked against gather(whole) and assemble of all ranks.
+    use Placement::Shard as S;
+    let ss = |sf| Placement::StridedShard {
+        dim: 2,
+        split_factor: sf,
+    };
+    for fused in [false, true] {
+        let f = fixture(SMALL, Dtype::BF16, fused, 1);
+        let a = adapter_for(&f.ckpt).unwrap();
+        check_local_native(&f, a.as_ref(), &gu_key(1), &[2], &[S(2)]);
+        check_local_native(&f, a.as_ref(), &gu_key(1), &[3], &[S(2)]);
+        check_local(&f, a.as_ref(), &gu_key(1), &[2], &[ss(2)]);
+        check_local(&f, a.as_ref(), &gu_key(1), &[2, 2], &[S(0), ss(2)]);
+    }
 }
 
 #[test]
@@ -392,7 +436,11 @@ fn unknown_model_type() {
     );
     let ck = HfCheckpoint::open(dir.path()).unwrap();
     let e = adapter_for(&ck).err().unwrap().to_string();
-    assert_eq!(e, "unknown model_type 'foo'; supported: qwen3_moe");
+    assert!(
+        e.starts_with("unknown model_type 'foo'; supported: qwen3_moe, qwen3_next, ")
+            && e.contains("step3p5"),
+        "{e}"
+    );
 }
 
 #[test]

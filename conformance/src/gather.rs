@@ -66,20 +66,23 @@ fn decode(rank: usize, blob: &[u8]) -> Result<Vec<(String, Vec<usize>, Part)>, S
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| bad("short"))?;
     let hlen = u64::from_le_bytes(len_bytes) as usize;
+    let header_end = 8usize
+        .checked_add(hlen)
+        .ok_or_else(|| bad("header length overflow"))?;
     let header: Header =
-        serde_json::from_slice(blob.get(8..8 + hlen).ok_or_else(|| bad("header"))?)
+        serde_json::from_slice(blob.get(8..header_end).ok_or_else(|| bad("header"))?)
             .map_err(|e| bad(&e.to_string()))?;
     if let Some(e) = header.error {
         return Err(format!("rank {rank}: {e}"));
     }
-    let mut pos = 8 + hlen;
+    let mut pos = header_end;
     let mut out = Vec::new();
     for e in header.entries {
-        let data = blob
-            .get(pos..pos + e.len)
-            .ok_or_else(|| bad("data"))?
-            .to_vec();
-        pos += e.len;
+        let end = pos
+            .checked_add(e.len)
+            .ok_or_else(|| bad("data length overflow"))?;
+        let data = blob.get(pos..end).ok_or_else(|| bad("data"))?.to_vec();
+        pos = end;
         let indices = e
             .runs
             .iter()
@@ -89,10 +92,14 @@ fn decode(rank: usize, blob: &[u8]) -> Result<Vec<(String, Vec<usize>, Part)>, S
             HostTensor::new(e.dtype, e.shape, data).map_err(|err| format!("rank {rank}: {err}"))?;
         out.push((e.key, e.global_shape, (indices, tensor)));
     }
+    if pos != blob.len() {
+        return Err(bad("trailing bytes"));
+    }
     Ok(out)
 }
 
 /// All-gathers one variable-length byte blob per rank; returns them in rank order. Collective.
+/// Errors (never panics) when the communicator returns fewer or more bytes than announced.
 pub fn all_gather_blobs(comm: &dyn Communicator, blob: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let sizes = comm
         .all_gather_raw(
@@ -101,6 +108,13 @@ pub fn all_gather_blobs(comm: &dyn Communicator, blob: &[u8]) -> Result<Vec<Vec<
             DType::U8,
         )
         .map_err(|e| format!("gathering blob sizes: {e}"))?;
+    if sizes.len() != 8 * comm.size() {
+        return Err(format!(
+            "gathering blob sizes: got {} bytes for {} ranks",
+            sizes.len(),
+            comm.size()
+        ));
+    }
     let counts: Vec<usize> = sizes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize)
@@ -109,10 +123,25 @@ pub fn all_gather_blobs(comm: &dyn Communicator, blob: &[u8]) -> Result<Vec<Vec<
         .all_gather_raw(blob, &counts, DType::U8)
         .map_err(|e| format!("gathering blobs: {e}"))?;
     let mut out = Vec::with_capacity(counts.len());
-    let mut pos = 0;
-    for n in counts {
-        out.push(all[pos..pos + n].to_vec());
+    let mut pos = 0usize;
+    for (rank, n) in counts.into_iter().enumerate() {
+        let part = pos
+            .checked_add(n)
+            .and_then(|end| all.get(pos..end))
+            .ok_or_else(|| {
+                format!(
+                    "gathering blobs: rank {rank}'s {n} bytes missing from {} received",
+                    all.len()
+                )
+            })?;
+        out.push(part.to_vec());
         pos += n;
+    }
+    if pos != all.len() {
+        return Err(format!(
+            "gathering blobs: {} bytes received, {pos} announced",
+            all.len()
+        ));
     }
     Ok(out)
 }

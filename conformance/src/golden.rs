@@ -1,14 +1,17 @@
-//! `golden`: the MoE block of one layer, run by `moe-kernels` on weights loaded through `adapters`,
-//! against the outputs transformers computed (format: ../shared/reference/fixtures.md).
+//! `golden`: the MoE block of one layer, run forward and backward by `moe-kernels` (reference and
+//! fast CPU paths) on weights loaded through `adapters`, against what transformers computed (format:
+//! ../shared/reference/fixtures.md); gradients are mapped back to HF disk keys by the adapter's
+//! `to_hf`, the same code that maps weights.
 //!
 //! A fixture directory holds an HF checkpoint (config.json + safetensors, bf16) and
 //! `golden.safetensors` (all F32): `input` [T, H], `output` [T, H], `grad_output` [T, H],
 //! `grad_input` [T, H], `grad.<HF key>`, with header metadata `model_type`, `layer`, `tokens`.
 
+use crate::family::{grads_by_native_key, moe_config, BlockWeights};
 use crate::report::Check;
-use adapters::{adapter_for, HfCheckpoint, HostTensor};
-use moe_kernels::{qwen3_moe_block_forward, RouterConfig};
-use ndarray::{Array2, Array3, ArrayView2};
+use adapters::{adapter_for, HfCheckpoint};
+use moe_kernels::{MoeConfig, MoeForward, MoeGrads, MoeParams};
+use ndarray::{Array2, ArrayView2};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -121,26 +124,63 @@ pub fn compare(got: ArrayView2<f32>, expected: ArrayView2<f32>, tol: Tolerance) 
         })
 }
 
-fn to_f32(t: &HostTensor) -> Result<Vec<f32>, GoldenError> {
-    Ok(t.to_f32_vec()?)
+/// Compares a computed tensor with a golden one of the same name; one check.
+fn compare_check(
+    name: String,
+    got: ArrayView2<f32>,
+    expected: ArrayView2<f32>,
+    tol: Tolerance,
+) -> Check {
+    if got.dim() != expected.dim() {
+        return Check::fail(
+            name,
+            format!("shape {:?} != {:?}", got.dim(), expected.dim()),
+        );
+    }
+    let (max, bad) = compare(got, expected, tol);
+    Check::expect(name, bad == 0, format!("max abs diff {max:.3e}"), || {
+        format!(
+            "{bad} of {} elements outside atol {:e} rtol {:e}; max abs diff {max:.3e}",
+            expected.len(),
+            tol.atol,
+            tol.rtol
+        )
+    })
 }
 
-fn config_usize(cfg: &serde_json::Value, key: &str, path: &Path) -> Result<usize, GoldenError> {
-    cfg.get(key)
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .ok_or_else(|| GoldenError::Fixture {
-            path: path.join("config.json"),
-            message: format!("missing or non-integer '{key}'"),
-        })
+/// A golden or computed tensor of any rank viewed as 2-D [rows, last dim] for comparison.
+fn as_matrix(shape: &[usize], data: Vec<f32>) -> Result<Array2<f32>, String> {
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = if shape.is_empty() {
+        1
+    } else {
+        shape[..shape.len() - 1].iter().product()
+    };
+    Array2::from_shape_vec((rows, if shape.is_empty() { 1 } else { cols }), data)
+        .map_err(|e| e.to_string())
 }
 
-/// Runs the golden checks of the fixture in `dir` at tolerance `tol`.
+type Forward = fn(ArrayView2<f32>, &MoeParams, &MoeConfig) -> moe_kernels::Result<MoeForward>;
+type Backward = fn(
+    ArrayView2<f32>,
+    &MoeParams,
+    &MoeConfig,
+    &MoeForward,
+    ArrayView2<f32>,
+) -> moe_kernels::Result<MoeGrads>;
+
+/// Runs the golden checks of the fixture in `dir` at tolerance `tol`: for the reference and the
+/// fast CPU path, the block output, `grad_input`, and every parameter gradient mapped back to its HF
+/// disk key through the adapter's `to_hf` (the same code that maps weights).
 pub fn run(dir: &Path, tol: Tolerance) -> Result<Vec<Check>, GoldenError> {
     let label = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let fixture_err = |message: String| GoldenError::Fixture {
+        path: dir.to_path_buf(),
+        message,
+    };
     let golden = GoldenFile::open(&dir.join("golden.safetensors"))?;
     let ckpt = HfCheckpoint::open(dir)?;
     let adapter = adapter_for(&ckpt)?;
@@ -161,93 +201,84 @@ pub fn run(dir: &Path, tol: Tolerance) -> Result<Vec<Check>, GoldenError> {
             path: golden.path.clone(),
             message: format!("metadata 'layer' is not an integer: {e}"),
         })?;
-    if model_type != "qwen3_moe" {
-        return Err(GoldenError::Fixture {
-            path: dir.to_path_buf(),
-            message: format!("golden block for model_type '{model_type}' is not implemented yet; supported: qwen3_moe"),
-        });
-    }
-    let cfg = ckpt.config();
-    let router = RouterConfig {
-        top_k: config_usize(cfg, "num_experts_per_tok", dir)?,
-        norm_topk_prob: cfg
-            .get("norm_topk_prob")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
-    };
-
+    let cfg = moe_config(&model_type, ckpt.config()).map_err(fixture_err)?;
+    let keys = adapter.native_moe_keys(layer)?;
     let native = adapter.from_hf(&ckpt)?;
-    let get = |key: String| {
-        native.get(&key).ok_or_else(|| GoldenError::Fixture {
-            path: dir.to_path_buf(),
-            message: format!(
-                "layer {layer} is not a MoE layer of this checkpoint: native key '{key}' missing"
-            ),
-        })
-    };
-    let prefix = format!("model.layers.{layer}.mlp");
-    let gate = get(format!("{prefix}.gate.weight"))?;
-    let gate_up = get(format!("{prefix}.experts.gate_and_up_projs"))?;
-    let down = get(format!("{prefix}.experts.down_projs"))?;
-    let shape_err = |e: ndarray::ShapeError| GoldenError::Fixture {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    };
-    let dims2 = |t: &HostTensor| (t.shape[0], t.shape.get(1).copied().unwrap_or(0));
-    let dims3 = |t: &HostTensor| {
-        (
-            t.shape[0],
-            t.shape.get(1).copied().unwrap_or(0),
-            t.shape.get(2).copied().unwrap_or(0),
-        )
-    };
-    let gate_w = Array2::from_shape_vec(dims2(gate), to_f32(gate)?).map_err(shape_err)?;
-    let gate_up_w = Array3::from_shape_vec(dims3(gate_up), to_f32(gate_up)?).map_err(shape_err)?;
-    let down_w = Array3::from_shape_vec(dims3(down), to_f32(down)?).map_err(shape_err)?;
-
+    let weights = BlockWeights::load(&native, &keys).map_err(fixture_err)?;
+    let params = weights.params(&keys).map_err(fixture_err)?;
     let input = golden.matrix("input")?;
-    let expected = golden.matrix("output")?;
-    let out = qwen3_moe_block_forward(
-        input.view(),
-        gate_w.view(),
-        gate_up_w.view(),
-        down_w.view(),
-        &router,
-    )?;
+    let grad_output = golden.matrix("grad_output")?;
+    let expected_out = golden.matrix("output")?;
+    let expected_grad_in = golden.matrix("grad_input")?;
+    let golden_grads: Vec<&String> = {
+        let mut k: Vec<&String> = golden
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with("grad."))
+            .collect();
+        k.sort();
+        k
+    };
+
+    let paths: [(&str, Forward, Backward); 2] = [
+        (
+            "reference",
+            moe_kernels::reference::moe_forward::<f32>,
+            moe_kernels::reference::moe_backward::<f32>,
+        ),
+        (
+            "fast",
+            moe_kernels::fast::moe_forward,
+            moe_kernels::fast::moe_backward,
+        ),
+    ];
     let mut checks = Vec::new();
-    let name = format!("{label}: layer {layer} forward output vs transformers");
-    if out.output.dim() != expected.dim() {
-        checks.push(Check::fail(
-            name,
-            format!("shape {:?} != {:?}", out.output.dim(), expected.dim()),
+    for (path, forward, backward) in paths {
+        let tag = format!("{label}: layer {layer} {path}");
+        let fwd = forward(input.view(), &params, &cfg)?;
+        checks.push(compare_check(
+            format!("{tag} output"),
+            fwd.output.view(),
+            expected_out.view(),
+            tol,
         ));
-    } else {
-        let (max, bad) = compare(out.output.view(), expected.view(), tol);
-        checks.push(Check::expect(
-            name,
-            bad == 0,
-            format!(
-                "max abs diff {max:.3e}, atol {:e} rtol {:e}",
-                tol.atol, tol.rtol
-            ),
-            || {
-                format!(
-                    "{bad} of {} elements outside atol {:e} rtol {:e}; max abs diff {max:.3e}",
-                    expected.len(),
-                    tol.atol,
-                    tol.rtol
-                )
-            },
+        let grads = backward(input.view(), &params, &cfg, &fwd, grad_output.view())?;
+        checks.push(compare_check(
+            format!("{tag} grad_input"),
+            grads.grad_input.view(),
+            expected_grad_in.view(),
+            tol,
         ));
+        let hf = adapter.to_hf(&grads_by_native_key(&grads, &keys).map_err(fixture_err)?)?;
+        for gk in &golden_grads {
+            let key = &gk["grad.".len()..];
+            let name = format!("{tag} {gk}");
+            let Some(t) = hf.get(key) else {
+                checks.push(Check::fail(name, "no gradient computed for this HF key"));
+                continue;
+            };
+            let (shape, data) = &golden.tensors[*gk];
+            if &t.shape != shape {
+                checks.push(Check::fail(
+                    name,
+                    format!("shape {:?} != golden {:?}", t.shape, shape),
+                ));
+                continue;
+            }
+            let got = as_matrix(&t.shape, t.to_f32_vec()?).map_err(fixture_err)?;
+            let want = as_matrix(shape, data.clone()).map_err(fixture_err)?;
+            checks.push(compare_check(name, got.view(), want.view(), tol));
+        }
+        let extra: Vec<&String> = hf
+            .keys()
+            .filter(|k| !golden.tensors.contains_key(&format!("grad.{k}")))
+            .collect();
+        if !extra.is_empty() {
+            checks.push(Check::fail(
+                format!("{tag} gradient keys"),
+                format!("computed but not in golden: {extra:?}"),
+            ));
+        }
     }
-    let grads = golden
-        .tensors
-        .keys()
-        .filter(|k| k.starts_with("grad."))
-        .count();
-    checks.push(Check::skip(
-        format!("{label}: grad_input and {grads} parameter gradients"),
-        "the backward pass lands with the moe-kernels backward (issue 5)",
-    ));
     Ok(checks)
 }

@@ -2,12 +2,15 @@
 //!
 //! Suites (see [`suites::Suite`]): `roundtrip` (HF -> native -> HF bit-identity), `golden` (MoE block
 //! forward vs transformers), `sharded` (local shards per EP / EP x FSDP plan: shapes vs `placement`,
-//! gathered bit-exact, both directions), `collectives` (the communicator against naive references).
+//! gathered bit-exact, both directions), `collectives` (the communicator against naive references), `placement` (PyTorch-generated
+//! placement cases).
 //! The `conformance` binary runs them under the threads backend or under `mpirun`; `cargo xtask
 //! conformance` runs the matrix and writes the reports.
 
+pub mod family;
 pub mod gather;
 pub mod golden;
+pub mod placement_cases;
 pub mod report;
 pub mod roundtrip;
 pub mod sharded;

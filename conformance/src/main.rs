@@ -2,6 +2,7 @@
 //!
 //! - `conformance run --backend threads --world 4 --fixture DIR ... [--json FILE]`: every suite,
 //!   N ranks as threads; `mpirun -n 4 conformance run --backend mpi ...`: one rank per process.
+//! - `conformance placement --cases FILE`: PyTorch-generated placement cases.
 //! - `conformance roundtrip --checkpoint DIR`, `conformance golden --fixture DIR`,
 //!   `conformance sharded --checkpoint DIR --world N`: one suite.
 //!
@@ -53,12 +54,16 @@ enum Cmd {
     Run {
         #[arg(long, value_enum, default_value_t = Backend::Threads)]
         backend: Backend,
-        /// Number of ranks (threads backend; under MPI the world is mpirun's).
-        #[arg(long, default_value_t = 1)]
-        world: usize,
+        /// Number of ranks (threads backend, default 1; under MPI the world is mpirun's and a
+        /// different --world is an error).
+        #[arg(long)]
+        world: Option<usize>,
         /// Fixture / checkpoint directories.
-        #[arg(long = "fixture", required = true)]
+        #[arg(long = "fixture")]
         fixtures: Vec<PathBuf>,
+        /// Placement-cases files (PyTorch oracle output) for the placement suite.
+        #[arg(long)]
+        cases: Vec<PathBuf>,
         /// Suites to run (default: all).
         #[arg(long, value_enum, value_delimiter = ',')]
         suites: Vec<Suite>,
@@ -82,6 +87,14 @@ enum Cmd {
         fixture: PathBuf,
         #[command(flatten)]
         tol: TolArgs,
+    },
+    /// Check every case of a placement-cases file (PyTorch DTensor as the oracle).
+    Placement {
+        #[arg(long)]
+        cases: PathBuf,
+        /// Print passing cases too.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Local shards of the expert tensors per parallel plan, on `world` thread ranks.
     Sharded {
@@ -151,6 +164,10 @@ fn run_threads(
     }
     let results =
         collectives::threads::spawn_world(world, |comm| run_on(comm.as_ref(), cfg, json, verbose));
+    // A panicked rank is the cause; the others then only report that a peer is gone.
+    if let Some(rank) = results.iter().position(|r| r.is_err()) {
+        return Err(format!("rank {rank} panicked"));
+    }
     let mut ok = true;
     for (rank, r) in results.into_iter().enumerate() {
         match r {
@@ -162,15 +179,56 @@ fn run_threads(
     Ok(ok)
 }
 
+/// Checks that fixture-based suites have fixtures and that fixture folder names (the check labels)
+/// are distinct.
+fn validate_run(cfg: &RunConfig) -> Result<(), String> {
+    let needs: Vec<&str> = cfg
+        .suites
+        .iter()
+        .filter(|s| matches!(s, Suite::Roundtrip | Suite::Golden | Suite::Sharded))
+        .map(|s| s.name())
+        .collect();
+    if !needs.is_empty() && cfg.fixtures.is_empty() {
+        return Err(format!(
+            "--fixture DIR is required for the suites {}",
+            needs.join(", ")
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for f in &cfg.fixtures {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !names.insert(name.clone()) {
+            return Err(format!(
+                "two fixtures are named '{name}': fixture folders must have distinct names"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(feature = "mpi")]
-fn run_mpi(cfg: &RunConfig, json: Option<&PathBuf>, verbose: bool) -> Result<bool, String> {
+fn run_mpi(
+    expected_world: Option<usize>,
+    cfg: &RunConfig,
+    json: Option<&PathBuf>,
+    verbose: bool,
+) -> Result<bool, String> {
     let mpi = collectives::mpi::MpiWorld::init().map_err(|e| e.to_string())?;
     let world = mpi.world();
+    if let Some(n) = expected_world.filter(|n| *n != world.size()) {
+        return Err(format!(
+            "--world {n} given but mpirun started {} ranks",
+            world.size()
+        ));
+    }
     run_on(world.as_ref(), cfg, json, verbose)
 }
 
 #[cfg(not(feature = "mpi"))]
-fn run_mpi(_: &RunConfig, _: Option<&PathBuf>, _: bool) -> Result<bool, String> {
+fn run_mpi(_: Option<usize>, _: &RunConfig, _: Option<&PathBuf>, _: bool) -> Result<bool, String> {
     Err(
         "this conformance binary was built without MPI (build with the default `mpi` feature; \
          needs Debian packages openmpi-bin libopenmpi-dev libclang-dev pkg-config)"
@@ -186,6 +244,7 @@ fn main() -> ExitCode {
             backend,
             world,
             fixtures,
+            cases,
             suites,
             json,
             verbose,
@@ -193,6 +252,7 @@ fn main() -> ExitCode {
         } => {
             let cfg = RunConfig {
                 fixtures,
+                cases,
                 suites: if suites.is_empty() {
                     Suite::ALL.to_vec()
                 } else {
@@ -203,10 +263,10 @@ fn main() -> ExitCode {
                     rtol: tol.rtol,
                 },
             };
-            let result = match backend {
-                Backend::Threads => run_threads(world, &cfg, json.as_ref(), verbose),
-                Backend::Mpi => run_mpi(&cfg, json.as_ref(), verbose),
-            };
+            let result = validate_run(&cfg).and_then(|()| match backend {
+                Backend::Threads => run_threads(world.unwrap_or(1), &cfg, json.as_ref(), verbose),
+                Backend::Mpi => run_mpi(world, &cfg, json.as_ref(), verbose),
+            });
             match result {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
@@ -221,6 +281,24 @@ fn main() -> ExitCode {
             start,
             roundtrip::run(&checkpoint).map_err(|e| e.to_string()),
         ),
+        Cmd::Placement { cases, verbose } => match conformance::placement_cases::run(&cases) {
+            Ok(checks) => {
+                let report = SuiteReport {
+                    suite: "placement".into(),
+                    seconds: start.elapsed().as_secs_f64(),
+                    checks,
+                };
+                if print_reports(&[report], verbose) == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Golden { fixture, tol } => finish(
             "golden",
             start,
@@ -243,11 +321,13 @@ fn main() -> ExitCode {
             let mut reports = Vec::new();
             for (rank, r) in per_rank.into_iter().enumerate() {
                 match r {
-                    Ok(checks) => reports.push(vec![SuiteReport {
+                    Ok(Ok(checks)) => reports.push(vec![SuiteReport {
                         suite: "sharded".into(),
                         seconds: 0.0,
                         checks,
                     }]),
+                    // The ranks agree on setup errors, so rank 0's is everyone's.
+                    Ok(Err(e)) => return finish("sharded", start, Err(e)),
                     Err(_) => {
                         return finish("sharded", start, Err(format!("rank {rank} panicked")))
                     }

@@ -94,10 +94,11 @@ impl SuiteReport {
     }
 }
 
-/// Merges the reports of all ranks (`per_rank[r]` is rank r's list, suites in the same order on every
-/// rank). A check fails if it failed on any rank (the message names the ranks); it passes if it passed
-/// on every rank that ran it; a check only some ranks ran is kept as each rank reported it. Time is the
-/// slowest rank's.
+/// Merges the reports of all ranks (`per_rank[r]` is rank r's list). Every rank runs the same
+/// suites and checks in the same order, so checks are matched by position: a check fails if it
+/// failed on any rank (identical messages from several ranks are reported once, naming the ranks),
+/// or if some rank reported a different check list there; it is skipped if every rank skipped it,
+/// and passes otherwise. Time is the slowest rank's.
 pub fn merge_ranks(per_rank: &[Vec<SuiteReport>]) -> Vec<SuiteReport> {
     let Some(first) = per_rank.first() else {
         return Vec::new();
@@ -105,82 +106,93 @@ pub fn merge_ranks(per_rank: &[Vec<SuiteReport>]) -> Vec<SuiteReport> {
     if per_rank.len() == 1 {
         return first.clone();
     }
-    let mut merged = Vec::new();
-    for (si, suite) in first.iter().enumerate() {
-        let mut seconds = 0.0f64;
-        let mut names: Vec<String> = Vec::new();
-        let mut by_name: std::collections::HashMap<String, Vec<(usize, Outcome)>> =
-            Default::default();
-        for (rank, reports) in per_rank.iter().enumerate() {
-            let Some(rs) = reports.get(si) else { continue };
-            seconds = seconds.max(rs.seconds);
-            for c in &rs.checks {
-                if !by_name.contains_key(&c.name) {
-                    names.push(c.name.clone());
-                }
-                by_name
-                    .entry(c.name.clone())
-                    .or_default()
-                    .push((rank, c.outcome.clone()));
+    first
+        .iter()
+        .enumerate()
+        .map(|(si, suite)| {
+            let seconds = per_rank
+                .iter()
+                .filter_map(|r| r.get(si).map(|s| s.seconds))
+                .fold(0.0f64, f64::max);
+            let checks = suite
+                .checks
+                .iter()
+                .enumerate()
+                .map(|(ci, check)| merge_check(per_rank, si, ci, check))
+                .collect();
+            SuiteReport {
+                suite: suite.suite.clone(),
+                seconds,
+                checks,
             }
-        }
-        let checks = names
-            .into_iter()
-            .map(|name| {
-                let outcomes = &by_name[&name];
-                // Identical messages from several ranks are reported once, naming the ranks.
-                let mut fails: Vec<(Vec<usize>, &str)> = Vec::new();
-                for (r, o) in outcomes {
-                    if let Outcome::Fail(w) = o {
-                        match fails.iter_mut().find(|(_, m)| *m == w.as_str()) {
-                            Some((ranks, _)) => ranks.push(*r),
-                            None => fails.push((vec![*r], w.as_str())),
-                        }
-                    }
+        })
+        .collect()
+}
+
+/// Check `ci` of suite `si` over all ranks (`check` is rank 0's).
+fn merge_check(per_rank: &[Vec<SuiteReport>], si: usize, ci: usize, check: &Check) -> Check {
+    let mut fails: Vec<(Vec<usize>, String)> = Vec::new();
+    let mut add_fail =
+        |rank: usize, message: String| match fails.iter_mut().find(|(_, m)| *m == message) {
+            Some((ranks, _)) => ranks.push(rank),
+            None => fails.push((vec![rank], message)),
+        };
+    let mut all_skipped = true;
+    let mut pass_note = None;
+    for (rank, reports) in per_rank.iter().enumerate() {
+        let theirs = reports
+            .get(si)
+            .filter(|s| s.suite == per_rank[0][si].suite)
+            .and_then(|s| s.checks.get(ci));
+        match theirs {
+            Some(c) if c.name == check.name => match &c.outcome {
+                Outcome::Fail(w) => {
+                    all_skipped = false;
+                    add_fail(rank, w.clone());
                 }
-                let fails: Vec<String> = fails
-                    .into_iter()
-                    .map(|(ranks, w)| {
-                        let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
-                        format!(
-                            "rank{} {}: {w}",
-                            if ranks.len() > 1 { "s" } else { "" },
-                            list.join(", ")
-                        )
-                    })
-                    .collect();
-                let outcome = if !fails.is_empty() {
-                    Outcome::Fail(fails.join("; "))
-                } else if outcomes.iter().all(|(_, o)| matches!(o, Outcome::Skip(_))) {
-                    outcomes[0].1.clone()
-                } else {
-                    let note = outcomes
-                        .iter()
-                        .find_map(|(_, o)| match o {
-                            Outcome::Pass(n) => Some(n.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    Outcome::Pass(if outcomes.len() > 1 {
-                        format!(
-                            "{} ranks{}{note}",
-                            outcomes.len(),
-                            if note.is_empty() { "" } else { "; " }
-                        )
-                    } else {
-                        note
-                    })
-                };
-                Check { name, outcome }
+                Outcome::Pass(n) => {
+                    all_skipped = false;
+                    pass_note.get_or_insert_with(|| n.clone());
+                }
+                Outcome::Skip(_) => {}
+            },
+            Some(c) => add_fail(
+                rank,
+                format!(
+                    "reported '{}' in this place (check lists differ between ranks)",
+                    c.name
+                ),
+            ),
+            None => add_fail(rank, "did not report this check".into()),
+        }
+    }
+    let outcome = if !fails.is_empty() {
+        let parts: Vec<String> = fails
+            .into_iter()
+            .map(|(ranks, w)| {
+                let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
+                format!(
+                    "rank{} {}: {w}",
+                    if ranks.len() > 1 { "s" } else { "" },
+                    list.join(", ")
+                )
             })
             .collect();
-        merged.push(SuiteReport {
-            suite: suite.suite.clone(),
-            seconds,
-            checks,
-        });
+        Outcome::Fail(parts.join("; "))
+    } else if all_skipped {
+        check.outcome.clone()
+    } else {
+        let note = pass_note.unwrap_or_default();
+        Outcome::Pass(format!(
+            "{} ranks{}{note}",
+            per_rank.len(),
+            if note.is_empty() { "" } else { "; " }
+        ))
+    };
+    Check {
+        name: check.name.clone(),
+        outcome,
     }
-    merged
 }
 
 /// One failed check in the result file.
@@ -305,13 +317,38 @@ mod tests {
     }
 
     #[test]
-    fn checks_only_some_ranks_ran_are_kept() {
+    fn a_check_missing_or_different_on_a_rank_fails() {
+        let merged = merge_ranks(&[
+            suite(vec![Check::pass("a", ""), Check::pass("b", "")]),
+            suite(vec![Check::pass("a", "")]),
+        ]);
+        assert_eq!(
+            merged[0].checks[1].outcome,
+            Outcome::Fail("rank 1: did not report this check".into())
+        );
         let merged = merge_ranks(&[
             suite(vec![Check::pass("a", "")]),
-            suite(vec![Check::skip("c", "n/a")]),
+            suite(vec![Check::pass("c", "")]),
         ]);
-        assert_eq!(merged[0].checks.len(), 2);
-        assert_eq!(merged[0].counts(), (1, 0, 1));
+        assert!(merged[0].checks[0].failed());
+    }
+
+    #[test]
+    fn same_named_checks_stay_separate() {
+        let merged = merge_ranks(&[
+            suite(vec![Check::pass("a", ""), Check::fail("a", "x")]),
+            suite(vec![Check::pass("a", ""), Check::fail("a", "x")]),
+        ]);
+        assert_eq!(merged[0].counts(), (1, 1, 0));
+    }
+
+    #[test]
+    fn skipped_everywhere_stays_skipped() {
+        let merged = merge_ranks(&[
+            suite(vec![Check::skip("a", "n/a")]),
+            suite(vec![Check::skip("a", "n/a")]),
+        ]);
+        assert_eq!(merged[0].counts(), (0, 0, 1));
     }
 
     #[test]

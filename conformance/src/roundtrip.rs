@@ -87,13 +87,19 @@ pub fn run(dir: &Path) -> adapters::Result<Vec<Check>> {
         .collect();
     checks.push(Check::expect(
         format!("{label}: native expert tensors present"),
-        missing.is_empty(),
+        !expert_keys.is_empty() && missing.is_empty(),
         format!(
             "{} grouped tensors over {} MoE layers",
             expert_keys.len(),
             adapter.moe_layers().len()
         ),
-        || format!("missing {}", missing.join(", ")),
+        || {
+            if expert_keys.is_empty() {
+                "the adapter found no MoE expert tensors: nothing would be converted".to_string()
+            } else {
+                format!("missing {}", missing.join(", "))
+            }
+        },
     ));
     let bad_shapes: Vec<String> = expert_keys
         .iter()

@@ -4,7 +4,7 @@
 //! The reverse direction too: each rank's shards converted back with `to_hf_local` (no communication)
 //! and gathered must equal the HF checkpoint's expert tensors bit for bit.
 
-use crate::gather::gather_full;
+use crate::gather::{all_gather_blobs, gather_full};
 use crate::report::Check;
 use crate::roundtrip::diff_tensor_maps;
 use adapters::{adapter_for, HfCheckpoint, HostTensor, LocalTensor, MoeAdapter, NativeTensorInfo};
@@ -138,42 +138,96 @@ fn compare_full(
     }
 }
 
+/// Everything a rank reads on its own before any collective.
+struct Setup {
+    ckpt: HfCheckpoint,
+    adapter: Box<dyn MoeAdapter>,
+    infos: Vec<NativeTensorInfo>,
+    native_expected: BTreeMap<String, HostTensor>,
+    hf_expected: BTreeMap<String, HostTensor>,
+    plans: Vec<Plan>,
+}
+
+fn setup(dir: &Path, world: usize) -> Result<Setup, String> {
+    let ckpt = HfCheckpoint::open(dir).map_err(|e| e.to_string())?;
+    let adapter = adapter_for(&ckpt).map_err(|e| e.to_string())?;
+    let infos = adapter
+        .native_expert_tensors(&ckpt)
+        .map_err(|e| e.to_string())?;
+    if infos.is_empty() {
+        return Err(format!("{}: no MoE expert tensors found", dir.display()));
+    }
+    let whole = adapter.from_hf(&ckpt).map_err(|e| e.to_string())?;
+    let native_expected: BTreeMap<String, HostTensor> = infos
+        .iter()
+        .map(|i| {
+            let t = whole
+                .get(&i.key)
+                .ok_or_else(|| format!("from_hf produced no '{}'", i.key))?;
+            Ok((i.key.clone(), t.clone()))
+        })
+        .collect::<Result<_, String>>()?;
+    // Which HF keys the expert tensors cover comes from the whole-tensor conversion; their bytes come
+    // straight from the checkpoint, independently of the adapter.
+    let hf_keys = adapter.to_hf(&native_expected).map_err(|e| e.to_string())?;
+    let mut hf_expected = BTreeMap::new();
+    for key in hf_keys.keys() {
+        hf_expected.insert(key.clone(), ckpt.tensor(key).map_err(|e| e.to_string())?);
+    }
+    let plans = plans(world).map_err(|e| e.to_string())?;
+    Ok(Setup {
+        ckpt,
+        adapter,
+        infos,
+        native_expected,
+        hf_expected,
+        plans,
+    })
+}
+
 /// Runs the sharded checks for every plan on the checkpoint in `dir`. Collective over `comm`: every
-/// rank must call it with the same `dir`. Local failures become failed checks on every rank.
-pub fn run(comm: &dyn Communicator, dir: &Path) -> Vec<Check> {
+/// rank must call it with the same `dir`. `Err` when the checkpoint cannot be used on some rank
+/// (every rank returns the same error: the ranks agree on it before any other collective, so a
+/// failure on one rank never leaves the others waiting in a different collective).
+pub fn run(comm: &dyn Communicator, dir: &Path) -> Result<Vec<Check>, String> {
     let label = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let world = comm.size();
     let rank = comm.rank();
-    // Everything a rank reads on its own; errors here are identical on all ranks (same files), so no
-    // rank enters a collective another skips.
-    let setup = (|| -> Result<_, String> {
-        let ckpt = HfCheckpoint::open(dir).map_err(|e| e.to_string())?;
-        let adapter = adapter_for(&ckpt).map_err(|e| e.to_string())?;
-        let infos = adapter
-            .native_expert_tensors(&ckpt)
-            .map_err(|e| e.to_string())?;
-        let whole = adapter.from_hf(&ckpt).map_err(|e| e.to_string())?;
-        let plans = plans(world).map_err(|e| e.to_string())?;
-        let mut hf_expected = BTreeMap::new();
-        for key in ckpt.keys().into_iter().filter(|k| k.contains(".experts.")) {
-            hf_expected.insert(
-                key.to_string(),
-                ckpt.tensor(key).map_err(|e| e.to_string())?,
-            );
-        }
-        Ok((ckpt, adapter, infos, whole, plans, hf_expected))
-    })();
-    let (ckpt, adapter, infos, whole, plans, hf_expected) = match setup {
-        Ok(s) => s,
-        Err(e) => return vec![Check::fail(format!("{label}: sharded setup"), e)],
-    };
-    let native_expected: BTreeMap<String, HostTensor> = infos
-        .iter()
-        .filter_map(|i| whole.get(&i.key).map(|t| (i.key.clone(), t.clone())))
+    let mine = setup(dir, comm.size());
+    let my_error = mine
+        .as_ref()
+        .err()
+        .map(|e| e.as_bytes().to_vec())
+        .unwrap_or_default();
+    let errors: Vec<(usize, String)> = all_gather_blobs(comm, &my_error)?
+        .into_iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(r, b)| (r, String::from_utf8_lossy(&b).into_owned()))
         .collect();
+    if let Some((_, first)) = errors.first() {
+        return Err(
+            if errors.iter().all(|(_, e)| e == first) && errors.len() == comm.size() {
+                first.clone()
+            } else {
+                errors
+                    .iter()
+                    .map(|(r, e)| format!("rank {r}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        );
+    }
+    let Setup {
+        ckpt,
+        adapter,
+        infos,
+        native_expected,
+        hf_expected,
+        plans,
+    } = mine.map_err(|e| format!("rank {rank}: {e}"))?;
 
     let mut checks = Vec::new();
     for plan in &plans {
@@ -210,14 +264,18 @@ pub fn run(comm: &dyn Communicator, dir: &Path) -> Vec<Check> {
         ));
 
         let hf = native_locals.and_then(|t| local_hf(adapter.as_ref(), &t));
-        if let Ok((_, bad)) = &hf {
-            if !bad.is_empty() {
-                checks.push(Check::fail(
-                    format!("{tag}: to_hf_local index sets"),
-                    bad.join("; "),
-                ));
-            }
-        }
+        checks.push(match &hf {
+            Ok((t, bad)) => Check::expect(
+                format!("{tag}: to_hf_local index sets match shapes"),
+                bad.is_empty(),
+                format!("{} tensors", t.len()),
+                || bad.join("; "),
+            ),
+            Err(e) => Check::fail(
+                format!("{tag}: to_hf_local index sets match shapes"),
+                e.clone(),
+            ),
+        });
         let hf_locals = hf.map(|(t, _)| t);
         checks.push(compare_full(
             format!("{tag}: to_hf_local shards gather to the HF experts bit-exact"),
@@ -225,5 +283,5 @@ pub fn run(comm: &dyn Communicator, dir: &Path) -> Vec<Check> {
             gather_full(comm, &hf_locals),
         ));
     }
-    checks
+    Ok(checks)
 }

@@ -174,6 +174,8 @@ fn run_over_two_thread_ranks_writes_the_result_file() {
         "2",
         "--fixture",
         dir.to_str().unwrap(),
+        "--suites",
+        "collectives,roundtrip,golden,sharded",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -196,4 +198,46 @@ fn run_over_two_thread_ranks_writes_the_result_file() {
         assert_eq!(s["failed"], 0, "{s}");
         assert!(s["passed"].as_u64().unwrap() > 0, "{s}");
     }
+}
+
+#[test]
+fn run_rejects_a_bad_command_line_with_exit_2() {
+    let out = conformance(&["run", "--world", "2", "--suites", "roundtrip"]);
+    assert_one_line_error(&out, &["--fixture"]);
+    let a = copy_fixture("qwen3_moe_tiny");
+    let b = tempfile::tempdir().unwrap();
+    let twin = b.path().join(a.path().file_name().unwrap());
+    std::fs::create_dir(&twin).unwrap();
+    let out = conformance(&[
+        "run",
+        "--fixture",
+        a.path().to_str().unwrap(),
+        "--fixture",
+        twin.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["distinct names"]);
+}
+
+#[test]
+fn run_on_a_corrupted_fixture_reports_it_on_every_rank_and_fails() {
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let out = conformance(&[
+        "run",
+        "--world",
+        "3",
+        "--fixture",
+        tmp.path().to_str().unwrap(),
+        "--suites",
+        "roundtrip,sharded",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("ranks 0, 1, 2: error: model.safetensors"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sharded setup"), "{stdout}");
 }

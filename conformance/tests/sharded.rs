@@ -20,11 +20,11 @@ fn sharded_checks_pass_at_world_sizes_1_2_4() {
                 .into_iter()
                 .enumerate()
             {
-                let checks = checks.unwrap();
-                // 2 plans x (shapes, native gather, HF gather)
+                let checks = checks.unwrap().unwrap();
+                // 2 plans x (shapes, native gather, HF index sets, HF gather)
                 assert_eq!(
                     checks.len(),
-                    6,
+                    8,
                     "{name} world {world} rank {rank}: {checks:?}"
                 );
                 for c in &checks {
@@ -43,6 +43,24 @@ fn shard(indices: std::ops::Range<usize>, values: &[f32]) -> LocalTensor {
         global_shape: vec![4],
         placements: vec![Placement::Shard(0)],
         indices: vec![IndexSet::from_runs(vec![indices])],
+    }
+}
+
+#[test]
+fn an_unusable_checkpoint_is_one_agreed_error_on_every_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"model_type": "qwen3_moe"}"#,
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("model.safetensors"), b"short").unwrap();
+    for r in spawn_world(3, |c| sharded::run(c.as_ref(), tmp.path())) {
+        let e = r.unwrap().unwrap_err();
+        assert!(
+            e.contains("model.safetensors") && !e.contains("rank "),
+            "{e}"
+        );
     }
 }
 

@@ -7,6 +7,8 @@
 mod report;
 mod results;
 mod runner;
+#[cfg(test)]
+mod tests;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -48,12 +50,15 @@ pub struct ConformanceArgs {
     /// World sizes (number of ranks) to run each backend at [default: 1,2,4; with --quick: 1,2].
     #[arg(long, value_delimiter = ',')]
     pub world_sizes: Vec<usize>,
-    /// Suites to run (roundtrip, golden, sharded, collectives); default all.
+    /// Suites to run (collectives, placement, roundtrip, golden, sharded); default all.
     #[arg(long, value_delimiter = ',')]
     pub suites: Vec<String>,
     /// Fixture directories (default: every directory under conformance/fixtures/ with a config.json).
     #[arg(long = "fixture")]
     pub fixtures: Vec<PathBuf>,
+    /// Placement-cases files (default: placement/oracle/cases.json when present).
+    #[arg(long)]
+    pub cases: Vec<PathBuf>,
     /// CI-sized run: world sizes 1 and 2 only, unless --world-sizes is given.
     #[arg(long)]
     pub quick: bool,

@@ -74,12 +74,24 @@ fn default_fixtures(root: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
-/// Runs `cmd` with output to `log`, killing it after `timeout`. Returns (exit ok, seconds, note).
-fn run_with_timeout(
+/// Signals every process of the group `pgid` (mpirun and its ranks).
+fn kill_group(signal: &str, pgid: u32) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Runs `cmd` in its own process group with output to `log`; after `timeout` the whole group gets
+/// SIGTERM (mpirun forwards it to the ranks), then SIGKILL 10 s later, so no rank outlives the run.
+/// Returns (exit ok, seconds, note).
+pub(crate) fn run_with_timeout(
     mut cmd: Command,
     log: &Path,
     timeout: Duration,
 ) -> Result<(bool, f64, String), String> {
+    use std::os::unix::process::CommandExt;
     let file = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = file
         .try_clone()
@@ -89,11 +101,22 @@ fn run_with_timeout(
         .stdout(file)
         .stderr(err)
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let pgid = child.id();
+    let mut terminated_at: Option<Instant> = None;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
+                if terminated_at.is_some() {
+                    kill_group("-KILL", pgid);
+                    return Ok((
+                        false,
+                        start.elapsed().as_secs_f64(),
+                        format!("killed after {} s (timeout)", timeout.as_secs()),
+                    ));
+                }
                 let note = if status.success() {
                     String::new()
                 } else {
@@ -101,16 +124,23 @@ fn run_with_timeout(
                 };
                 return Ok((status.success(), start.elapsed().as_secs_f64(), note));
             }
-            Ok(None) if start.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Ok((
-                    false,
-                    start.elapsed().as_secs_f64(),
-                    format!("killed after {} s (timeout)", timeout.as_secs()),
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => match terminated_at {
+                None if start.elapsed() > timeout => {
+                    kill_group("-TERM", pgid);
+                    terminated_at = Some(Instant::now());
+                }
+                Some(t) if t.elapsed() > Duration::from_secs(10) => {
+                    kill_group("-KILL", pgid);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok((
+                        false,
+                        start.elapsed().as_secs_f64(),
+                        format!("killed after {} s (timeout)", timeout.as_secs()),
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            },
             Err(e) => return Err(format!("waiting for {:?}: {e}", cmd.get_program())),
         }
     }
@@ -121,6 +151,34 @@ fn log_tail(log: &Path, lines: usize) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// `cargo build -p conformance --bin conformance` (without the `mpi` feature unless `with_mpi`).
+fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool, String> {
+    eprintln!(
+        "xtask: building conformance ({}{})",
+        if release { "release" } else { "debug" },
+        if with_mpi { "" } else { ", without MPI" }
+    );
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.current_dir(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "conformance",
+        "--bin",
+        "conformance",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    if !with_mpi {
+        build.arg("--no-default-features");
+    }
+    let status = build
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    Ok(status.success())
 }
 
 /// Runs the whole conformance job. Ok(true) when every check passed.
@@ -165,37 +223,30 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     } else {
         args.fixtures.clone()
     };
+    let default_cases = root.join("placement").join("oracle").join("cases.json");
+    let cases = if !args.cases.is_empty() {
+        args.cases.clone()
+    } else if default_cases.is_file() {
+        vec![default_cases]
+    } else {
+        Vec::new()
+    };
 
-    // Build.
+    // Build: with MPI when it is there; if that build fails (e.g. libclang missing), without it.
     let profile = if args.release { "release" } else { "debug" };
-    eprintln!(
-        "xtask: building conformance ({profile}{})",
-        if mpi_problem.is_some() {
-            ", without MPI"
-        } else {
-            ""
+    let with_mpi = mpi_problem.is_none();
+    if !build_conformance(&root, args.release, with_mpi)? {
+        if !with_mpi {
+            return Err("building the conformance binary failed".into());
         }
-    );
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "conformance",
-        "--bin",
-        "conformance",
-    ]);
-    if args.release {
-        build.arg("--release");
-    }
-    if mpi_problem.is_some() {
-        build.arg("--no-default-features");
-    }
-    let status = build
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building the conformance binary failed ({status})"));
+        eprintln!(
+            "xtask: error: building with MPI failed; install `{MPI_PACKAGES}` (Debian/Ubuntu). Building without MPI and running the threads backend only."
+        );
+        prereq_failed = true;
+        backends.retain(|b| *b != Backend::Mpi);
+        if !build_conformance(&root, args.release, false)? {
+            return Err("building the conformance binary failed, also without MPI".into());
+        }
     }
     let bin = target_dir(&root).join(profile).join("conformance");
 
@@ -224,6 +275,9 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
         }
         for f in &fixtures {
             conformance_args.extend(["--fixture".into(), f.display().to_string()]);
+        }
+        for c in &cases {
+            conformance_args.extend(["--cases".into(), c.display().to_string()]);
         }
         if !args.suites.is_empty() {
             conformance_args.extend(["--suites".into(), args.suites.join(",")]);
@@ -255,6 +309,19 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
         let (ok, secs, note) = run_with_timeout(cmd, &log, Duration::from_secs(args.timeout_secs))?;
         match fs::read_to_string(&json) {
             Ok(text) => match serde_json::from_str::<RunResult>(&text) {
+                Ok(run) if run.backend != backend.name() || run.world_size != world => {
+                    rows.push(Row::run_error(
+                        backend.name(),
+                        world,
+                        secs,
+                        format!(
+                            "result file says backend {} world {}, expected {} world {world} (is the binary linked against the MPI that mpirun belongs to?)",
+                            run.backend,
+                            run.world_size,
+                            backend.name()
+                        ),
+                    ));
+                }
                 Ok(run) => {
                     let run_rows = Row::from_run(&run);
                     let failed_checks: usize = run_rows.iter().map(|r| r.failed).sum();
@@ -291,12 +358,21 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     bar.finish_and_clear();
 
     let header = format!(
-        "Fixtures: {}. Backends: {}. World sizes: {:?}.",
+        "Fixtures: {}. Placement cases: {}. Backends: {}. World sizes: {:?}.",
         fixtures
             .iter()
             .map(|f| f.display().to_string())
             .collect::<Vec<_>>()
             .join(", "),
+        if cases.is_empty() {
+            "none".to_string()
+        } else {
+            cases
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
         backends
             .iter()
             .map(|b| b.name())

@@ -1,0 +1,703 @@
+//! [`FamilyAdapter`]: the one [`MoeAdapter`] implementation, driven by a [`FamilySpec`] (names per
+//! family) and a detected [`DiskLayout`] (segments per native tensor, [`crate::layout`]).
+//!
+//! Key mapping for MoE layer `L` with layer prefix `P` (`model.layers.L` or
+//! `model.language_model.layers.L`, detected from the keys and kept in native keys):
+//! - expert tensors: the groups of [`crate::layout::layer_groups`] -> `P.mlp.experts.*`;
+//! - renames (disk -> native): `P.<moe>.<router>.weight` -> `P.mlp.gate.weight`, GPT-OSS
+//!   `P.mlp.router.bias` -> `P.mlp.gate.bias`, `P.<e_bias>` -> `P.mlp.gate.e_score_correction_bias`,
+//!   `P.<shared>.{gate,up,down}_proj.weight` -> `P.mlp.shared_experts.*`,
+//!   `P.<shared_gate>` -> `P.mlp.shared_expert_gate.weight`;
+//! - every other key passes through unchanged.
+//!
+//! [`MoeAdapter::to_hf`] applies the inverse per key, so a gradient map (any subset of native keys)
+//! maps to the disk keys the same way. Conversions only move bytes: no dtype change, no
+//! communication. Local shards: see [`crate::layout::Group::to_disk_local`]; any `S` / `_S` on any
+//! native dim loads (the packed 2I dim included); on the way back, a mesh dim sharding the packed
+//! dim must be `_S(2, 2)` (TP-packed gate|up) unless the tensor has one identity segment.
+
+use crate::adapter::{MoeAdapter, NativeMoeKeys};
+use crate::checkpoint::HfCheckpoint;
+use crate::error::{AdapterError, Result};
+use crate::family::{spec_for, ExpertStyle, FamilyConfig, FamilySpec};
+use crate::layout::{layer_groups, DiskLayout, Group, NativeKind};
+use crate::local::{shard_indices, LocalTensor, NativeTensorInfo};
+use crate::tensor::HostTensor;
+use placement::{DeviceMesh, IndexSet, Placement};
+use safetensors::Dtype;
+use std::collections::{BTreeMap, HashMap};
+
+/// How many keys an error message lists before "...".
+const LIST_MAX: usize = 3;
+
+fn list_keys(keys: &[String]) -> String {
+    let mut s = keys
+        .iter()
+        .take(LIST_MAX)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > LIST_MAX {
+        s.push_str(", ...");
+    }
+    s
+}
+
+/// Where a disk expert key belongs.
+#[derive(Debug, Clone, Copy)]
+struct DiskSlot {
+    /// Index into `groups`.
+    group: usize,
+}
+
+/// The adapter for every supported family (see the module docs).
+#[derive(Debug, Clone)]
+pub struct FamilyAdapter {
+    spec: FamilySpec,
+    config: FamilyConfig,
+    prefix: String,
+    moe_module: &'static str,
+    layout: DiskLayout,
+    has_router_bias: bool,
+    has_e_bias: bool,
+    has_shared: bool,
+    has_shared_gate: bool,
+    groups: Vec<Group>,
+    /// native key -> group index.
+    by_native: HashMap<String, usize>,
+    /// expected disk expert key -> slot.
+    by_disk: HashMap<String, DiskSlot>,
+    /// disk key -> native key (non-identity renames only), and the inverse.
+    rename: HashMap<String, String>,
+    unrename: HashMap<String, String>,
+}
+
+/// Layer index and the rest of `key` under `prefix.` (`None` if the key is not a layer key).
+fn split_layer<'a>(prefix: &str, key: &'a str) -> Option<(usize, &'a str)> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix('.')?;
+    let (l, rest) = rest.split_once('.')?;
+    Some((l.parse().ok()?, rest))
+}
+
+/// Options for building an adapter without a checkpoint (tools, benchmarks, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutChoice {
+    /// Layer prefix (`model.layers`).
+    pub prefix: String,
+    /// Disk module name of the MoE block (`mlp`, `block_sparse_moe`, `moe`).
+    pub moe_module: &'static str,
+    /// Expert layout.
+    pub layout: DiskLayout,
+    /// Router bias / score-correction bias / shared experts / shared-expert gate present.
+    pub optional: [bool; 4],
+}
+
+impl FamilyAdapter {
+    /// Builds the adapter from config.json's model_type, detecting prefix, module name, layout
+    /// and optional tensors from the keys. Errors: unknown model_type (lists the supported ones),
+    /// bad config, a checkpoint mixing layouts.
+    pub fn from_checkpoint(ckpt: &HfCheckpoint) -> Result<Self> {
+        let spec = spec_for(ckpt.model_type()?)?;
+        let config = FamilyConfig::from_json(&spec, ckpt.config())?;
+        let keys = ckpt.keys();
+        let prefix = if keys
+            .iter()
+            .any(|k| k.starts_with("model.language_model.layers."))
+        {
+            "model.language_model.layers"
+        } else {
+            "model.layers"
+        }
+        .to_string();
+        let moe_module = spec
+            .moe_modules
+            .iter()
+            .copied()
+            .find(|m| {
+                let pat = format!(".{m}.");
+                keys.iter()
+                    .any(|k| split_layer(&prefix, k).is_some() && k.contains(&pat))
+            })
+            .unwrap_or(spec.moe_modules[0]);
+        let layout = detect_layout(&spec, &config, ckpt, &prefix, moe_module)?;
+        let has = |rel: Option<&str>| {
+            rel.is_some_and(|r| {
+                keys.iter().any(|k| {
+                    split_layer(&prefix, k)
+                        .is_some_and(|(_, rest)| rest == r || rest.starts_with(&format!("{r}.")))
+                })
+            })
+        };
+        let optional = [
+            spec.experts == ExpertStyle::GptOss,
+            has(spec.e_bias),
+            has(spec.shared),
+            has(spec.shared_gate),
+        ];
+        Ok(Self::new(
+            spec,
+            config,
+            LayoutChoice {
+                prefix,
+                moe_module,
+                layout,
+                optional,
+            },
+        ))
+    }
+
+    /// An adapter for an explicit config and layout (no checkpoint needed).
+    pub fn new(spec: FamilySpec, config: FamilyConfig, c: LayoutChoice) -> Self {
+        let mut a = FamilyAdapter {
+            spec,
+            config,
+            prefix: c.prefix,
+            moe_module: c.moe_module,
+            layout: c.layout,
+            has_router_bias: c.optional[0],
+            has_e_bias: c.optional[1],
+            has_shared: c.optional[2],
+            has_shared_gate: c.optional[3],
+            groups: Vec::new(),
+            by_native: HashMap::new(),
+            by_disk: HashMap::new(),
+            rename: HashMap::new(),
+            unrename: HashMap::new(),
+        };
+        a.build_maps();
+        a
+    }
+
+    fn names(&self) -> [&'static str; 3] {
+        match self.spec.experts {
+            ExpertStyle::PerExpertOrFused { names } => names,
+            _ => ["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
+        }
+    }
+
+    fn build_maps(&mut self) {
+        let c = &self.config;
+        let dims = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
+        let mut groups = Vec::new();
+        let mut renames: Vec<(String, String)> = Vec::new();
+        for l in c.moe_layers() {
+            let p = format!("{}.{l}", self.prefix);
+            groups.extend(layer_groups(
+                self.layout,
+                l,
+                &p,
+                self.moe_module,
+                self.names(),
+                dims,
+            ));
+            let m = self.moe_module;
+            renames.push((
+                format!("{p}.{m}.{}.weight", self.spec.router),
+                format!("{p}.mlp.gate.weight"),
+            ));
+            if self.has_router_bias {
+                renames.push((
+                    format!("{p}.{m}.{}.bias", self.spec.router),
+                    format!("{p}.mlp.gate.bias"),
+                ));
+            }
+            if let (true, Some(b)) = (self.has_e_bias, self.spec.e_bias) {
+                renames.push((
+                    format!("{p}.{b}"),
+                    format!("{p}.mlp.gate.e_score_correction_bias"),
+                ));
+            }
+            if let (true, Some(s)) = (self.has_shared, self.spec.shared) {
+                for proj in ["gate_proj", "up_proj", "down_proj"] {
+                    renames.push((
+                        format!("{p}.{s}.{proj}.weight"),
+                        format!("{p}.mlp.shared_experts.{proj}.weight"),
+                    ));
+                }
+            }
+            if let (true, Some(s)) = (self.has_shared_gate, self.spec.shared_gate) {
+                renames.push((
+                    format!("{p}.{s}"),
+                    format!("{p}.mlp.shared_expert_gate.weight"),
+                ));
+            }
+        }
+        let e = c.num_experts;
+        for (gi, g) in groups.iter().enumerate() {
+            self.by_native.insert(g.native_key.clone(), gi);
+            for (k, _) in g.disk_keys(e) {
+                self.by_disk.insert(k, DiskSlot { group: gi });
+            }
+        }
+        for (d, n) in renames {
+            if d != n {
+                self.unrename.insert(n.clone(), d.clone());
+                self.rename.insert(d, n);
+            }
+        }
+        self.groups = groups;
+    }
+
+    /// The native expert groups (one per native expert tensor of every MoE layer).
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// The group producing native key `key`, if it is a native expert tensor.
+    pub fn group_of(&self, key: &str) -> Option<&Group> {
+        self.by_native.get(key).and_then(|&g| self.groups.get(g))
+    }
+
+    /// Whether `key` is an HF disk key consumed by a native expert group.
+    pub fn is_expert_disk_key(&self, key: &str) -> bool {
+        self.by_disk.contains_key(key)
+    }
+
+    /// HF disk key -> native key for renamed and pass-through keys (identity when not renamed).
+    pub fn native_name<'a>(&'a self, disk_key: &'a str) -> &'a str {
+        self.rename
+            .get(disk_key)
+            .map(String::as_str)
+            .unwrap_or(disk_key)
+    }
+
+    /// Native key -> HF disk key for renamed and pass-through keys.
+    pub fn disk_name_of<'a>(&'a self, native_key: &'a str) -> &'a str {
+        self.disk_name(native_key)
+    }
+
+    /// Checks the HF expert keys (see `from_hf`) and returns each group's dtype, in `groups()` order.
+    pub fn validate(&self, ckpt: &HfCheckpoint) -> Result<Vec<Dtype>> {
+        self.validate_hf(ckpt)
+    }
+
+    /// What `from_checkpoint` detected, to rebuild the adapter for a native checkpoint.
+    pub fn layout_choice(&self) -> LayoutChoice {
+        LayoutChoice {
+            prefix: self.prefix.clone(),
+            moe_module: self.moe_module,
+            layout: self.layout,
+            optional: [
+                self.has_router_bias,
+                self.has_e_bias,
+                self.has_shared,
+                self.has_shared_gate,
+            ],
+        }
+    }
+
+    /// The family spec.
+    pub fn spec(&self) -> &FamilySpec {
+        &self.spec
+    }
+
+    /// The detected on-disk expert layout (written back by `to_hf`).
+    pub fn layout(&self) -> DiskLayout {
+        self.layout
+    }
+
+    /// The parsed config numbers.
+    pub fn config(&self) -> &FamilyConfig {
+        &self.config
+    }
+
+    /// The layer prefix (`model.layers` or `model.language_model.layers`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether `key` (a disk key) looks like an expert tensor of some layer: under
+    /// `<moe>.experts.` or, for Step3.5, `moe.{gate,up,down}_proj.weight`.
+    fn looks_like_expert(&self, key: &str) -> bool {
+        let Some((_, rest)) = split_layer(&self.prefix, key) else {
+            return false;
+        };
+        self.spec.moe_modules.iter().any(|m| {
+            rest.strip_prefix(m)
+                .and_then(|r| r.strip_prefix('.'))
+                .is_some_and(|r| {
+                    r.starts_with("experts.")
+                        || (self.spec.experts == ExpertStyle::Step35
+                            && matches!(
+                                r,
+                                "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+                            ))
+                })
+        })
+    }
+
+    /// Checks the checkpoint's expert keys: none unexpected, none missing, shapes as the config
+    /// says, one dtype per native group. Returns each group's dtype.
+    fn validate_hf(&self, ckpt: &HfCheckpoint) -> Result<Vec<Dtype>> {
+        let unexpected: Vec<String> = ckpt
+            .keys()
+            .into_iter()
+            .filter(|k| !self.by_disk.contains_key(*k) && self.looks_like_expert(k))
+            .map(str::to_string)
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(AdapterError::UnexpectedKeys(format!(
+                "{}: unexpected expert keys for {} ({:?} layout, {} experts, MoE layers {:?}): {} ({} unexpected)",
+                ckpt.dir().display(),
+                self.spec.model_type,
+                self.layout,
+                self.config.num_experts,
+                self.config.moe_layers(),
+                list_keys(&unexpected),
+                unexpected.len()
+            )));
+        }
+        let e = self.config.num_experts;
+        let mut missing_by_layer: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for g in &self.groups {
+            for (k, _) in g.disk_keys(e) {
+                if !ckpt.contains(&k) {
+                    missing_by_layer.entry(g.layer).or_default().push(k);
+                }
+            }
+        }
+        if let Some((l, missing)) = missing_by_layer.into_iter().next() {
+            return Err(AdapterError::MissingExperts(format!(
+                "layer {l}: missing expert keys: {} ({} missing)",
+                list_keys(&missing),
+                missing.len()
+            )));
+        }
+        let mut dtypes = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let mut dtype: Option<(Dtype, String)> = None;
+            for (k, want) in g.disk_keys(e) {
+                let info = ckpt.info(&k)?;
+                if info.shape != want {
+                    let file = info
+                        .file
+                        .file_name()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    return Err(AdapterError::Shape(format!(
+                        "{file}: tensor '{k}' has shape {:?} but config (E={}, H={}, I={}) gives {want:?}",
+                        info.shape,
+                        e,
+                        self.config.hidden_size,
+                        self.config.moe_intermediate_size
+                    )));
+                }
+                match &dtype {
+                    None => dtype = Some((info.dtype, k)),
+                    Some((d, k0)) if *d != info.dtype => {
+                        return Err(AdapterError::Shape(format!(
+                            "layer {}: tensor '{k}' is {} but '{k0}' is {d}; tensors of one native tensor must share a dtype (no casting)",
+                            g.layer, info.dtype
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+            dtypes.push(dtype.map(|(d, _)| d).unwrap_or(Dtype::F32));
+        }
+        Ok(dtypes)
+    }
+
+    /// The group of a native key; `Ok(None)` for renamed / pass-through keys; error for a key
+    /// under `mlp.experts.` that is not a native expert tensor of this adapter.
+    fn native_group(&self, key: &str) -> Result<Option<&Group>> {
+        if let Some(&gi) = self.by_native.get(key) {
+            return Ok(self.groups.get(gi));
+        }
+        if let Some((l, rest)) = split_layer(&self.prefix, key) {
+            if rest.starts_with("mlp.experts.") {
+                return Err(AdapterError::UnexpectedKeys(
+                    if self.config.is_moe_layer(l) {
+                        format!(
+                        "unexpected key '{key}' in native state: {} ({:?} layout) has only {} under mlp.experts",
+                        self.spec.model_type,
+                        self.layout,
+                        self.native_expert_suffixes().join(" / ")
+                    )
+                    } else {
+                        format!(
+                        "native key '{key}': layer {l} is not a MoE layer of this config (MoE layers {:?})",
+                        self.config.moe_layers()
+                    )
+                    },
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    fn native_expert_suffixes(&self) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = self
+            .groups
+            .iter()
+            .filter(|g| g.layer == self.groups[0].layer)
+            .map(|g| g.kind.suffix())
+            .collect();
+        v.dedup();
+        v
+    }
+
+    /// The disk key a native key maps to when it is renamed or passes through.
+    fn disk_name<'a>(&'a self, native_key: &'a str) -> &'a str {
+        self.unrename
+            .get(native_key)
+            .map(String::as_str)
+            .unwrap_or(native_key)
+    }
+
+    /// Maps every key of a HF key list to its native key (pass-through, rename, or the native
+    /// expert tensor it feeds), without reading data; the key-mapping pass of the converter.
+    /// Returns (native key -> HF keys feeding it), sorted.
+    pub fn map_keys<'a>(
+        &self,
+        hf_keys: impl IntoIterator<Item = &'a str>,
+    ) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for k in hf_keys {
+            let n = if let Some(s) = self.by_disk.get(k) {
+                self.groups[s.group].native_key.clone()
+            } else if let Some(n) = self.rename.get(k) {
+                n.clone()
+            } else {
+                k.to_string()
+            };
+            out.entry(n).or_default().push(k.to_string());
+        }
+        out
+    }
+}
+
+/// Detects the expert layout from the keys (and, for fused tensors, the shapes).
+fn detect_layout(
+    spec: &FamilySpec,
+    config: &FamilyConfig,
+    ckpt: &HfCheckpoint,
+    prefix: &str,
+    m: &str,
+) -> Result<DiskLayout> {
+    match spec.experts {
+        ExpertStyle::GptOss => return Ok(DiskLayout::GptOss),
+        ExpertStyle::Step35 => return Ok(DiskLayout::Step35),
+        ExpertStyle::PerExpertOrFused { .. } => {}
+    }
+    let mut per: Option<&str> = None;
+    let mut fused: Option<&str> = None;
+    let mut fused_down: Option<&str> = None;
+    let pat = format!("{m}.experts.");
+    for k in ckpt.keys() {
+        let Some((_, rest)) = split_layer(prefix, k) else {
+            continue;
+        };
+        let Some(r) = rest.strip_prefix(&pat) else {
+            continue;
+        };
+        if r == "gate_up_proj" || r == "down_proj" {
+            fused = fused.or(Some(k));
+            if r == "down_proj" {
+                fused_down = fused_down.or(Some(k));
+            }
+        } else if r
+            .split_once('.')
+            .is_some_and(|(e, _)| e.parse::<usize>().is_ok())
+        {
+            per = per.or(Some(k));
+        }
+    }
+    match (per, fused) {
+        (Some(p), Some(f)) => Err(AdapterError::UnexpectedKeys(format!(
+            "checkpoint mixes per-expert keys (e.g. '{p}') and fused expert keys (e.g. '{f}')"
+        ))),
+        (None, Some(f)) => {
+            // Orientation from down_proj: [E, H, I] = transformers v5 fused, [E, I, H] = native.
+            let (h, i) = (config.hidden_size, config.moe_intermediate_size);
+            let probe = fused_down.unwrap_or(f);
+            let shape = ckpt.info(probe)?.shape;
+            let is_down = fused_down.is_some();
+            let native = if is_down {
+                h != i && shape.get(1..) == Some(&[i, h][..])
+            } else {
+                shape.get(1..) == Some(&[h, 2 * i][..]) && h != 2 * i
+            };
+            Ok(if native {
+                DiskLayout::FusedNative
+            } else {
+                DiskLayout::FusedTransposed
+            })
+        }
+        _ => Ok(DiskLayout::PerExpert),
+    }
+}
+
+impl MoeAdapter for FamilyAdapter {
+    fn model_type(&self) -> &str {
+        self.spec.model_type
+    }
+
+    fn num_experts(&self) -> usize {
+        self.config.num_experts
+    }
+
+    fn moe_layers(&self) -> Vec<usize> {
+        self.config.moe_layers()
+    }
+
+    fn native_expert_tensors(&self, ckpt: &HfCheckpoint) -> Result<Vec<NativeTensorInfo>> {
+        let dtypes = self.validate_hf(ckpt)?;
+        Ok(self
+            .groups
+            .iter()
+            .zip(dtypes)
+            .filter(|(g, _)| matches!(g.kind, NativeKind::GateUp | NativeKind::Down))
+            .map(|(g, dtype)| NativeTensorInfo {
+                key: g.native_key.clone(),
+                dtype,
+                shape: g.shape.clone(),
+            })
+            .collect())
+    }
+
+    fn native_moe_keys(&self, layer: usize) -> Result<NativeMoeKeys> {
+        if !self.config.is_moe_layer(layer) {
+            return Err(AdapterError::Config(format!(
+                "layer {layer} is not a MoE layer of this {} config (MoE layers {:?})",
+                self.spec.model_type,
+                self.config.moe_layers()
+            )));
+        }
+        let p = format!("{}.{layer}.mlp", self.prefix);
+        let gpt = self.layout == DiskLayout::GptOss;
+        let opt = |b: bool, s: String| b.then_some(s);
+        Ok(NativeMoeKeys {
+            gate_weight: format!("{p}.gate.weight"),
+            gate_bias: opt(self.has_router_bias, format!("{p}.gate.bias")),
+            e_score_correction_bias: opt(
+                self.has_e_bias,
+                format!("{p}.gate.e_score_correction_bias"),
+            ),
+            gate_and_up_projs: format!("{p}.experts.gate_and_up_projs"),
+            down_projs: format!("{p}.experts.down_projs"),
+            gate_up_proj_bias: opt(gpt, format!("{p}.experts.gate_up_proj_bias")),
+            down_proj_bias: opt(gpt, format!("{p}.experts.down_proj_bias")),
+            shared: self.has_shared.then(|| {
+                ["gate_proj", "up_proj", "down_proj"]
+                    .map(|x| format!("{p}.shared_experts.{x}.weight"))
+            }),
+            shared_gate: opt(
+                self.has_shared_gate,
+                format!("{p}.shared_expert_gate.weight"),
+            ),
+        })
+    }
+
+    fn from_hf(&self, ckpt: &HfCheckpoint) -> Result<BTreeMap<String, HostTensor>> {
+        self.validate_hf(ckpt)?;
+        let mut out = BTreeMap::new();
+        let mut put = |k: String, t: HostTensor| -> Result<()> {
+            if out.contains_key(&k) {
+                return Err(AdapterError::UnexpectedKeys(format!(
+                    "{}: native key '{k}' is produced twice (a disk key and a renamed or converted one)",
+                    ckpt.dir().display()
+                )));
+            }
+            out.insert(k, t);
+            Ok(())
+        };
+        for k in ckpt.keys() {
+            if self.by_disk.contains_key(k) {
+                continue;
+            }
+            let n = self.rename.get(k).map(String::as_str).unwrap_or(k);
+            put(n.to_string(), ckpt.tensor(k)?)?;
+        }
+        for g in &self.groups {
+            let idx: Vec<Vec<usize>> = g.shape.iter().map(|&n| (0..n).collect()).collect();
+            put(g.native_key.clone(), g.read(ckpt, &idx)?)?;
+        }
+        Ok(out)
+    }
+
+    fn to_hf(&self, native: &BTreeMap<String, HostTensor>) -> Result<BTreeMap<String, HostTensor>> {
+        let mut out = BTreeMap::new();
+        let mut put = |k: String, t: HostTensor| -> Result<()> {
+            if out.contains_key(&k) {
+                return Err(AdapterError::UnexpectedKeys(format!(
+                    "native state: HF key '{k}' produced twice"
+                )));
+            }
+            out.insert(k, t);
+            Ok(())
+        };
+        for (k, t) in native {
+            match self.native_group(k)? {
+                Some(g) => {
+                    for (hk, ht) in g.write(t)? {
+                        put(hk, ht)?;
+                    }
+                }
+                None => put(self.disk_name(k).to_string(), t.clone())?,
+            }
+        }
+        Ok(out)
+    }
+
+    fn from_hf_local(
+        &self,
+        ckpt: &HfCheckpoint,
+        native_key: &str,
+        mesh: &DeviceMesh,
+        placements: &[Placement],
+        coord: &[usize],
+    ) -> Result<LocalTensor> {
+        if let Some(p) = placements.iter().find(|p| p.is_partial()) {
+            return Err(AdapterError::Unsupported(format!(
+                "{native_key}: loading into placement {p} is not supported (a loaded weight is never partial)"
+            )));
+        }
+        let Some(g) = self.native_group(native_key)? else {
+            let disk = self.disk_name(native_key);
+            let info = ckpt.info(disk)?;
+            let (_, idx) = shard_indices(native_key, &info.shape, mesh, placements, coord)?;
+            let vecs: Vec<Vec<usize>> = idx.iter().map(IndexSet::to_vec).collect();
+            return Ok(LocalTensor {
+                key: native_key.to_string(),
+                tensor: ckpt.tensor_gather(disk, &vecs)?,
+                global_shape: info.shape,
+                placements: placements.to_vec(),
+                indices: idx,
+            });
+        };
+        self.validate_hf(ckpt)?;
+        let (ls, idx) = shard_indices(native_key, &g.shape, mesh, placements, coord)?;
+        let vecs: Vec<Vec<usize>> = idx.iter().map(IndexSet::to_vec).collect();
+        let tensor = g.read(ckpt, &vecs)?;
+        if tensor.shape != ls.local_shape {
+            return Err(AdapterError::Shape(format!(
+                "{native_key}: built local shape {:?} but placement gives {:?}",
+                tensor.shape, ls.local_shape
+            )));
+        }
+        Ok(LocalTensor {
+            key: native_key.to_string(),
+            tensor,
+            global_shape: g.shape.clone(),
+            placements: placements.to_vec(),
+            indices: idx,
+        })
+    }
+
+    fn to_hf_local(&self, local: &LocalTensor) -> Result<Vec<LocalTensor>> {
+        local.validate()?;
+        let Some(g) = self.native_group(&local.key)? else {
+            let mut t = local.clone();
+            t.key = self.disk_name(&local.key).to_string();
+            return Ok(vec![t]);
+        };
+        if local.global_shape != g.shape {
+            return Err(AdapterError::Shape(format!(
+                "local tensor '{}' has global shape {:?} but config gives {:?}",
+                local.key, local.global_shape, g.shape
+            )));
+        }
+        g.to_disk_local(local)
+    }
+}

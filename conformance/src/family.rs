@@ -1,0 +1,250 @@
+//! The MoE block of each model family as `moe-kernels` computes it: the router and activation
+//! settings read from config.json (rules: ../shared/reference/models.md, transformers 5.23
+//! `modeling_<family>.py` routers), and the parameters taken from the adapter's native layout.
+
+use adapters::{HostTensor, NativeMoeKeys};
+use moe_kernels::{Activation, MoeConfig, MoeGrads, MoeParams, RouterKind, SharedExpertParams};
+use ndarray::{ArrayD, IxDyn};
+use std::collections::BTreeMap;
+
+/// A config value from the top level or, for VL / multimodal configs, from `text_config`.
+fn field<'a>(cfg: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    cfg.get(key)
+        .or_else(|| cfg.get("text_config").and_then(|t| t.get(key)))
+}
+
+fn usize_field(cfg: &serde_json::Value, key: &str) -> Result<usize, String> {
+    field(cfg, key)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("config.json: missing or non-integer '{key}'"))
+}
+
+fn f32_field(cfg: &serde_json::Value, key: &str, default: f32) -> f32 {
+    field(cfg, key)
+        .and_then(|v| v.as_f64())
+        .map(|v| v as f32)
+        .unwrap_or(default)
+}
+
+fn bool_field(cfg: &serde_json::Value, key: &str, default: bool) -> bool {
+    field(cfg, key).and_then(|v| v.as_bool()).unwrap_or(default)
+}
+
+/// Model types the golden check knows.
+pub const GOLDEN_MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen3_next",
+    "qwen3_5_moe",
+    "qwen3_vl_moe",
+    "mixtral",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+];
+
+/// Router and activation of `model_type`'s MoE block from its config.json.
+pub fn moe_config(model_type: &str, cfg: &serde_json::Value) -> Result<MoeConfig, String> {
+    let top_k = usize_field(cfg, "num_experts_per_tok")?;
+    let base = model_type.trim_end_matches("_text");
+    let (router, activation) = match base {
+        // Qwen3MoeTopKRouter / Qwen3NextTopKRouter: renormalise only when norm_topk_prob.
+        "qwen3_moe" => (
+            RouterKind::SoftmaxTopK {
+                norm_topk_prob: bool_field(cfg, "norm_topk_prob", false),
+            },
+            Activation::SwiGlu,
+        ),
+        "qwen3_next" => (
+            RouterKind::SoftmaxTopK {
+                norm_topk_prob: bool_field(cfg, "norm_topk_prob", true),
+            },
+            Activation::SwiGlu,
+        ),
+        // Qwen3_5MoeTopKRouter, Qwen3VLMoeTextTopKRouter, MixtralTopKRouter: always renormalised.
+        "qwen3_5_moe" | "qwen3_vl_moe" | "mixtral" => (
+            RouterKind::SoftmaxTopK {
+                norm_topk_prob: true,
+            },
+            Activation::SwiGlu,
+        ),
+        "deepseek_v3" | "glm4_moe" => (
+            RouterKind::SigmoidGroupLimited {
+                n_group: usize_field(cfg, "n_group")?,
+                topk_group: usize_field(cfg, "topk_group")?,
+                norm_topk_prob: bool_field(cfg, "norm_topk_prob", true),
+                routed_scaling_factor: f32_field(cfg, "routed_scaling_factor", 1.0),
+            },
+            Activation::SwiGlu,
+        ),
+        "gpt_oss" => (
+            RouterKind::TopKSoftmax,
+            Activation::GptOssGlu {
+                limit: f32_field(cfg, "swiglu_limit", 7.0),
+                alpha: f32_field(cfg, "swiglu_alpha", 1.702),
+            },
+        ),
+        other => {
+            return Err(format!(
+                "golden block for model_type '{other}' is not implemented; supported: {}",
+                GOLDEN_MODEL_TYPES.join(", ")
+            ))
+        }
+    };
+    Ok(MoeConfig {
+        router,
+        top_k,
+        activation,
+    })
+}
+
+/// The f32 values of every native tensor the block uses, decoded once.
+pub struct BlockWeights {
+    arrays: BTreeMap<String, ArrayD<f32>>,
+}
+
+impl BlockWeights {
+    /// Decodes the tensors `keys` names from `native` (bf16/f16/f32 -> f32, for computing only).
+    pub fn load(
+        native: &BTreeMap<String, HostTensor>,
+        keys: &NativeMoeKeys,
+    ) -> Result<Self, String> {
+        let mut names: Vec<&String> =
+            vec![&keys.gate_weight, &keys.gate_and_up_projs, &keys.down_projs];
+        names.extend(keys.gate_bias.iter());
+        names.extend(keys.e_score_correction_bias.iter());
+        names.extend(keys.gate_up_proj_bias.iter());
+        names.extend(keys.down_proj_bias.iter());
+        if let Some(s) = &keys.shared {
+            names.extend(s.iter());
+        }
+        names.extend(keys.shared_gate.iter());
+        let mut arrays = BTreeMap::new();
+        for name in names {
+            let t = native
+                .get(name)
+                .ok_or_else(|| format!("native key '{name}' missing"))?;
+            let values = t.to_f32_vec().map_err(|e| e.to_string())?;
+            let a = ArrayD::from_shape_vec(IxDyn(&t.shape), values)
+                .map_err(|e| format!("{name}: {e}"))?;
+            arrays.insert(name.clone(), a);
+        }
+        Ok(BlockWeights { arrays })
+    }
+
+    fn get<D: ndarray::Dimension>(
+        &self,
+        key: &str,
+    ) -> Result<ndarray::ArrayView<'_, f32, D>, String> {
+        let a = self
+            .arrays
+            .get(key)
+            .ok_or_else(|| format!("native key '{key}' missing"))?;
+        a.view()
+            .into_dimensionality::<D>()
+            .map_err(|_| format!("native key '{key}' has shape {:?}", a.shape()))
+    }
+
+    fn opt<D: ndarray::Dimension>(
+        &self,
+        key: &Option<String>,
+    ) -> Result<Option<ndarray::ArrayView<'_, f32, D>>, String> {
+        key.as_deref().map(|k| self.get::<D>(k)).transpose()
+    }
+
+    /// The block's parameters as moe-kernels takes them.
+    pub fn params(&self, keys: &NativeMoeKeys) -> Result<MoeParams<'_>, String> {
+        let shared = match &keys.shared {
+            None => None,
+            Some([g, u, d]) => Some(SharedExpertParams {
+                gate_proj: self.get(g)?,
+                up_proj: self.get(u)?,
+                down_proj: self.get(d)?,
+                gate: self.opt(&keys.shared_gate)?,
+            }),
+        };
+        Ok(MoeParams {
+            gate_weight: self.get(&keys.gate_weight)?,
+            gate_bias: self.opt(&keys.gate_bias)?,
+            e_score_correction_bias: self.opt(&keys.e_score_correction_bias)?,
+            gate_and_up_projs: self.get(&keys.gate_and_up_projs)?,
+            down_projs: self.get(&keys.down_projs)?,
+            gate_up_bias: self.opt(&keys.gate_up_proj_bias)?,
+            down_bias: self.opt(&keys.down_proj_bias)?,
+            shared,
+        })
+    }
+}
+
+fn f32_tensor<D: ndarray::Dimension>(a: &ndarray::Array<f32, D>) -> Result<HostTensor, String> {
+    let data = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+    HostTensor::new(adapters::Dtype::F32, a.shape().to_vec(), data).map_err(|e| e.to_string())
+}
+
+/// The parameter gradients as a native-key map (F32), ready for the adapter's `to_hf`.
+pub fn grads_by_native_key(
+    g: &MoeGrads,
+    keys: &NativeMoeKeys,
+) -> Result<BTreeMap<String, HostTensor>, String> {
+    let mut out = BTreeMap::new();
+    let mut put = |key: &Option<String>, t: Option<HostTensor>| {
+        if let (Some(k), Some(t)) = (key, t) {
+            out.insert(k.clone(), t);
+        }
+    };
+    put(
+        &Some(keys.gate_weight.clone()),
+        Some(f32_tensor::<ndarray::Ix2>(&g.gate_weight)?),
+    );
+    put(
+        &keys.gate_bias,
+        g.gate_bias
+            .as_ref()
+            .map(f32_tensor::<ndarray::Ix1>)
+            .transpose()?,
+    );
+    put(
+        &Some(keys.gate_and_up_projs.clone()),
+        Some(f32_tensor::<ndarray::Ix3>(&g.gate_and_up_projs)?),
+    );
+    put(
+        &Some(keys.down_projs.clone()),
+        Some(f32_tensor::<ndarray::Ix3>(&g.down_projs)?),
+    );
+    put(
+        &keys.gate_up_proj_bias,
+        g.gate_up_bias
+            .as_ref()
+            .map(f32_tensor::<ndarray::Ix2>)
+            .transpose()?,
+    );
+    put(
+        &keys.down_proj_bias,
+        g.down_bias
+            .as_ref()
+            .map(f32_tensor::<ndarray::Ix2>)
+            .transpose()?,
+    );
+    if let (Some([gk, uk, dk]), Some(s)) = (&keys.shared, &g.shared) {
+        put(
+            &Some(gk.clone()),
+            Some(f32_tensor::<ndarray::Ix2>(&s.gate_proj)?),
+        );
+        put(
+            &Some(uk.clone()),
+            Some(f32_tensor::<ndarray::Ix2>(&s.up_proj)?),
+        );
+        put(
+            &Some(dk.clone()),
+            Some(f32_tensor::<ndarray::Ix2>(&s.down_proj)?),
+        );
+        put(
+            &keys.shared_gate,
+            s.gate
+                .as_ref()
+                .map(f32_tensor::<ndarray::Ix2>)
+                .transpose()?,
+        );
+    }
+    Ok(out)
+}
