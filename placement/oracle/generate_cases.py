@@ -476,6 +476,132 @@ def worker(w, seed=0):
                 case["error"] = True
             cases.append(case)
 
+    # ---- narrow / select / cat / split: ops whose placements come from the single-dim
+    # strategy search (_ops/_tensor_ops.py + single_dim_strategy.py + _sharding_prop.py) ----
+    # A separate random stream, so that every case above keeps its id and its values.
+    rng2 = random.Random(7000 + w + 100003 * seed)
+    sp = DTensor._op_dispatcher.sharding_propagator
+    seen = []
+    orig_prop = sp.propagate_op_sharding_non_cached
+
+    def spy(schema):
+        r = orig_prop(schema)
+        seen.append(r)
+        return r
+
+    sp.propagate_op_sharding_non_cached = spy
+
+    def strat_args(op, g):
+        nd = len(g)
+        d = rng2.randrange(nd)
+        dn = d - nd if rng2.random() < 0.2 else d  # sometimes a negative dim
+        n = g[d]
+        if op == "narrow":
+            if rng2.random() < 0.25:
+                return [dn, 0, n]
+            start = rng2.randrange(n + 1)
+            return [dn, start, rng2.randrange(n - start + 1)]
+        if op == "select":
+            return [dn, rng2.randrange(-n, n) if n > 0 else 0]
+        if op == "cat":
+            return [dn]
+        # split: [dim, split_size] (torch.split with an int) or [dim, s0, s1, ..] (sizes)
+        if n > 0 and rng2.random() < 0.4:
+            sizes, rest = [], n
+            while rest > 0:
+                s = rng2.randrange(0, rest + 1)
+                sizes.append(s)
+                rest -= s
+                if len(sizes) >= 3:
+                    sizes.append(rest)
+                    break
+            return [dn] + sizes
+        return [dn, rng2.randrange(1, max(1, n) + 2)]
+
+    def rule_answer(seen, op, pl):
+        """(output placements, input placements used) of the OutputSharding PyTorch chose."""
+        r = seen[-1]
+        o = r.output_spec
+        out = [ps(t.placements) for t in o] if isinstance(o, (tuple, list)) else ps(o.placements)
+        if r.needs_redistribute and r.redistribute_schema is not None:
+            used = [ps(t.placements) for t in r.redistribute_schema.args_spec]
+        else:
+            used = [ps(pl)] * (2 if op == "cat" else 1)
+        return out, used
+
+    def strat_call(op, args):
+        if op == "narrow":
+            return lambda x: x.narrow(*args)
+        if op == "select":
+            return lambda x: x.select(*args)
+        if op == "cat":
+            return lambda x: torch.cat([x, x], args[0])
+        if len(args) == 2:
+            return lambda x: torch.split(x, args[1], args[0])
+        return lambda x: torch.split(x, list(args[1:]), args[0])
+
+    for shape, mesh in meshes.items():
+        for i in range(max(12, 320 // len(meshes))):
+            op = rng2.choice(["narrow", "select", "cat", "split"])
+            ndim = rng2.choice([1, 2, 2, 3])
+            g = [rng2.choice([1, 2, 3, 4, 5, 6, 8, 9]) for _ in range(ndim)]
+            if rng2.random() < 0.04:
+                g = [0] if rng2.random() < 0.5 else [0] + g[1:]
+                ndim = len(g)
+            args = strat_args(op, g)
+            pl = [rand_placement(ndim, True, True) for _ in shape]
+            pop = rng2.choice(["sum", "sum", "avg", "max"])
+            pl = [Partial(pop) if p.is_partial() else p for p in pl]
+            case = {
+                "id": f"view/w{w}/m{'x'.join(map(str, shape))}/{op}/{i}",
+                "kind": "view",
+                "op": op,
+                "args": args,
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "placements": ps(pl),
+            }
+            outs = {}
+            for coord in coords(shape):
+                set_coord(mesh, coord)
+                try:
+                    local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in pl], src_data_rank=None).to_local()
+                    x = DTensor.from_local(local, mesh, pl, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                    seen.clear()
+                    y = strat_call(op, args)(x)
+                    out = [ps(t.placements) for t in y] if isinstance(y, (tuple, list)) else ps(y.placements)
+                    outs[coord] = (out, rule_answer(seen, op, pl)[1] if seen else None)
+                except Exception as e:  # noqa: BLE001
+                    if seen:
+                        # The strategy was chosen; the op failed afterwards (redistributing the
+                        # input or running the local op): keep the strategy's answer apart.
+                        out, used = rule_answer(seen, op, pl)
+                        msg = " ".join(str(e).split())[:100]
+                        outs[coord] = ("fails", out, used, f"{type(e).__name__} ({msg})")
+                    else:
+                        outs[coord] = f"error {type(e).__name__}"
+            vals = sorted(set(json.dumps(v) for v in outs.values()))
+            first = outs[coords(shape)[0]]
+            if len(vals) > 1:
+                case["excluded"] = f"PyTorch gives different answers on different ranks: {vals[:3]}"
+            if isinstance(first, str):
+                case["error"] = True
+                if "RuntimeError" not in first and "IndexError" not in first and "ValueError" not in first:
+                    case["excluded"] = f"PyTorch crashes with {first[6:]}; treated as a refusal here"
+            elif first[0] == "fails":
+                case["output_placements"] = first[1]
+                case["input_placements_used"] = first[2]
+                case["excluded"] = (
+                    f"PyTorch's strategy picks {first[1]} (inputs redistributed to {first[2]}) but the op "
+                    f"then raises {first[3]}; the strategy's answer is kept as expected"
+                )
+            else:
+                case["output_placements"] = first[0]
+                if first[1] is not None:
+                    case["input_placements_used"] = first[1]
+            cases.append(case)
+    sp.propagate_op_sharding_non_cached = orig_prop
+
     json.dump(cases, sys.stdout)
 
 

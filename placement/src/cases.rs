@@ -281,6 +281,9 @@ fn check_view(case: &Value) -> Check {
             permute_placements(&p, &perm)
         }),
         "view" => view_placements(&g, &args, mesh.shape(), &p),
+        "narrow" | "select" | "cat" | "split" => {
+            return check_strategy_op(case, op, &g, &args, &mesh, &p);
+        }
         other => match check_other_op(other, &g, &args, mesh.shape(), &p) {
             Some(r) => r,
             None => return Err(format!("unknown view op `{other}`")),
@@ -295,6 +298,79 @@ fn check_view(case: &Value) -> Check {
         None => Ok(None),
         Some((e, _)) => Ok(Some((e, got_text))),
     }
+}
+
+/// `narrow [dim, start, length]`, `select [dim, index]`, `cat [dim]` (of two copies of the input),
+/// `split [dim, size]` (`torch.split` with an int) or `split [dim, s0, s1, ..]` (with sizes):
+/// `output_placements` is one list, or for `split` one list per chunk; the optional
+/// `input_placements_used` (one list per tensor input: what PyTorch redistributed the inputs to)
+/// is compared too.
+fn check_strategy_op(
+    case: &Value,
+    op: &str,
+    g: &[usize],
+    args: &[i64],
+    mesh: &DeviceMesh,
+    p: &[Placement],
+) -> Check {
+    use crate::strategy::{
+        cat_strategy, narrow_strategy, select_strategy, split_strategy, CostModel, SplitSizes,
+    };
+    let model = CostModel::default();
+    let got = match (op, args) {
+        ("narrow", [d, s, l]) => narrow_strategy(g, mesh, p, *d, *s, *l, &model),
+        ("select", [d, i]) => select_strategy(g, mesh, p, *d, *i, &model),
+        ("cat", [d]) => cat_strategy(
+            &[g.to_vec(), g.to_vec()],
+            mesh,
+            &[p.to_vec(), p.to_vec()],
+            *d,
+            &model,
+        ),
+        ("split", [d, rest @ ..]) if !rest.is_empty() => {
+            let sizes = rest
+                .iter()
+                .map(|&s| usize::try_from(s).map_err(|_| format!("split size {s} is negative")))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let sizes = if sizes.len() == 1 {
+                SplitSizes::Size(sizes[0])
+            } else {
+                SplitSizes::Sections(sizes)
+            };
+            split_strategy(g, mesh, p, *d, &sizes, &model)
+        }
+        _ => return Err(format!("{op} has the wrong number of arguments: {args:?}")),
+    };
+    let text = |q: &[Placement]| q.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let with_inputs = case.get("input_placements_used").is_some();
+    let mut expected =
+        serde_json::json!({"output_placements": expected_or_error(case, "output_placements")?});
+    if with_inputs {
+        expected["input_placements_used"] = case["input_placements_used"].clone();
+    }
+    let got = match got {
+        Ok(c) => {
+            let outs: Value = if op == "split" {
+                serde_json::json!(c.outputs.iter().map(|o| text(o)).collect::<Vec<_>>())
+            } else {
+                serde_json::json!(text(&c.outputs[0]))
+            };
+            let mut v = serde_json::json!({"output_placements": outs});
+            if with_inputs {
+                v["input_placements_used"] =
+                    serde_json::json!(c.inputs.iter().map(|i| text(i)).collect::<Vec<_>>());
+            }
+            v
+        }
+        Err(_) => {
+            let mut v = serde_json::json!({"output_placements": {"error": true}});
+            if with_inputs {
+                v["input_placements_used"] = expected["input_placements_used"].clone();
+            }
+            v
+        }
+    };
+    compare(expected, got)
 }
 
 /// The shape ops beyond the fixtures.md three (this crate's oracle also writes them):

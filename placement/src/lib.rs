@@ -1,7 +1,8 @@
 //! Placement algebra of PyTorch DTensor (torch 2.15): `Shard`, `Replicate`, `Partial` and
 //! `_StridedShard` on an N-D [`DeviceMesh`], with exact local shapes, global offsets and index
-//! sets, the global shape `DTensor.from_local` infers, a checked form of it, and the placement
-//! rules of dim permutations.
+//! sets, the global shape `DTensor.from_local` infers, a checked form of it, the placement
+//! rules of dim permutations and other view ops, and the strategies PyTorch picks for slice/narrow,
+//! select, cat and split ([`strategy`]).
 //!
 //! Rules and verified tables: `shared/reference/placement.md`; PyTorch sources:
 //! `torch/distributed/tensor/placement_types.py`, `torch/distributed/tensor/_utils.py`
@@ -27,6 +28,7 @@ mod placement;
 pub mod redistribute;
 mod shard;
 pub mod shard_order;
+pub mod strategy;
 mod view;
 mod view_more;
 mod view_rule;
@@ -43,6 +45,7 @@ pub use placement::{
     check_partial_ops, format_placements, normalize_dim, parse_placements, PartialOp, Placement,
 };
 pub use shard::{chunk, placement_indices, shard_indices, strided_shard_indices};
+pub use strategy::{cat_placements, narrow_placements, select_placements, split_placements};
 pub use view::{inverse_permutation, permute_placements, permute_shape, transpose_placements};
 pub use view_more::{
     flatten_placements, squeeze_placements, stack_placements, unflatten_placements,

@@ -213,61 +213,24 @@ pub fn plan_redistribute(
     check_partial_ops(src)?;
     check_partial_ops(dst)?;
     let sizes = mesh.shape();
-    let mut current = src.to_vec();
-    let mut steps = Vec::new();
-    let mut push = |current: &mut Vec<Placement>, m: usize, target: Placement| -> Result<()> {
-        let collective = step_collective(m, sizes[m], current[m], target)?;
-        steps.push(Step {
-            mesh_dim: m,
-            src: current[m],
-            dst: target,
-            collective,
-            before: current.clone(),
-        });
-        current[m] = target;
-        Ok(())
-    };
     // Validate every pair first, as the public API does before planning.
     for (m, (&s, &d)) in src.iter().zip(dst).enumerate() {
         if s != d {
             step_collective(m, sizes[m], s, d)?;
         }
     }
-    if mesh.ndim() == 1 {
-        if src[0] != dst[0] {
-            push(&mut current, 0, dst[0])?;
-        }
-    } else {
-        let num_shards: usize = src
-            .iter()
-            .zip(sizes)
-            .filter(|(p, _)| p.is_shard())
-            .map(|(_, &k)| k)
-            .product();
-        if num_shards > 1 {
-            for m in (0..current.len()).rev() {
-                let mut target = dst[m];
-                if let Placement::Shard(d) = target {
-                    // `Placement.is_shard(d)`: false for `_S` in torch 2.15.
-                    let cur: Vec<usize> = (0..m)
-                        .filter(|&i| current[i] == Placement::Shard(d))
-                        .collect();
-                    let tgt: Vec<usize> =
-                        (0..m).filter(|&i| dst[i] == Placement::Shard(d)).collect();
-                    if cur != tgt {
-                        target = Placement::Replicate;
-                    }
-                }
-                if current[m] != target {
-                    push(&mut current, m, target)?;
-                }
-            }
-        }
-        for m in 0..current.len() {
-            if current[m] != dst[m] {
-                push(&mut current, m, dst[m])?;
-            }
-        }
+    let mut current = src.to_vec();
+    let mut steps = Vec::new();
+    for (m, from, to) in greedy_steps(sizes, src, dst) {
+        let collective = step_collective(m, sizes[m], from, to)?;
+        steps.push(Step {
+            mesh_dim: m,
+            src: from,
+            dst: to,
+            collective,
+            before: current.clone(),
+        });
+        current[m] = to;
     }
     let mut plan = RedistributePlan {
         steps,
@@ -279,6 +242,59 @@ pub fn plan_redistribute(
     };
     plan.alternative = cheaper_alternative(&plan);
     Ok(plan)
+}
+
+/// The `(mesh_dim, from, to)` transforms of PyTorch's greedy planner
+/// (`generate_greedy_transform_infos`, `_redistribute.py`), without the public API's checks: the
+/// walk [`plan_redistribute`] documents. Also used to cost strategies (`strategy.rs`), where PyTorch
+/// plans transitions the public API would refuse (e.g. `R` -> `P(sum)`, cost 0).
+pub(crate) fn greedy_steps(
+    sizes: &[usize],
+    src: &[Placement],
+    dst: &[Placement],
+) -> Vec<(usize, Placement, Placement)> {
+    let mut current = src.to_vec();
+    let mut steps = Vec::new();
+    let mut push = |current: &mut Vec<Placement>, m: usize, target: Placement| {
+        steps.push((m, current[m], target));
+        current[m] = target;
+    };
+    if sizes.len() == 1 {
+        if src[0] != dst[0] {
+            push(&mut current, 0, dst[0]);
+        }
+        return steps;
+    }
+    let num_shards: usize = src
+        .iter()
+        .zip(sizes)
+        .filter(|(p, _)| p.is_shard())
+        .map(|(_, &k)| k)
+        .product();
+    if num_shards > 1 {
+        for m in (0..current.len()).rev() {
+            let mut target = dst[m];
+            if let Placement::Shard(d) = target {
+                // `Placement.is_shard(d)`: false for `_S` in torch 2.15.
+                let cur: Vec<usize> = (0..m)
+                    .filter(|&i| current[i] == Placement::Shard(d))
+                    .collect();
+                let tgt: Vec<usize> = (0..m).filter(|&i| dst[i] == Placement::Shard(d)).collect();
+                if cur != tgt {
+                    target = Placement::Replicate;
+                }
+            }
+            if current[m] != target {
+                push(&mut current, m, target);
+            }
+        }
+    }
+    for m in 0..current.len() {
+        if current[m] != dst[m] {
+            push(&mut current, m, dst[m]);
+        }
+    }
+    steps
 }
 
 /// The alternative plan: consecutive steps with the same collective and the same placement

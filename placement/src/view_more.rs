@@ -1,6 +1,6 @@
 //! Placement rules of the other shape ops: unsqueeze, squeeze, flatten, unflatten and stack (of
-//! copies of one DTensor). Not modelled: narrow/slice, select and cat, whose output placements
-//! PyTorch 2.15 picks by a cost-based search over single-dim strategies (`single_dim_strategy.py`).
+//! copies of one DTensor). narrow/slice, select, cat and split, whose output placements PyTorch
+//! 2.15 picks by a cost-based search over single-dim strategies, are in [`crate::strategy`].
 //!
 //! Sources (torch 2.15): `torch/distributed/tensor/_ops/_view_ops.py` (`dim_unsqueeze`,
 //! `dim_squeeze` with strict view; `flatten`/`unflatten` decompose to `aten.view`; stack

@@ -41,6 +41,29 @@ fn committed_oracle_cases_all_pass() {
     }
     assert_eq!(failed, 0, "cases disagreeing with PyTorch");
 
+    // The strategy-search ops (narrow, select, cat, split): passed and excluded per op.
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let ops: Vec<Option<&str>> = doc["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| c.get("op").and_then(|o| o.as_str()))
+        .collect();
+    for op in ["narrow", "select", "cat", "split"] {
+        let mut c = (0, 0);
+        for (r, o) in report.results.iter().zip(&ops) {
+            if *o == Some(op) {
+                match r.outcome {
+                    CaseOutcome::Pass => c.0 += 1,
+                    CaseOutcome::Excluded { .. } => c.1 += 1,
+                    CaseOutcome::Fail { .. } => {}
+                }
+            }
+        }
+        println!("view op {op}: {} passed, {} excluded", c.0, c.1);
+        assert!(c.0 > 100, "too few passing {op} cases");
+    }
+
     // Informative: the excluded cases evaluated anyway against the answer the file records.
     let mut doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     if let Some(cases) = doc.get_mut("cases").and_then(|c| c.as_array_mut()) {
