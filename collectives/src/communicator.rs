@@ -63,6 +63,51 @@ pub trait Communicator {
         dtype: DType,
     ) -> Result<Vec<u8>>;
 
+    /// [`Communicator::all_gather_raw`] into a caller-provided `out` of exactly `sum(counts)`
+    /// elements (no allocation on the MPI backend). Default: `all_gather_raw` then a copy; a
+    /// wrong `out` length is then an error on this rank only, after the collective completed
+    /// (the MPI backend checks it before, on every rank).
+    fn all_gather_into_raw(
+        &self,
+        send: &[u8],
+        counts: &[usize],
+        dtype: DType,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let v = self.all_gather_raw(send, counts, dtype)?;
+        copy_out("all_gather", self.rank(), &v, out)
+    }
+
+    /// [`Communicator::reduce_scatter_raw`] into a caller-provided `out` of exactly
+    /// `counts[rank]` elements. Default: `reduce_scatter_raw` then a copy (see
+    /// [`Communicator::all_gather_into_raw`] for the length check).
+    fn reduce_scatter_into_raw(
+        &self,
+        send: &[u8],
+        counts: &[usize],
+        dtype: DType,
+        op: ReduceOp,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let v = self.reduce_scatter_raw(send, counts, dtype, op)?;
+        copy_out("reduce_scatter", self.rank(), &v, out)
+    }
+
+    /// [`Communicator::all_to_all_raw`] into a caller-provided `out` of exactly
+    /// `sum(recv_counts)` elements. Default: `all_to_all_raw` then a copy (see
+    /// [`Communicator::all_gather_into_raw`] for the length check).
+    fn all_to_all_into_raw(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        dtype: DType,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let v = self.all_to_all_raw(send, send_counts, recv_counts, dtype)?;
+        copy_out("all_to_all", self.rank(), &v, out)
+    }
+
     /// `MPI_Comm_split` semantics: ranks with the same `color` form a communicator, ranked by
     /// `(key, old rank)`. `color` and `key` must be `<= i32::MAX` (MPI `int`).
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
@@ -93,6 +138,22 @@ macro_rules! forward_communicator {
                 &self, send: &[u8], send_counts: &[usize], recv_counts: &[usize], dtype: DType,
             ) -> Result<Vec<u8>> {
                 (**self).all_to_all_raw(send, send_counts, recv_counts, dtype)
+            }
+            fn all_gather_into_raw(
+                &self, send: &[u8], counts: &[usize], dtype: DType, out: &mut [u8],
+            ) -> Result<()> {
+                (**self).all_gather_into_raw(send, counts, dtype, out)
+            }
+            fn reduce_scatter_into_raw(
+                &self, send: &[u8], counts: &[usize], dtype: DType, op: ReduceOp, out: &mut [u8],
+            ) -> Result<()> {
+                (**self).reduce_scatter_into_raw(send, counts, dtype, op, out)
+            }
+            fn all_to_all_into_raw(
+                &self, send: &[u8], send_counts: &[usize], recv_counts: &[usize], dtype: DType,
+                out: &mut [u8],
+            ) -> Result<()> {
+                (**self).all_to_all_into_raw(send, send_counts, recv_counts, dtype, out)
             }
             fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
                 (**self).split(color, key)
@@ -145,9 +206,72 @@ pub trait CommunicatorExt: Communicator {
         )?;
         from_bytes("all_to_all", &out)
     }
+    /// See [`Communicator::all_gather_into_raw`] (`out.len() == sum(counts)`).
+    fn all_gather_into<T: Element>(
+        &self,
+        send: &[T],
+        counts: &[usize],
+        out: &mut [T],
+    ) -> Result<()> {
+        self.all_gather_into_raw(
+            bytemuck::cast_slice(send),
+            counts,
+            T::DTYPE,
+            bytemuck::cast_slice_mut(out),
+        )
+    }
+    /// See [`Communicator::reduce_scatter_into_raw`] (`out.len() == counts[rank]`).
+    fn reduce_scatter_into<T: Element>(
+        &self,
+        send: &[T],
+        counts: &[usize],
+        op: ReduceOp,
+        out: &mut [T],
+    ) -> Result<()> {
+        self.reduce_scatter_into_raw(
+            bytemuck::cast_slice(send),
+            counts,
+            T::DTYPE,
+            op,
+            bytemuck::cast_slice_mut(out),
+        )
+    }
+    /// See [`Communicator::all_to_all_into_raw`] (`out.len() == sum(recv_counts)`).
+    fn all_to_all_into<T: Element>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        out: &mut [T],
+    ) -> Result<()> {
+        self.all_to_all_into_raw(
+            bytemuck::cast_slice(send),
+            send_counts,
+            recv_counts,
+            T::DTYPE,
+            bytemuck::cast_slice_mut(out),
+        )
+    }
 }
 
 impl<C: Communicator + ?Sized> CommunicatorExt for C {}
+
+/// Copies a collective's result into the caller's buffer, which must have the same length.
+fn copy_out(op: &'static str, rank: usize, result: &[u8], out: &mut [u8]) -> Result<()> {
+    if out.len() != result.len() {
+        return Err(CommError::InvalidArgument {
+            op,
+            rank,
+            reason: format!(
+                "output buffer has {} bytes, the result has {}",
+                out.len(),
+                result.len()
+            ),
+        });
+    }
+    out.copy_from_slice(result);
+    Ok(())
+}
 
 /// Copies a byte buffer into a `Vec<T>` (the bytes need not be aligned).
 fn from_bytes<T: Element>(op: &'static str, bytes: &[u8]) -> Result<Vec<T>> {

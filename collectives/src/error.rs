@@ -96,6 +96,9 @@ pub enum CommError {
     /// MPI could not be initialised or an MPI call reported a failure.
     #[error("mpi: {0}")]
     Mpi(String),
+    /// CUDA or NCCL is missing ("skipped: no CUDA device") or a CUDA/NCCL call failed.
+    #[error("nccl: {0}")]
+    Nccl(String),
     /// The device mesh does not fit the communicator, or a placement error.
     #[error("mesh: {0}")]
     Mesh(String),

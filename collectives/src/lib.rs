@@ -1,10 +1,13 @@
 //! Communicator abstraction and the collectives that tensor, sequence and expert parallelism
 //! need (`broadcast`, `all_reduce`, `all_gather(v)`, `reduce_scatter(v)`, `all_to_all(v)`,
-//! `split`), with two backends:
+//! `split`), their autograd forward/backward pairs ([`autograd`]), with three backends:
 //!
 //! - [`threads`]: N ranks in one process, one OS thread each (tests, conformance suite); never
 //!   hangs: timeouts, dropped-peer detection and per-call consistency checks.
-//! - `mpi` (feature `mpi`, default on): rsmpi over `MPI_COMM_WORLD`.
+//! - `mpi` (feature `mpi`, default on): rsmpi over `MPI_COMM_WORLD`, with a collective
+//!   watchdog ([`watchdog`]) that aborts every rank with a message naming the collective.
+//! - `nccl` (feature `nccl`, default on): cudarc, one GPU per rank; compiled everywhere, run
+//!   only when a CUDA device is present (`nccl::availability`).
 //!
 //! Both backends exchange every call's arguments before moving data, so a collective issued
 //! with different ops/dtypes/counts on different ranks fails on every rank instead of hanging
@@ -26,6 +29,7 @@
 //! }
 //! ```
 
+pub mod autograd;
 mod call;
 mod communicator;
 mod dtype;
@@ -35,8 +39,13 @@ mod reduce;
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod selftest;
+#[cfg(unix)]
+mod sigterm;
 pub mod threads;
+pub mod watchdog;
 
 pub use communicator::{Communicator, CommunicatorExt};
 pub use dtype::{DType, Element, ReduceOp};

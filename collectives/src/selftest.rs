@@ -47,6 +47,7 @@ pub fn run_all(comm: &dyn Communicator) -> Vec<(String, CheckResult)> {
         ("reduce_scatter", check_reduce_scatter),
         ("all_to_all", check_all_to_all),
         ("typed_wrappers", check_typed),
+        ("into_variants", check_into),
         ("split", check_split),
         ("mesh_dim_comm", check_mesh),
         ("error_bad_root", check_bad_root),
@@ -58,13 +59,17 @@ pub fn run_all(comm: &dyn Communicator) -> Vec<(String, CheckResult)> {
             ("error_mismatched_counts", check_mismatched_counts),
             ("error_invalid_length", check_invalid_length),
             ("error_all_to_all_counts", check_all_to_all_counts),
+            ("desync_skipped_collective", check_desync),
         ]);
     }
     checks.push(("usable_after_errors", check_all_reduce_small));
-    checks
+    let mut results: Vec<(String, CheckResult)> = checks
         .into_iter()
         .map(|(name, f)| (name.to_string(), f(comm)))
-        .collect()
+        .collect();
+    results.extend(crate::autograd::checks::run_autograd_checks(comm));
+    results.push(("usable_after_autograd".into(), check_all_reduce_small(comm)));
+    results
 }
 
 /// `(passed, failed)` counts of [`run_all`]'s output.
@@ -608,6 +613,101 @@ fn check_all_to_all_counts(comm: &dyn Communicator) -> CheckResult {
     });
     comm.barrier()?;
     res
+}
+
+/// Desync: the last rank skips an `all_reduce` and goes on to the next collective (an
+/// `all_gather`); the others issue the `all_reduce`. Every rank must get `Mismatch` listing each
+/// rank's call (in real MPI/NCCL this hangs). Afterwards no rank issues the skipped call, so the
+/// ranks are in step again.
+fn check_desync(comm: &dyn Communicator) -> CheckResult {
+    let (me, w) = (comm.rank(), comm.size());
+    let skipper = w - 1;
+    let got = if me == skipper {
+        comm.all_gather(&[1.0f32], &vec![1; w]).map(drop)
+    } else {
+        let mut x = [1.0f32];
+        comm.all_reduce(&mut x, ReduceOp::Sum)
+    };
+    match got {
+        Err(CommError::Mismatch { calls, .. })
+            if calls.contains("all_reduce")
+                && calls.contains(&format!("rank {skipper}: all_gather")) =>
+        {
+            Ok(())
+        }
+        other => Err(CheckError::Wrong(format!(
+            "rank {skipper} skipped an all_reduce: rank {me} got {other:?}, want Mismatch"
+        ))),
+    }
+}
+
+/// The `*_into` variants (caller-provided output) give the same results as the allocating
+/// ones, for uneven and zero counts and every dtype.
+fn check_into(comm: &dyn Communicator) -> CheckResult {
+    let (me, w) = (comm.rank(), comm.size());
+    let mut f = Failures::default();
+    for dtype in DType::ALL {
+        let ds = dtype.size();
+        let counts = uneven_counts(w, 3);
+        let send = encode(dtype, &values(dtype, me, counts[me], 3));
+        let want = comm.all_gather_raw(&send, &counts, dtype)?;
+        let mut out = vec![0u8; counts.iter().sum::<usize>() * ds];
+        comm.all_gather_into_raw(&send, &counts, dtype, &mut out)?;
+        f.bytes(format!("all_gather_into {dtype:?}"), dtype, &out, &want);
+
+        let total: usize = counts.iter().sum();
+        let send = encode(dtype, &values(dtype, me, total, 4));
+        let want = comm.reduce_scatter_raw(&send, &counts, dtype, ReduceOp::Max)?;
+        let mut out = vec![0u8; counts[me] * ds];
+        comm.reduce_scatter_into_raw(&send, &counts, dtype, ReduceOp::Max, &mut out)?;
+        f.bytes(format!("reduce_scatter_into {dtype:?}"), dtype, &out, &want);
+
+        let sc: Vec<usize> = (0..w).map(|j| a2a_count(me, j, 5)).collect();
+        let rc: Vec<usize> = (0..w).map(|j| a2a_count(j, me, 5)).collect();
+        let send = encode(dtype, &values(dtype, me, sc.iter().sum(), 5));
+        let want = comm.all_to_all_raw(&send, &sc, &rc, dtype)?;
+        let mut out = vec![0u8; rc.iter().sum::<usize>() * ds];
+        comm.all_to_all_into_raw(&send, &sc, &rc, dtype, &mut out)?;
+        f.bytes(format!("all_to_all_into {dtype:?}"), dtype, &out, &want);
+
+        // Equal counts (the MPI backend's MPI_Allgather / MPI_Alltoall path) vs naive.
+        let send = encode(dtype, &values(dtype, me, 2, 6));
+        let want: Vec<f64> = (0..w).flat_map(|r| values(dtype, r, 2, 6)).collect();
+        let got = comm.all_gather_raw(&send, &vec![2; w], dtype)?;
+        f.bytes(
+            format!("all_gather equal counts {dtype:?}"),
+            dtype,
+            &got,
+            &encode(dtype, &want),
+        );
+        let per_rank: Vec<Vec<f64>> = (0..w).map(|r| values(dtype, r, 2 * w, 8)).collect();
+        let send = encode(dtype, &per_rank[me]);
+        let want = naive_reduce(ReduceOp::Sum, &per_rank)[2 * me..2 * me + 2].to_vec();
+        let got = comm.reduce_scatter_raw(&send, &vec![2; w], dtype, ReduceOp::Sum)?;
+        let want = match dtype {
+            DType::U8 => want.iter().map(|x| x.rem_euclid(256.0)).collect(),
+            _ => want,
+        };
+        f.bytes(
+            format!("reduce_scatter equal counts {dtype:?}"),
+            dtype,
+            &got,
+            &encode(dtype, &want),
+        );
+        let send = encode(dtype, &values(dtype, me, 2 * w, 7));
+        let want: Vec<f64> = (0..w)
+            .flat_map(|j| values(dtype, j, 2 * w, 7)[2 * me..2 * me + 2].to_vec())
+            .collect();
+        let mut out = vec![0u8; 2 * w * ds];
+        comm.all_to_all_into_raw(&send, &vec![2; w], &vec![2; w], dtype, &mut out)?;
+        f.bytes(
+            format!("all_to_all equal counts {dtype:?}"),
+            dtype,
+            &out,
+            &encode(dtype, &want),
+        );
+    }
+    f.finish()
 }
 
 #[cfg(test)]

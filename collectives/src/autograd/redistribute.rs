@@ -1,0 +1,205 @@
+//! `redistribute(placements)` with its backward, executing the `placement` crate's plan
+//! (`placement::redistribute::plan_redistribute`, PyTorch's greedy planner) step by step on the
+//! mesh-dim sub-communicators ([`crate::mesh_dim_comm`]).
+//!
+//! | step (mesh dim m, k ranks) | forward | backward (adjoint) |
+//! |---|---|---|
+//! | `S(i) -> R` (AllGather) | all_gather along i, torch.chunk sizes | keep own chunk |
+//! | `P(sum) -> R` (AllReduce) | all_reduce sum | identity (DTensor keeps the grad `R`) |
+//! | `P(sum) -> S(i)` (ReduceScatter) | reduce_scatter along i | all_gather along i |
+//! | `S(i) -> S(j)` (AllToAll) | all_gather along i, keep chunk j | all_gather along j, keep chunk i |
+//! | `R -> S(i)` (Local) | keep chunk i | all_gather along i |
+//! | size-1 mesh dim (Noop) | identity | identity |
+//!
+//! The chunk sizes of tensor dim i on mesh dim m follow the torch.chunk rule applied to the size
+//! dim i has after the sharding of mesh dims `< m` (`compute_local_shape_and_global_offset`).
+//! Source: `redistribute_local_tensor` and `Redistribute.backward` in
+//! `torch/distributed/tensor/_redistribute.py` (torch 2.15).
+//!
+//! Supported: `Shard`, `Replicate` and `Partial(sum)` sources, `Shard`/`Replicate` targets.
+//! Rejected at construction ([`AutogradError::Shape`]): `_StridedShard`, other Partial ops,
+//! Partial targets, and a step whose tensor dim is also sharded by a later mesh dim (PyTorch's
+//! planner avoids this by replicating the later dim first).
+
+use super::ops::{all_reduce_sum, chunk_dim, gather_dim, reduce_scatter_dim};
+use super::{AutogradError, LocalTensor};
+use crate::communicator::Communicator;
+use crate::dtype::Element;
+use crate::mesh::mesh_dim_comm;
+use placement::redistribute::{plan_redistribute, Collective, RedistributePlan, Step};
+use placement::{DeviceMesh, PartialOp, Placement};
+
+type Result<T> = std::result::Result<T, AutogradError>;
+
+const OP: &str = "redistribute";
+
+fn unsupported(reason: String) -> AutogradError {
+    AutogradError::Shape { op: OP, reason }
+}
+
+/// A redistribution `src -> dst` of a tensor of `global_shape` on `mesh`, as a
+/// forward/backward pair. Both methods are collective over the WORLD communicator whose ranks
+/// are the mesh's ranks (row-major).
+#[derive(Debug, Clone)]
+pub struct Redistribute {
+    mesh: DeviceMesh,
+    plan: RedistributePlan,
+}
+
+impl Redistribute {
+    /// Plans `src -> dst` (PyTorch's greedy plan) and checks that every step is supported.
+    ///
+    /// Errors: the planner's errors (as [`AutogradError::Shape`]), unsupported placements
+    /// (see the module doc).
+    pub fn new(
+        global_shape: &[usize],
+        mesh: &DeviceMesh,
+        src: &[Placement],
+        dst: &[Placement],
+    ) -> Result<Self> {
+        let plan = plan_redistribute(global_shape, mesh, src, dst)
+            .map_err(|e| unsupported(e.to_string()))?;
+        for p in src {
+            match p {
+                Placement::StridedShard { .. } => {
+                    return Err(unsupported("_StridedShard source".into()))
+                }
+                Placement::Partial(op) if *op != PartialOp::Sum => {
+                    return Err(unsupported(format!("Partial({}) source", op.as_str())))
+                }
+                _ => {}
+            }
+        }
+        for p in dst {
+            if !matches!(p, Placement::Shard(_) | Placement::Replicate) {
+                return Err(unsupported(format!("target placement {p:?}")));
+            }
+        }
+        for s in &plan.steps {
+            for d in [s.src.shard_dim(), s.dst.shard_dim()].into_iter().flatten() {
+                let later = s.before[s.mesh_dim + 1..]
+                    .iter()
+                    .any(|p| p.shard_dim() == Some(d));
+                if later && s.collective != Collective::Noop {
+                    return Err(unsupported(format!(
+                        "step on mesh dim {} moves tensor dim {d}, which a later mesh dim also \
+                         shards (placements {:?})",
+                        s.mesh_dim, s.before
+                    )));
+                }
+            }
+        }
+        Ok(Redistribute {
+            mesh: mesh.clone(),
+            plan,
+        })
+    }
+
+    /// The plan being executed.
+    pub fn plan(&self) -> &RedistributePlan {
+        &self.plan
+    }
+
+    /// Size of tensor dim `d` before mesh dim `m` splits it: the global size chunked by every
+    /// earlier mesh dim that shards `d` (at this rank's coordinates).
+    fn parent_size(&self, step: &Step, coord: &[usize], d: usize) -> Result<usize> {
+        let mut n = self.plan.global_shape[d];
+        for (m, p) in step.before[..step.mesh_dim].iter().enumerate() {
+            if p.shard_dim() == Some(d) {
+                n = placement::chunk(n, self.mesh.shape()[m], coord[m])
+                    .map_err(|e| unsupported(e.to_string()))?
+                    .0;
+            }
+        }
+        Ok(n)
+    }
+
+    fn sizes(&self, step: &Step, coord: &[usize], d: usize) -> Result<Vec<usize>> {
+        let n = self.parent_size(step, coord, d)?;
+        super::chunk_sizes(n, self.mesh.shape()[step.mesh_dim])
+    }
+
+    fn run<T: Element>(
+        &self,
+        world: &dyn Communicator,
+        x: &LocalTensor<T>,
+        backward: bool,
+    ) -> Result<LocalTensor<T>> {
+        let coord = self
+            .mesh
+            .coordinate(world.rank())
+            .map_err(|e| unsupported(e.to_string()))?;
+        let mut t = x.clone();
+        let steps: Vec<&Step> = if backward {
+            self.plan.steps.iter().rev().collect()
+        } else {
+            self.plan.steps.iter().collect()
+        };
+        for step in steps {
+            if step.collective == Collective::Noop {
+                continue;
+            }
+            let g = mesh_dim_comm(world, &self.mesh, step.mesh_dim)?;
+            let g = &*g;
+            t = match (step.src, step.dst, backward) {
+                (Placement::Shard(i), Placement::Replicate, false) => {
+                    gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
+                }
+                (Placement::Shard(i), Placement::Replicate, true) => {
+                    chunk_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
+                }
+                (Placement::Partial(_), Placement::Replicate, false) => all_reduce_sum(g, &t)?,
+                (Placement::Partial(_), Placement::Replicate, true) => t,
+                (Placement::Partial(_), Placement::Shard(i), false) => {
+                    reduce_scatter_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
+                }
+                (Placement::Partial(_), Placement::Shard(i), true) => {
+                    gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
+                }
+                (Placement::Shard(i), Placement::Shard(j), false) => {
+                    let full = gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?;
+                    chunk_dim(OP, g, &full, j, &self.sizes(step, &coord, j)?)?
+                }
+                (Placement::Shard(i), Placement::Shard(j), true) => {
+                    let full = gather_dim(OP, g, &t, j, &self.sizes(step, &coord, j)?)?;
+                    chunk_dim(OP, g, &full, i, &self.sizes(step, &coord, i)?)?
+                }
+                (Placement::Replicate, Placement::Shard(i), false) => {
+                    chunk_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
+                }
+                (Placement::Replicate, Placement::Shard(i), true) => {
+                    gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
+                }
+                (s, d, _) => {
+                    return Err(unsupported(format!(
+                        "step {s:?} -> {d:?} on mesh dim {}",
+                        step.mesh_dim
+                    )))
+                }
+            };
+        }
+        Ok(t)
+    }
+
+    /// Forward: this rank's local tensor in `src` placements -> in `dst` placements.
+    ///
+    /// Errors: a collective failed, or the local shape does not fit the placements.
+    pub fn forward<T: Element>(
+        &self,
+        world: &dyn Communicator,
+        x: &LocalTensor<T>,
+    ) -> Result<LocalTensor<T>> {
+        self.run(world, x, false)
+    }
+
+    /// Backward: the gradient w.r.t. the `dst`-placed output -> the gradient w.r.t. the input
+    /// (placed as `src`, with `Partial` mesh dims holding the replicated gradient, as DTensor's
+    /// `Redistribute.backward` does).
+    pub fn backward<T: Element>(
+        &self,
+        world: &dyn Communicator,
+        grad_output: &LocalTensor<T>,
+    ) -> Result<LocalTensor<T>> {
+        self.run(world, grad_output, true)
+    }
+}
