@@ -65,20 +65,28 @@ impl Row {
             .collect()
     }
 
-    /// The row of a run that crashed, timed out or wrote no result.
-    pub fn run_error(backend: &str, world_size: usize, seconds: f64, message: String) -> Row {
+    /// An empty row (no checks yet) of `suite` in one run.
+    pub fn new(suite: &str, backend: &str, world_size: usize, seconds: f64) -> Row {
         Row {
-            suite: "(run)".into(),
+            suite: suite.into(),
             backend: backend.into(),
             world_size,
             passed: 0,
-            failed: 1,
+            failed: 0,
             skipped: 0,
             seconds,
-            failures: vec![Failure {
-                name: format!("{backend} world {world_size}"),
-                message,
-            }],
+            failures: Vec::new(),
         }
+    }
+
+    /// The row of a run that crashed, timed out or wrote no result.
+    pub fn run_error(backend: &str, world_size: usize, seconds: f64, message: String) -> Row {
+        let mut row = Row::new("(run)", backend, world_size, seconds);
+        row.failed = 1;
+        row.failures.push(Failure {
+            name: format!("{backend} world {world_size}"),
+            message,
+        });
+        row
     }
 }

@@ -181,6 +181,58 @@ fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool,
     Ok(status.success())
 }
 
+/// Builds the collectives example binaries (MPI fault scenarios, NCCL selftest).
+fn build_examples(root: &Path, release: bool) -> Result<bool, String> {
+    eprintln!("xtask: building the collectives examples");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(root)
+        .args(["build", "--quiet", "-p", "collectives", "--examples"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    Ok(status.success())
+}
+
+/// Runs an example that prints one `PASS ...` / `FAIL ...` line per check, or a line containing
+/// `skipped:` when it cannot run here (e.g. no CUDA device), and turns its output into a row.
+pub(crate) fn example_row(
+    suite: &str,
+    backend: &str,
+    world: usize,
+    cmd: Command,
+    log: &Path,
+    timeout: Duration,
+) -> Result<Row, String> {
+    let (ok, secs, note) = run_with_timeout(cmd, log, timeout)?;
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let mut row = Row::new(suite, backend, world, secs);
+    for line in text.lines() {
+        if line.starts_with("PASS ") {
+            row.passed += 1;
+        } else if let Some(rest) = line.strip_prefix("FAIL ") {
+            row.failed += 1;
+            row.failures.push(crate::results::Failure {
+                name: suite.into(),
+                message: rest.into(),
+            });
+        }
+    }
+    if row.passed + row.failed == 0 && ok && text.contains("skipped:") {
+        row.skipped = 1;
+    } else if (!ok && row.failed == 0) || row.passed + row.failed == 0 {
+        row.failed += 1;
+        row.failures.push(crate::results::Failure {
+            name: suite.into(),
+            message: format!("{note}; log {}: {}", log.display(), log_tail(log, 5)),
+        });
+    }
+    Ok(row)
+}
+
 /// Runs the whole conformance job. Ok(true) when every check passed.
 pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     let root = workspace_root();
@@ -354,6 +406,44 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
             )),
         }
         bar.inc(1);
+    }
+    // Fault scenarios under mpirun (desync, killed, stalled and vanished ranks must end with an
+    // error naming the collective, in bounded time) and the NCCL selftest (skipped without a GPU).
+    if backends.contains(&Backend::Mpi) {
+        if build_examples(&root, args.release)? {
+            let examples = target_dir(&root).join(profile).join("examples");
+            for &world in world_sizes.iter().filter(|w| **w >= 2) {
+                bar.set_message(format!("mpi fault scenarios, world {world}"));
+                let mut cmd = Command::new(examples.join("mpi_fault"));
+                cmd.args(["check", &world.to_string()]);
+                let log = logs.join(format!("faults-w{world}.log"));
+                rows.push(example_row(
+                    "faults",
+                    "mpi",
+                    world,
+                    cmd,
+                    &log,
+                    Duration::from_secs(args.timeout_secs),
+                )?);
+            }
+            bar.set_message("nccl selftest");
+            let log = logs.join("nccl-w1.log");
+            rows.push(example_row(
+                "nccl-selftest",
+                "nccl",
+                1,
+                Command::new(examples.join("nccl_selftest")),
+                &log,
+                Duration::from_secs(args.timeout_secs),
+            )?);
+        } else {
+            rows.push(Row::run_error(
+                "mpi",
+                0,
+                0.0,
+                "building the collectives examples failed".into(),
+            ));
+        }
     }
     bar.finish_and_clear();
 

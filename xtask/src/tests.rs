@@ -69,3 +69,43 @@ fn totals_and_junit_count_failures() {
     let md = report::markdown(&rows, "h");
     assert!(md.contains("7 passed, 2 failed, 2 skipped"));
 }
+
+#[test]
+fn example_output_becomes_a_row() {
+    use crate::runner::example_row;
+    let log = std::env::temp_dir().join(format!("xtask-ex-{}.log", std::process::id()));
+    let sh = |script: &str| {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    };
+    let t = Duration::from_secs(10);
+    let r = example_row(
+        "faults",
+        "mpi",
+        2,
+        sh("echo 'PASS a'; echo 'FAIL b: hung'; exit 1"),
+        &log,
+        t,
+    )
+    .unwrap();
+    assert_eq!((r.passed, r.failed, r.skipped), (1, 1, 0));
+    assert_eq!(r.failures[0].message, "b: hung");
+    let r = example_row(
+        "nccl",
+        "nccl",
+        1,
+        sh("echo 'nccl_selftest: skipped: no CUDA device'"),
+        &log,
+        t,
+    )
+    .unwrap();
+    assert_eq!((r.passed, r.failed, r.skipped), (0, 0, 1));
+    // Silence is not success: an example that checked nothing fails.
+    let r = example_row("faults", "mpi", 2, sh("exit 0"), &log, t).unwrap();
+    assert_eq!((r.passed, r.failed), (0, 1));
+    // A crash after some passes still fails.
+    let r = example_row("faults", "mpi", 2, sh("echo 'PASS a'; exit 3"), &log, t).unwrap();
+    assert_eq!((r.passed, r.failed), (1, 1));
+    let _ = std::fs::remove_file(&log);
+}
