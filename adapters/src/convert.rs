@@ -1,10 +1,14 @@
 //! Streaming checkpoint conversion HF <-> native (the `adapters convert` CLI).
 //!
-//! - Streaming: output tensors are produced one ITEM at a time (a pass-through tensor, one native
-//!   expert group, or, native -> per-expert HF, one expert of a group) straight from the mmapped
-//!   source, and each safetensors file is written header first, then tensor by tensor, so memory
-//!   is bounded by the largest item per worker, not by the model.
-//! - Parallel over output files (rayon; `threads` workers).
+//! - Streaming: each safetensors file is written header first, then its tensor bytes in order,
+//!   produced straight from the mmapped source in WINDOWS (32 MiB, or 8 MiB per worker thread
+//!   when more): a window is a run of PIECES
+//!   (up to 1 MiB of a copied tensor, a batch of experts of a native group, or of one HF disk
+//!   tensor; a single expert may be larger), each filled in parallel (rayon, `threads` workers)
+//!   directly at its place in the output staging buffer (one copy per element, no intermediate
+//!   tensors), then handed to a writer thread (`direct_io`, `O_DIRECT`) while the next window is
+//!   filled. Files are written one after the other, so memory is two windows (+ one expert):
+//!   ~80 MB with up to 4 threads, whatever the model or the number of files.
 //! - Output: `model.safetensors`, or `model-0000i-of-0000n.safetensors` + index when the total
 //!   exceeds `max_shard_bytes` (the HF layout; keys in sorted order, an item never split), plus
 //!   config.json and, for native checkpoints, `adapters_native.json` (the HF layout to go back to).
@@ -22,7 +26,7 @@ use crate::direct_io::OutFile;
 use crate::error::{AdapterError, Result};
 use crate::family::{spec_for, FamilyConfig};
 use crate::family_adapter::{FamilyAdapter, LayoutChoice};
-use crate::layout::DiskLayout;
+use crate::layout::{DiskLayout, Group};
 use crate::local::LocalTensor;
 use crate::tensor::{dtype_size, HostTensor};
 use crate::writer::shard_file_name;
@@ -30,7 +34,6 @@ use placement::{IndexSet, Placement};
 use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::{json, Value};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -276,55 +279,6 @@ fn plan(a: &FamilyAdapter, src: &HfCheckpoint, dir: Direction) -> Result<Vec<Ite
     Ok(items)
 }
 
-/// Produces an item's tensors (bytes in `outs` order).
-fn produce<'a>(
-    a: &FamilyAdapter,
-    src: &'a HfCheckpoint,
-    item: &Item,
-) -> Result<Vec<Cow<'a, [u8]>>> {
-    let full =
-        |shape: &[usize]| -> Vec<Vec<usize>> { shape.iter().map(|&n| (0..n).collect()).collect() };
-    match &item.source {
-        Source::Copy(k) => Ok(vec![Cow::Borrowed(src.tensor_bytes(k)?)]),
-        Source::Group(gi) => {
-            let g = &a.groups()[*gi];
-            Ok(vec![Cow::Owned(g.read(src, &full(&g.shape))?.data)])
-        }
-        Source::GroupWhole(gi) => {
-            let g = &a.groups()[*gi];
-            let t = src.tensor(&g.native_key)?;
-            let mut by_key: BTreeMap<String, HostTensor> = g.write(&t)?.into_iter().collect();
-            item.outs
-                .iter()
-                .map(|(k, _, _)| {
-                    by_key.remove(k).map(|t| Cow::Owned(t.data)).ok_or_else(|| {
-                        AdapterError::Tensor(format!("conversion did not produce '{k}'"))
-                    })
-                })
-                .collect()
-        }
-        Source::GroupExpert(gi, e) => {
-            let g = &a.groups()[*gi];
-            let info = src.info(&g.native_key)?;
-            let bytes = src.tensor_bytes(&g.native_key)?;
-            let per = bytes.len() / g.shape[0].max(1);
-            let slice = bytes.get(e * per..(e + 1) * per).unwrap_or(&[]);
-            let mut by_key: BTreeMap<String, HostTensor> = g
-                .write_experts(slice, info.dtype, *e, 1)?
-                .into_iter()
-                .collect();
-            item.outs
-                .iter()
-                .map(|(k, _, _)| {
-                    by_key.remove(k).map(|t| Cow::Owned(t.data)).ok_or_else(|| {
-                        AdapterError::Tensor(format!("conversion did not produce '{k}'"))
-                    })
-                })
-                .collect()
-        }
-    }
-}
-
 /// Splits items (sorted) into files of at most `max` bytes (an item larger than `max` alone).
 fn plan_files(items: &[Item], max: u64) -> Vec<Vec<usize>> {
     let total: u64 = items.iter().map(Item::bytes).sum();
@@ -349,8 +303,137 @@ fn plan_files(items: &[Item], max: u64) -> Vec<Vec<usize>> {
     files
 }
 
-/// Writes one safetensors file: header (offsets from the plan) then each item's tensors in
-/// order, one item in memory at a time. Returns the bytes written.
+/// Largest piece of work (bytes of output): copies are split, expert tensors batched by experts
+/// up to this size (a single expert may be larger).
+const PIECE: usize = 1 << 20;
+/// Output bytes produced in parallel before they are handed to the file (plus at most one
+/// piece): at least this, and 8 MiB per worker thread (enough pieces for every worker when single
+/// experts exceed [`PIECE`], e.g. 6 MiB per expert in Qwen3-30B-A3B).
+const WINDOW: usize = 32 << 20;
+
+/// A contiguous byte range of an output file's tensor data and how to produce it.
+enum Piece<'a> {
+    /// Bytes copied from the source mmap.
+    Copy(&'a [u8]),
+    /// HF -> native: experts `e0..e0 + ne` of native group `g`.
+    Native(&'a Group, usize, usize),
+    /// Native -> HF: disk tensor `src` of group `g` for the whole experts in `native`
+    /// (`n`-byte elements).
+    Disk(&'a Group, usize, &'a [u8], usize),
+}
+
+impl Piece<'_> {
+    fn fill(&self, src: &HfCheckpoint, out: &mut [u8]) -> Result<()> {
+        match *self {
+            Piece::Copy(b) => out.copy_from_slice(b),
+            Piece::Native(g, e0, ne) => {
+                g.fill_experts(src, e0, ne, out)?;
+            }
+            Piece::Disk(g, s, native, n) => g.fill_disk(native, n, s, out)?,
+        }
+        Ok(())
+    }
+}
+
+/// Splits an item into pieces in output order; `len` of each piece is its output size.
+fn pieces<'a>(
+    a: &'a FamilyAdapter,
+    src: &'a HfCheckpoint,
+    it: &Item,
+    out: &mut Vec<(Piece<'a>, usize)>,
+) -> Result<()> {
+    let size = |(_, d, s): &(String, Dtype, Vec<usize>)| -> Result<usize> {
+        Ok(s.iter().product::<usize>() * dtype_size(*d)?)
+    };
+    let batch = |one: usize| (PIECE / one.max(1)).max(1);
+    match &it.source {
+        Source::Copy(k) => {
+            let bytes = src.tensor_bytes(k)?;
+            let n = size(&it.outs[0])?;
+            if bytes.len() != n {
+                return Err(AdapterError::Tensor(format!(
+                    "tensor '{k}' has {} bytes, expected {n}",
+                    bytes.len()
+                )));
+            }
+            out.extend(bytes.chunks(PIECE).map(|c| (Piece::Copy(c), c.len())));
+        }
+        Source::Group(gi) => {
+            let g = &a.groups()[*gi];
+            let (block, _) = g.expert_bytes(it.outs[0].1, 0)?;
+            let e = g.shape[0];
+            if size(&it.outs[0])? != e * block {
+                return Err(AdapterError::Tensor(format!(
+                    "{}: {} bytes planned for {e} experts of {block} bytes",
+                    g.native_key,
+                    size(&it.outs[0])?
+                )));
+            }
+            let step = batch(block);
+            for e0 in (0..e).step_by(step) {
+                let ne = step.min(e - e0);
+                out.push((Piece::Native(g, e0, ne), ne * block));
+            }
+        }
+        Source::GroupWhole(gi) | Source::GroupExpert(gi, _) => {
+            let g = &a.groups()[*gi];
+            let info = src.info(&g.native_key)?;
+            let n = dtype_size(info.dtype)?;
+            let bytes = src.tensor_bytes(&g.native_key)?;
+            let (experts, native) = match it.source {
+                Source::GroupExpert(_, e) => {
+                    let per = bytes.len() / g.shape[0].max(1);
+                    (1, bytes.get(e * per..(e + 1) * per).unwrap_or(&[]))
+                }
+                _ => (g.shape[0], bytes),
+            };
+            if it.outs.len() != g.disk.len() {
+                return Err(AdapterError::Tensor(format!(
+                    "{}: {} output tensors for {} disk tensors",
+                    g.native_key,
+                    it.outs.len(),
+                    g.disk.len()
+                )));
+            }
+            for (srci, o) in it.outs.iter().enumerate() {
+                let (block, dblock) = g.expert_bytes(info.dtype, srci)?;
+                if native.len() != experts * block || size(o)? != experts * dblock {
+                    return Err(AdapterError::Tensor(format!(
+                        "{}: {} native bytes for {experts} expert(s) of '{}' ({} bytes)",
+                        g.native_key,
+                        native.len(),
+                        o.0,
+                        size(o)?
+                    )));
+                }
+                let step = batch(dblock);
+                for e0 in (0..experts).step_by(step) {
+                    let ne = step.min(experts - e0);
+                    let part = &native[e0 * block..(e0 + ne) * block];
+                    out.push((Piece::Disk(g, srci, part, n), ne * dblock));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Error of a window fill: the output file's I/O or the conversion's own.
+enum FillError {
+    Io(std::io::Error),
+    Adapter(AdapterError),
+}
+
+impl From<std::io::Error> for FillError {
+    fn from(e: std::io::Error) -> Self {
+        FillError::Io(e)
+    }
+}
+
+/// Writes one safetensors file: header (offsets from the plan) then the items' tensors, produced
+/// in windows of [`WINDOW`] bytes or 8 MiB per thread (pieces of a window in parallel), so memory
+/// is bounded by two windows plus one piece (a piece is at most one expert when an expert exceeds
+/// [`PIECE`]). Returns the bytes written.
 fn write_file(
     path: &Path,
     a: &FamilyAdapter,
@@ -380,27 +463,41 @@ fn write_file(
     let io = |e| AdapterError::io(path, e);
     w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&h).map_err(io)?;
-    let mut scratch: Vec<u8> = Vec::new();
+    // Pieces in file order, produced a window at a time: the pieces of a window in parallel
+    // (rayon), each straight into its place in the output staging buffer.
+    let mut ps = Vec::new();
     for it in items {
-        let data = match &it.source {
-            Source::Group(gi) => {
-                a.groups()[*gi].read_whole_into(src, &mut scratch)?;
-                vec![Cow::Borrowed(scratch.as_slice())]
-            }
-            _ => produce(a, src, it)?,
-        };
-        for ((k, d, s), bytes) in it.outs.iter().zip(&data) {
-            let n = s.iter().product::<usize>() * dtype_size(*d)?;
-            if bytes.len() != n {
-                return Err(AdapterError::Tensor(format!(
-                    "{}: tensor '{k}' produced {} bytes, expected {n}",
-                    path.display(),
-                    bytes.len()
-                )));
-            }
-            w.write_all(bytes).map_err(io)?;
+        pieces(a, src, it, &mut ps)?;
+    }
+    let window = WINDOW.max(rayon::current_num_threads() * (8 << 20));
+    let mut i = 0;
+    while i < ps.len() {
+        let mut j = i;
+        let mut total = 0;
+        while j < ps.len() && (j == i || total + ps[j].1 <= window) {
+            total += ps[j].1;
+            j += 1;
         }
-        tick(it.bytes());
+        let win = &ps[i..j];
+        w.append_with(total, |buf| {
+            let mut parts = Vec::with_capacity(win.len());
+            let mut rest = buf;
+            for (_, n) in win {
+                let (x, r) = rest.split_at_mut(*n);
+                parts.push(x);
+                rest = r;
+            }
+            win.par_iter()
+                .zip(parts)
+                .try_for_each(|((p, _), out)| p.fill(src, out))
+                .map_err(FillError::Adapter)
+        })
+        .map_err(|e| match e {
+            FillError::Io(e) => io(e),
+            FillError::Adapter(e) => e,
+        })?;
+        tick(total as u64);
+        i = j;
     }
     w.finish().map_err(io)?;
     Ok(off)
@@ -452,9 +549,11 @@ pub fn convert(
             })
             .collect();
         let job = || -> Result<Vec<u64>> {
+            // One file at a time (memory stays bounded by two windows, whatever the number of
+            // files); the parallelism is inside each window.
             files
-                .par_iter()
-                .zip(names.par_iter())
+                .iter()
+                .zip(&names)
                 .map(|(f, fname)| {
                     let its: Vec<&Item> = f.iter().map(|&i| &items[i]).collect();
                     write_file(&tmp.join(fname), &a, &src, &its, tick)
@@ -550,24 +649,75 @@ fn verify(a: &FamilyAdapter, src: &HfCheckpoint, out_dir: &Path, dir: Direction)
         )));
     }
     a.validate(hf)?;
+    // Tasks: pass-through keys, and per group / disk tensor / batch of experts (the same pieces
+    // as the writer), checked in parallel; each task holds at most one piece in memory.
+    enum Check<'a> {
+        Same(&'a str),
+        Experts(&'a str, &'a Group, usize, usize, usize),
+    }
+    let mut tasks = Vec::new();
     for k in native.keys() {
         match a.group_of(k) {
+            None => tasks.push(Check::Same(k)),
             Some(g) => {
-                // native -> HF must give the HF checkpoint's bytes
-                for (hk, t) in g.write(&native.tensor(k)?)? {
-                    if hf.tensor_bytes(&hk)? != t.data.as_slice() || hf.info(&hk)?.dtype != t.dtype
-                    {
-                        return Err(mismatch(&hk));
-                    }
+                let info = native.info(k)?;
+                if info.shape != g.shape {
+                    return Err(AdapterError::Shape(format!(
+                        "verify: native tensor '{k}' has shape {:?} but config gives {:?}",
+                        info.shape, g.shape
+                    )));
                 }
-            }
-            None => {
-                let hk = a.disk_name_of(k);
-                if hf.tensor_bytes(hk)? != native.tensor_bytes(k)? {
-                    return Err(mismatch(hk));
+                let e = g.shape[0];
+                for srci in 0..g.disk.len() {
+                    let (_, dblock) = g.expert_bytes(info.dtype, srci)?;
+                    let step = (PIECE / dblock.max(1)).max(1);
+                    for e0 in (0..e).step_by(step) {
+                        tasks.push(Check::Experts(k, g, srci, e0, step.min(e - e0)));
+                    }
                 }
             }
         }
     }
+    tasks
+        .par_iter()
+        .try_for_each_init(Vec::new, |scratch: &mut Vec<u8>, t| -> Result<()> {
+            match *t {
+                Check::Same(k) => {
+                    let hk = a.disk_name_of(k);
+                    let (hi, ni) = (hf.info(hk)?, native.info(k)?);
+                    if hf.tensor_bytes(hk)? != native.tensor_bytes(k)?
+                        || hi.dtype != ni.dtype
+                        || hi.shape != ni.shape
+                    {
+                        return Err(mismatch(hk));
+                    }
+                }
+                Check::Experts(k, g, srci, e0, ne) => {
+                    // native -> HF must give the HF checkpoint's bytes
+                    let dtype = native.info(k)?.dtype;
+                    let (block, dblock) = g.expert_bytes(dtype, srci)?;
+                    let nb = native.tensor_bytes(k)?;
+                    let part = nb.get(e0 * block..(e0 + ne) * block).unwrap_or(&[]);
+                    scratch.resize(ne * dblock, 0);
+                    g.fill_disk(part, dtype_size(dtype)?, srci, scratch)?;
+                    let d = &g.disk[srci];
+                    for j in 0..ne {
+                        let hk = d.key_for(e0 + j);
+                        let hi = hf.info(&hk)?;
+                        let hb = hf.tensor_bytes(&hk)?;
+                        let (want, got) = if d.per_expert {
+                            (&scratch[j * dblock..(j + 1) * dblock], Some(hb))
+                        } else {
+                            let r = (e0 + j) * dblock..(e0 + j + 1) * dblock;
+                            (&scratch[j * dblock..(j + 1) * dblock], hb.get(r))
+                        };
+                        if got != Some(want) || hi.dtype != dtype || hi.shape != d.shape {
+                            return Err(mismatch(&hk));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
     Ok(())
 }

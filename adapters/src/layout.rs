@@ -13,6 +13,7 @@ use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
 use crate::local::{map_placements, LocalTensor};
 use crate::tensor::{dtype_size, HostTensor};
+use crate::transpose::{transpose, Mat};
 use placement::{IndexSet, Placement};
 use safetensors::Dtype;
 
@@ -460,47 +461,67 @@ impl Group {
         }
         let mut out = Vec::new();
         for (src, d) in self.disk.iter().enumerate() {
-            let w = d.shape[d.col_dim()];
-            let dblock = w * a_len * n;
-            let experts: Vec<usize> = if d.per_expert {
-                (0..ne).collect()
-            } else {
-                vec![0]
-            };
             if !d.per_expert && ne != self.shape[0] {
                 return Err(AdapterError::Unsupported(format!(
                     "{}: a stacked disk tensor ({}) needs all experts",
                     self.native_key, d.key
                 )));
             }
-            for k in experts {
-                let count = if d.per_expert { 1 } else { ne };
-                let mut buf = vec![0u8; count * dblock];
-                for j in 0..count {
-                    let nat = &native[(k + j) * block..(k + j + 1) * block];
-                    let dk = &mut buf[j * dblock..(j + 1) * dblock];
-                    for s in self.segs.iter().filter(|s| s.src == src) {
-                        let geo = (s, d.transposed, a_len, c_len, w);
-                        match n {
-                            2 => seg_copy::<2>(dk, nat, geo, false),
-                            4 => seg_copy::<4>(dk, nat, geo, false),
-                            1 => seg_copy::<1>(dk, nat, geo, false),
-                            8 => seg_copy::<8>(dk, nat, geo, false),
-                            _ => for_seg_pairs(s, d.transposed, a_len, c_len, w, |no, dof| {
-                                dk[dof * n..dof * n + n].copy_from_slice(&nat[no * n..no * n + n]);
-                            }),
-                        }
-                    }
+            let dblock = d.shape[d.col_dim()] * a_len * n;
+            if d.per_expert {
+                for k in 0..ne {
+                    let mut buf = vec![0u8; dblock];
+                    self.fill_disk(&native[k * block..(k + 1) * block], n, src, &mut buf)?;
+                    out.push((
+                        d.key_for(e0 + k),
+                        HostTensor::new(dtype, d.shape.clone(), buf)?,
+                    ));
                 }
-                let key = if d.per_expert {
-                    d.key_for(e0 + k)
-                } else {
-                    d.key.clone()
-                };
-                out.push((key, HostTensor::new(dtype, d.shape.clone(), buf)?));
+            } else {
+                let mut buf = vec![0u8; ne * dblock];
+                self.fill_disk(native, n, src, &mut buf)?;
+                out.push((d.key.clone(), HostTensor::new(dtype, d.shape.clone(), buf)?));
             }
         }
         Ok(out)
+    }
+
+    /// Native bytes of consecutive experts (row-major `[k, ..native dims]`, `n`-byte elements)
+    /// -> disk tensor `src`'s bytes for those experts (`out`: `k` disk blocks of that tensor;
+    /// every byte is written). One direct copy per element.
+    pub fn fill_disk(&self, native: &[u8], n: usize, src: usize, out: &mut [u8]) -> Result<()> {
+        let (a_len, c_len) = self.inner_dims();
+        let block = a_len * c_len * n;
+        let d = &self.disk[src];
+        let w = d.shape[d.col_dim()];
+        let dblock = w * a_len * n;
+        let count = native.len().checked_div(block).unwrap_or(0);
+        if native.len() != count * block || out.len() != count * dblock {
+            return Err(AdapterError::Shape(format!(
+                "{}: {} native bytes -> {} bytes of '{}' do not match whole experts",
+                self.native_key,
+                native.len(),
+                out.len(),
+                d.key
+            )));
+        }
+        for j in 0..count {
+            let nat = &native[j * block..(j + 1) * block];
+            let dk = &mut out[j * dblock..(j + 1) * dblock];
+            for s in self.segs.iter().filter(|s| s.src == src) {
+                let geo = (s, d.transposed, a_len, c_len, w);
+                match n {
+                    2 => seg_copy::<2>(dk, nat, geo, false),
+                    4 => seg_copy::<4>(dk, nat, geo, false),
+                    1 => seg_copy::<1>(dk, nat, geo, false),
+                    8 => seg_copy::<8>(dk, nat, geo, false),
+                    _ => for_seg_pairs(s, d.transposed, a_len, c_len, w, |no, dof| {
+                        dk[dof * n..dof * n + n].copy_from_slice(&nat[no * n..no * n + n]);
+                    }),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// (A, C): the native dims after the expert dim ([E, A, C]; A = 1 for [E, C] biases).
@@ -513,27 +534,51 @@ impl Group {
 
     /// The whole native tensor from the mmapped disk tensors, one direct copy per element.
     fn read_whole(&self, ckpt: &HfCheckpoint) -> Result<HostTensor> {
-        let mut out = Vec::new();
-        let dtype = self.read_whole_into(ckpt, &mut out)?;
+        let dtype = ckpt.info(&self.disk[0].key_for(0))?.dtype;
+        let (a_len, c_len) = self.inner_dims();
+        let mut out = vec![0u8; self.shape[0] * a_len * c_len * dtype_size(dtype)?];
+        self.fill_whole(ckpt, &mut out)?;
         HostTensor::new(dtype, self.shape.clone(), out)
     }
 
-    /// [`Group::read`] of the whole tensor into `out` (resized; reusing its allocation avoids
-    /// fresh pages per tensor in the converter). Returns the dtype.
-    pub fn read_whole_into(&self, ckpt: &HfCheckpoint, out: &mut Vec<u8>) -> Result<Dtype> {
-        let e = self.shape[0];
+    /// [`Group::read`] of the whole tensor into `out`, which must have exactly the native
+    /// tensor's byte size (every byte is written: the segments cover the last dim). Returns the
+    /// dtype.
+    pub fn fill_whole(&self, ckpt: &HfCheckpoint, out: &mut [u8]) -> Result<Dtype> {
+        self.fill_experts(ckpt, 0, self.shape[0], out)
+    }
+
+    /// Experts `e0..e0 + ne` of the native tensor (row-major `[ne, ..native dims]`, a contiguous
+    /// byte range of it) into `out`, which must have exactly that size; every byte is written.
+    /// One direct copy per element from the mmapped disk tensors. Returns the dtype.
+    pub fn fill_experts(
+        &self,
+        ckpt: &HfCheckpoint,
+        e0: usize,
+        ne: usize,
+        out: &mut [u8],
+    ) -> Result<Dtype> {
         let dtype = ckpt.info(&self.disk[0].key_for(0))?.dtype;
         let n = dtype_size(dtype)?;
         let (a_len, c_len) = self.inner_dims();
         let block = a_len * c_len * n;
-        out.clear();
-        out.resize(e * block, 0);
-        for (src, d) in self.disk.iter().enumerate() {
-            let w = d.shape[d.col_dim()];
-            let dblock = w * a_len * n;
-            for k in 0..e {
+        if out.len() != ne * block || e0 + ne > self.shape[0] {
+            return Err(AdapterError::Shape(format!(
+                "{}: output buffer of {} bytes for experts {e0}..{} of native shape {:?} ({dtype})",
+                self.native_key,
+                out.len(),
+                e0 + ne,
+                self.shape
+            )));
+        }
+        for k in e0..e0 + ne {
+            let nat = &mut out[(k - e0) * block..(k - e0 + 1) * block];
+            for (src, d) in self.disk.iter().enumerate() {
+                let w = d.shape[d.col_dim()];
+                let dblock = w * a_len * n;
                 let key = d.key_for(k);
-                if ckpt.info(&key)?.dtype != dtype {
+                let info = ckpt.info(&key)?;
+                if info.dtype != dtype {
                     return Err(AdapterError::Shape(format!(
                         "{}: '{key}' is not {dtype} like '{}'; one native tensor has one dtype (no casting)",
                         self.native_key,
@@ -555,7 +600,6 @@ impl Group {
                         d.shape
                     )));
                 }
-                let nat = &mut out[k * block..(k + 1) * block];
                 for s in self.segs.iter().filter(|s| s.src == src) {
                     let geo = (s, d.transposed, a_len, c_len, w);
                     match n {
@@ -571,6 +615,15 @@ impl Group {
             }
         }
         Ok(dtype)
+    }
+
+    /// Bytes of one expert of the native tensor for `dtype`, and of one expert of disk tensor
+    /// `src` (its per-expert tensor, or its expert slice when stacked).
+    pub fn expert_bytes(&self, dtype: Dtype, src: usize) -> Result<(usize, usize)> {
+        let n = dtype_size(dtype)?;
+        let (a_len, c_len) = self.inner_dims();
+        let d = &self.disk[src];
+        Ok((a_len * c_len * n, d.shape[d.col_dim()] * a_len * n))
     }
 
     /// A native local shard -> the HF disk pieces it covers, indices and placements moved through
@@ -712,30 +765,21 @@ type Geo<'a> = (&'a Segment, bool, usize, usize, usize);
 /// `dst` is the native block when `to_native`, else the disk block (`src` the other one).
 /// Same element pairs as [`for_seg_pairs`], with slice iteration on the contiguous side.
 fn seg_copy<const N: usize>(dst: &mut [u8], src: &[u8], geo: Geo<'_>, to_native: bool) {
-    const T: usize = 64;
     let (s, transposed, a_len, c_len, w) = geo;
     if transposed {
-        for c0 in (0..s.len).step_by(T) {
-            for a0 in (0..a_len).step_by(T) {
-                let a1 = (a0 + T).min(a_len);
-                for c in c0..(c0 + T).min(s.len) {
-                    let drow = (s.col0 + s.step * c) * a_len;
-                    let nat = |a: usize| (a * c_len + s.start + c) * N;
-                    if to_native {
-                        let row = &src[(drow + a0) * N..(drow + a1) * N];
-                        for (i, e) in row.chunks_exact(N).enumerate() {
-                            let o = nat(a0 + i);
-                            dst[o..o + N].copy_from_slice(e);
-                        }
-                    } else {
-                        let row = &mut dst[(drow + a0) * N..(drow + a1) * N];
-                        for (i, e) in row.chunks_exact_mut(N).enumerate() {
-                            let o = nat(a0 + i);
-                            e.copy_from_slice(&src[o..o + N]);
-                        }
-                    }
-                }
-            }
+        // native [A, C] at (a, start + c) <-> disk [W, A] at (col0 + step c, a)
+        let nat = Mat {
+            offset: s.start,
+            stride: c_len,
+        };
+        let disk = Mat {
+            offset: s.col0 * a_len,
+            stride: s.step * a_len,
+        };
+        if to_native {
+            transpose(dst, nat, src, disk, s.len, a_len, N);
+        } else {
+            transpose(dst, disk, src, nat, a_len, s.len, N);
         }
     } else if s.step == 1 {
         for a in 0..a_len {

@@ -13,8 +13,8 @@ pub mod family;
 pub mod family_adapter;
 pub mod layout;
 pub mod local;
-pub mod qwen3_moe;
 pub mod tensor;
+pub mod transpose;
 pub mod writer;
 
 pub use adapter::{adapter_for, MoeAdapter, NativeMoeKeys, SUPPORTED_MODEL_TYPES};

@@ -2,7 +2,6 @@
 //! native tensor by placement::local_shard indices, assemble of all ranks, and identities.
 mod common;
 
-use adapters::qwen3_moe::{ExpertLayout, Qwen3MoeAdapter};
 use adapters::{adapter_for, assemble, Dtype, HfCheckpoint, HostTensor, LocalTensor, MoeAdapter};
 use common::{config, elem, hf_tensors, write_ckpt, Dims, SMALL};
 use placement::{local_shard, DeviceMesh, IndexSet, Placement};
@@ -129,8 +128,7 @@ fn round_trip_and_formula_all_layouts() {
 #[test]
 fn layout_is_remembered() {
     let f = fixture(SMALL, Dtype::BF16, true, 1);
-    let a = Qwen3MoeAdapter::from_checkpoint(&f.ckpt).unwrap();
-    assert_eq!(a.layout(), ExpertLayout::Fused);
+    let a = adapter_for(&f.ckpt).unwrap();
     let back = a.to_hf(&a.from_hf(&f.ckpt).unwrap()).unwrap();
     assert!(back.contains_key("model.layers.1.mlp.experts.gate_up_proj"));
     assert!(!back.keys().any(|k| k.contains("experts.0.")));

@@ -1,13 +1,17 @@
 //! Benchmarks (figures, never pass/fail):
-//! 1. converting a synthetic Qwen3-30B-A3B-shaped checkpoint (48 layers, 128 experts, per-expert
-//!    bf16 keys, H and I scaled down; default ~2 GB) HF -> native -> HF with the streaming
-//!    converter, throughput in GB/s vs `cp -r` (+ `sync`, since the converter fsyncs) of the same
-//!    files in the same run;
-//! 2. the key-mapping pass alone for the full DeepSeek-V3 key set (61 layers, 256 experts,
-//!    first_k_dense_replace 3) in milliseconds.
+//! 0. the transpose kernel alone (bf16 expert tiles, both directions) vs memcpy, one thread;
+//! 1. the key-mapping pass alone for the full DeepSeek-V3 key set (61 layers, 256 experts,
+//!    first_k_dense_replace 3) in milliseconds;
+//! 2. converting a synthetic Qwen3-30B-A3B-shaped checkpoint (48 layers, 128 experts, per-expert
+//!    bf16 keys, H and I scaled down; default ~2.08 GB) HF -> native, then native -> HF, each step
+//!    against `cp -r` of that step's source files + `sync` of the copies (fsync per file and of
+//!    the directory, as the converter does), runs interleaved, with the source put in the same
+//!    cache state before every timed run (read into the page cache, or evicted with `--cold`);
+//! 3. native -> HF with `--verify`.
 //!
 //! `cargo run --release -p adapters --bin bench_convert -- [--dir D] [--hidden H] [--inter I]
-//! [--layers L] [--experts E] [--threads N] [--keep]`
+//! [--layers L] [--experts E] [--threads N] [--runs R] [--max-shard-size B] [--cold] [--keep]
+//! [--kernel-only]`
 
 use adapters::convert::{convert, ConvertOptions, Direction};
 use adapters::family::{spec_for, FamilyConfig};
@@ -27,6 +31,10 @@ struct Args {
     experts: usize,
     threads: Option<usize>,
     keep: bool,
+    kernel_only: bool,
+    cold: bool,
+    runs: usize,
+    max_shard: u64,
 }
 
 fn parse() -> Result<Args, String> {
@@ -38,6 +46,10 @@ fn parse() -> Result<Args, String> {
         experts: 128,
         threads: None,
         keep: false,
+        kernel_only: false,
+        cold: false,
+        runs: 3,
+        max_shard: 400_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(f) = it.next() {
@@ -51,6 +63,10 @@ fn parse() -> Result<Args, String> {
             "--experts" => a.experts = num(val()?)?,
             "--threads" => a.threads = Some(num(val()?)?),
             "--keep" => a.keep = true,
+            "--kernel-only" => a.kernel_only = true,
+            "--cold" => a.cold = true,
+            "--runs" => a.runs = num(val()?)?.max(1),
+            "--max-shard-size" => a.max_shard = num(val()?)? as u64,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -244,13 +260,91 @@ fn deepseek_key_mapping() -> Result<(usize, f64, f64), String> {
     Ok((keys.len(), build[2], map[2]))
 }
 
+/// The transpose kernel alone on the benchmark's expert shapes (bf16 [I, H] -> [H, I] per
+/// expert, 512 MB of experts, from memory), vs `copy_from_slice` of the same bytes.
+fn kernel_bench(a: &Args) {
+    let (h, i) = (a.hidden, a.inter);
+    let block = h * i * 2;
+    let n = (512 << 20) / block;
+    let src = fill(7, n * block);
+    let mut dst = fill(8, n * block);
+    let mut best = (f64::MAX, f64::MAX, f64::MAX);
+    let mat = |stride| adapters::transpose::Mat { offset: 0, stride };
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        for e in 0..n {
+            let r = e * block..(e + 1) * block;
+            adapters::transpose::transpose(&mut dst[r.clone()], mat(i), &src[r], mat(h), i, h, 2);
+        }
+        best.0 = best.0.min(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for e in 0..n {
+            let r = e * block..(e + 1) * block;
+            adapters::transpose::transpose(&mut dst[r.clone()], mat(h), &src[r], mat(i), h, i, 2);
+        }
+        best.2 = best.2.min(t0.elapsed().as_secs_f64());
+        let t1 = Instant::now();
+        dst.copy_from_slice(&src);
+        best.1 = best.1.min(t1.elapsed().as_secs_f64());
+    }
+    let gb = (n * block) as f64 / 1e9;
+    println!(
+        "transpose kernel, one thread, {n} experts from memory: bf16 [{i}, {h}] -> [{h}, {i}] {:.2} GB/s, [{h}, {i}] -> [{i}, {h}] {:.2} GB/s (memcpy of the same bytes {:.2} GB/s)",
+        gb / best.0,
+        gb / best.2,
+        gb / best.1
+    );
+}
+
+/// Makes the next timed step read `dir` from the page cache (reads every file once) or, with
+/// `cold`, from the disk (sync + drop_caches; needs root). Done before cp and the converter alike.
+fn prepare(dir: &Path, cold: bool) -> Result<(), String> {
+    sh("sync", &[])?;
+    if cold {
+        return std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+            .map_err(|e| format!("--cold needs root to write /proc/sys/vm/drop_caches: {e}"));
+    }
+    for e in std::fs::read_dir(dir).map_err(|e| e.to_string())? {
+        let p = e.map_err(|e| e.to_string())?.path();
+        let mut f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
+        std::io::copy(&mut f, &mut std::io::sink()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// `cp -r from to` then `sync to to/*` (GNU sync with arguments fsyncs each file and the
+/// directory: the same durability as the converter, which fsyncs each file and its directory).
+fn cp_sync(from: &Path, to: &Path) -> Result<(), String> {
+    let s = |p: &Path| p.display().to_string();
+    sh("cp", &["-r", &s(from), &s(to)])?;
+    let mut args = vec![s(to)];
+    for e in std::fs::read_dir(to).map_err(|e| e.to_string())? {
+        args.push(s(&e.map_err(|e| e.to_string())?.path()));
+    }
+    sh("sync", &args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn rm(p: &Path) -> Result<(), String> {
+    if p.exists() {
+        std::fs::remove_dir_all(p).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn stats(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2])
+}
+
 fn main() -> Result<(), String> {
     let a = parse()?;
+    kernel_bench(&a);
+    if a.kernel_only {
+        return Ok(());
+    }
     deepseek_key_mapping()?;
     let root = &a.dir;
-    if root.exists() {
-        std::fs::remove_dir_all(root).map_err(|e| e.to_string())?;
-    }
+    rm(root)?;
     let (src, cp_dst, nat, back) = (
         root.join("src"),
         root.join("cp"),
@@ -269,53 +363,47 @@ fn main() -> Result<(), String> {
         gb,
         src.display()
     );
-    let s = |p: &Path| p.display().to_string();
-    let t_cp = secs(|| sh("cp", &["-r", &s(&src), &s(&cp_dst)]).and_then(|_| sh("sync", &[])))?;
+    println!(
+        "each step: source {} before every timed run (cp and converter alike); {} runs each, interleaved; best and median",
+        if a.cold { "evicted from the page cache (sync + drop_caches)" } else { "read once into the page cache" },
+        a.runs
+    );
+    println!("cp = `cp -r SRC DST` + `sync DST DST/*` (fsync of each file and the directory)");
+    println!("converter = open + plan + write every file with O_DIRECT + fsync each + rename (no verify)");
     let opts = ConvertOptions {
-        max_shard_bytes: 400_000_000,
+        max_shard_bytes: a.max_shard,
         threads: a.threads,
         verify: false,
     };
-    // Each conversion twice (output removed in between), the faster run counts, as for cp.
-    let mut t_n = f64::MAX;
-    let mut t_h = f64::MAX;
-    for _ in 0..2 {
-        for p in [&nat, &back] {
-            if p.exists() {
-                std::fs::remove_dir_all(p).map_err(|e| e.to_string())?;
-            }
+    for (name, from, to, dir) in [
+        ("hf -> native", &src, &nat, Direction::HfToNative),
+        ("native -> hf", &nat, &back, Direction::NativeToHf),
+    ] {
+        let (mut t_cp, mut t_cv) = (Vec::new(), Vec::new());
+        for _ in 0..a.runs {
+            rm(&cp_dst)?;
+            prepare(from, a.cold)?;
+            t_cp.push(secs(|| cp_sync(from, &cp_dst))?);
+            rm(to)?;
+            prepare(from, a.cold)?;
+            t_cv.push(secs(|| {
+                convert(from, to, dir, &opts, &|_| {})
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })?);
         }
-        sh("sync", &[])?;
-        t_n = t_n.min(secs(|| {
-            convert(&src, &nat, Direction::HfToNative, &opts, &|_| {})
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })?);
-        t_h = t_h.min(secs(|| {
-            convert(&nat, &back, Direction::NativeToHf, &opts, &|_| {})
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })?);
+        let ((cb, cm), (vb, vm)) = (stats(&mut t_cp), stats(&mut t_cv));
+        println!(
+            "{name}: cp {cb:.2} s best / {cm:.2} s median ({:.2} GB/s best); converter {vb:.2} s / {vm:.2} s ({:.2} GB/s best); converter vs cp: {:.2}x best, {:.2}x median",
+            gb / cb,
+            gb / vb,
+            cb / vb,
+            cm / vm
+        );
     }
-    let t_cp2 = secs(|| {
-        sh("rm", &["-rf", &s(&cp_dst)])
-            .and_then(|_| sh("cp", &["-r", &s(&src), &s(&cp_dst)]))
-            .and_then(|_| sh("sync", &[]))
-    })?;
-    let t_cp = t_cp.min(t_cp2);
-    println!("cp -r + sync:        {t_cp:7.2} s  {:6.2} GB/s", gb / t_cp);
-    println!(
-        "hf -> native:        {t_n:7.2} s  {:6.2} GB/s  ({:.2}x cp)",
-        gb / t_n,
-        t_cp / t_n
-    );
-    println!(
-        "native -> hf:        {t_h:7.2} s  {:6.2} GB/s  ({:.2}x cp)",
-        gb / t_h,
-        t_cp / t_h
-    );
+    rm(&back)?;
+    prepare(&nat, a.cold)?;
     let t_v = secs(|| {
-        std::fs::remove_dir_all(&back).map_err(|e| e.to_string())?;
         let o = ConvertOptions {
             verify: true,
             ..opts.clone()
@@ -324,9 +412,13 @@ fn main() -> Result<(), String> {
             .map(|_| ())
             .map_err(|e| e.to_string())
     })?;
-    println!("native -> hf --verify: {t_v:5.2} s  {:6.2} GB/s", gb / t_v);
+    println!(
+        "native -> hf --verify: {t_v:.2} s ({:.2} GB/s; the verify pass re-reads the output, which O_DIRECT left out of the page cache)",
+        gb / t_v
+    );
+    rm(&cp_dst)?;
     if !a.keep {
-        std::fs::remove_dir_all(root).map_err(|e| e.to_string())?;
+        rm(root)?;
     }
     Ok(())
 }
