@@ -33,7 +33,11 @@ fn silu_grad<F: Real>(x: F) -> F {
 /// Clamp with PyTorch's gradient mask: the gradient passes where `lo <= x <= hi`
 /// (`torch.clamp` backward, `aten/src/ATen/native/...`: `grad * ((x >= min) & (x <= max))`).
 fn clamp_with_mask<F: Real>(x: F, lo: F, hi: F) -> (F, F) {
-    let pass = if x >= lo && x <= hi { F::one() } else { F::zero() };
+    let pass = if x >= lo && x <= hi {
+        F::one()
+    } else {
+        F::zero()
+    };
     (x.max(lo).min(hi), pass)
 }
 

@@ -216,7 +216,12 @@ fn check_dim(tensor: &'static str, got: &[usize], want: &[usize], symbols: &str)
 pub fn check_block<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig) -> Result<Dims> {
     let (tokens, hidden) = x.dim();
     let experts = p.gate_weight.nrows();
-    check_dim("gate_weight", p.gate_weight.shape(), &[experts, hidden], "[E, H]")?;
+    check_dim(
+        "gate_weight",
+        p.gate_weight.shape(),
+        &[experts, hidden],
+        "[E, H]",
+    )?;
     let gu = p.gate_and_up_projs.shape();
     if gu.len() != 3 || gu[0] != experts || gu[1] != hidden || gu[2] % 2 != 0 {
         return Err(mismatch(
@@ -226,7 +231,12 @@ pub fn check_block<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig)
         ));
     }
     let inter = gu[2] / 2;
-    check_dim("down_projs", p.down_projs.shape(), &[experts, inter, hidden], "[E, I, H]")?;
+    check_dim(
+        "down_projs",
+        p.down_projs.shape(),
+        &[experts, inter, hidden],
+        "[E, I, H]",
+    )?;
     if let Some(b) = p.gate_bias {
         check_dim("gate_bias", b.shape(), &[experts], "[E]")?;
     }
@@ -243,9 +253,24 @@ pub fn check_block<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig)
         None => None,
         Some(s) => {
             let is = s.gate_proj.nrows();
-            check_dim("shared.gate_proj", s.gate_proj.shape(), &[is, hidden], "[Is, H]")?;
-            check_dim("shared.up_proj", s.up_proj.shape(), &[is, hidden], "[Is, H]")?;
-            check_dim("shared.down_proj", s.down_proj.shape(), &[hidden, is], "[H, Is]")?;
+            check_dim(
+                "shared.gate_proj",
+                s.gate_proj.shape(),
+                &[is, hidden],
+                "[Is, H]",
+            )?;
+            check_dim(
+                "shared.up_proj",
+                s.up_proj.shape(),
+                &[is, hidden],
+                "[Is, H]",
+            )?;
+            check_dim(
+                "shared.down_proj",
+                s.down_proj.shape(),
+                &[hidden, is],
+                "[H, Is]",
+            )?;
             if let Some(g) = s.gate {
                 check_dim("shared.gate", g.shape(), &[1, hidden], "[1, H]")?;
             }
@@ -262,7 +287,12 @@ pub fn check_block<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig)
             num_experts: experts,
         });
     }
-    check_router(&cfg.router, experts, top_k, p.e_score_correction_bias.is_some())?;
+    check_router(
+        &cfg.router,
+        experts,
+        top_k,
+        p.e_score_correction_bias.is_some(),
+    )?;
     check_activation(&cfg.activation)?;
     Ok(Dims {
         tokens,
@@ -316,7 +346,9 @@ fn check_finite(name: &str, v: f32) -> Result<()> {
     if v.is_finite() {
         Ok(())
     } else {
-        Err(KernelError::InvalidConfig(format!("{name} = {v} is not finite")))
+        Err(KernelError::InvalidConfig(format!(
+            "{name} = {v} is not finite"
+        )))
     }
 }
 

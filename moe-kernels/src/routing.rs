@@ -59,7 +59,9 @@ pub fn route<F: Real>(
     for t in 0..tokens {
         let z: Vec<F> = logits.row(t).to_vec();
         let (probs, idx, weights) = match *kind {
-            RouterKind::SoftmaxTopK { norm_topk_prob } => softmax_topk_row(&z, top_k, norm_topk_prob),
+            RouterKind::SoftmaxTopK { norm_topk_prob } => {
+                softmax_topk_row(&z, top_k, norm_topk_prob)
+            }
             RouterKind::TopKSoftmax => topk_softmax_row(&z, top_k),
             RouterKind::SigmoidGroupLimited {
                 n_group,
@@ -73,11 +75,27 @@ pub fn route<F: Real>(
                 };
                 let eps = F::from(DEEPSEEK_NORM_EPS).unwrap_or_else(F::zero);
                 let norm = norm_topk_prob.then_some(eps);
-                sigmoid_row(t, &z, top_k, correction_bias, Some(groups), norm, routed_scaling_factor)?
+                sigmoid_row(
+                    t,
+                    &z,
+                    top_k,
+                    correction_bias,
+                    Some(groups),
+                    norm,
+                    routed_scaling_factor,
+                )?
             }
             RouterKind::SigmoidTopK {
                 routed_scaling_factor,
-            } => sigmoid_row(t, &z, top_k, correction_bias, None, Some(F::zero()), routed_scaling_factor)?,
+            } => sigmoid_row(
+                t,
+                &z,
+                top_k,
+                correction_bias,
+                None,
+                Some(F::zero()),
+                routed_scaling_factor,
+            )?,
         };
         for (e, p) in probs.into_iter().enumerate() {
             routing.probs[[t, e]] = p;
@@ -149,12 +167,28 @@ pub fn route_backward<F: Real>(
             } => {
                 let eps = F::from(DEEPSEEK_NORM_EPS).unwrap_or_else(F::zero);
                 let norm = norm_topk_prob.then_some(eps);
-                sigmoid_backward_row(&idx, &dw, probs, norm, routed_scaling_factor, &mut grad_logits, t);
+                sigmoid_backward_row(
+                    &idx,
+                    &dw,
+                    probs,
+                    norm,
+                    routed_scaling_factor,
+                    &mut grad_logits,
+                    t,
+                );
             }
             RouterKind::SigmoidTopK {
                 routed_scaling_factor,
             } => {
-                sigmoid_backward_row(&idx, &dw, probs, Some(F::zero()), routed_scaling_factor, &mut grad_logits, t);
+                sigmoid_backward_row(
+                    &idx,
+                    &dw,
+                    probs,
+                    Some(F::zero()),
+                    routed_scaling_factor,
+                    &mut grad_logits,
+                    t,
+                );
             }
         }
     }

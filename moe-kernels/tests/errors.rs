@@ -25,12 +25,30 @@ fn shape_errors_name_the_tensor() {
     let base: Case<f32> = Family::GptOss.case(1, 4, 6, 3, 8);
     let cfg = Family::GptOss.config(8, 2);
     let cases: Vec<Edit> = vec![
-        ("gate_weight", Box::new(|c| c.gate_weight = Array2::zeros((8, 5)))),
-        ("gate_and_up_projs", Box::new(|c| c.gate_up = Array3::zeros((8, 6, 5)))),
-        ("down_projs", Box::new(|c| c.down = Array3::zeros((8, 4, 6)))),
-        ("gate_bias", Box::new(|c| c.gate_bias = Some(Array1::zeros(7)))),
-        ("gate_up_bias", Box::new(|c| c.gate_up_bias = Some(Array2::zeros((8, 5))))),
-        ("down_bias", Box::new(|c| c.down_bias = Some(Array2::zeros((7, 6))))),
+        (
+            "gate_weight",
+            Box::new(|c| c.gate_weight = Array2::zeros((8, 5))),
+        ),
+        (
+            "gate_and_up_projs",
+            Box::new(|c| c.gate_up = Array3::zeros((8, 6, 5))),
+        ),
+        (
+            "down_projs",
+            Box::new(|c| c.down = Array3::zeros((8, 4, 6))),
+        ),
+        (
+            "gate_bias",
+            Box::new(|c| c.gate_bias = Some(Array1::zeros(7))),
+        ),
+        (
+            "gate_up_bias",
+            Box::new(|c| c.gate_up_bias = Some(Array2::zeros((8, 5)))),
+        ),
+        (
+            "down_bias",
+            Box::new(|c| c.down_bias = Some(Array2::zeros((7, 6)))),
+        ),
     ];
     for (tensor, edit) in cases {
         let mut c = base.clone();
@@ -43,7 +61,10 @@ fn shape_errors_name_the_tensor() {
     let mut c: Case<f32> = Family::Qwen3Next.case(1, 4, 6, 3, 8);
     c.shared.as_mut().unwrap().down_proj = Array2::zeros((6, 4));
     let (a, b) = both(&c, &Family::Qwen3Next.config(8, 2));
-    assert!(names(&a, "shared.down_proj") && names(&b, "shared.down_proj"), "{a} / {b}");
+    assert!(
+        names(&a, "shared.down_proj") && names(&b, "shared.down_proj"),
+        "{a} / {b}"
+    );
 }
 
 #[test]
@@ -59,7 +80,10 @@ fn configuration_errors() {
         ..Family::DeepseekV3.config(8, 2)
     };
     let (a, b) = both(&c, &bad_groups);
-    assert!(matches!(a, KernelError::InvalidConfig(ref m) if m.contains("n_group")), "{a}");
+    assert!(
+        matches!(a, KernelError::InvalidConfig(ref m) if m.contains("n_group")),
+        "{a}"
+    );
     assert!(matches!(b, KernelError::InvalidConfig(_)));
     // k larger than the experts of the kept groups: 1 group of 4 experts cannot give k = 5.
     let too_many = MoeConfig {
@@ -71,15 +95,27 @@ fn configuration_errors() {
         },
         ..Family::DeepseekV3.config(8, 5)
     };
-    assert!(matches!(both(&c, &too_many).0, KernelError::InvalidConfig(ref m) if m.contains("top_k")));
+    assert!(
+        matches!(both(&c, &too_many).0, KernelError::InvalidConfig(ref m) if m.contains("top_k"))
+    );
     // A correction bias given to a softmax router would be silently ignored: rejected.
     let softmax = MoeConfig {
-        router: RouterKind::SoftmaxTopK { norm_topk_prob: true },
+        router: RouterKind::SoftmaxTopK {
+            norm_topk_prob: true,
+        },
         ..Family::DeepseekV3.config(8, 2)
     };
-    assert!(matches!(both(&c, &softmax).0, KernelError::InvalidConfig(ref m) if m.contains("e_score_correction_bias")));
-    assert!(matches!(both(&c, &Family::DeepseekV3.config(8, 0)).1, KernelError::ZeroTopK));
-    assert!(matches!(both(&c, &Family::DeepseekV3.config(8, 9)).1, KernelError::TopKTooLarge { .. }));
+    assert!(
+        matches!(both(&c, &softmax).0, KernelError::InvalidConfig(ref m) if m.contains("e_score_correction_bias"))
+    );
+    assert!(matches!(
+        both(&c, &Family::DeepseekV3.config(8, 0)).1,
+        KernelError::ZeroTopK
+    ));
+    assert!(matches!(
+        both(&c, &Family::DeepseekV3.config(8, 9)).1,
+        KernelError::TopKTooLarge { .. }
+    ));
 }
 
 #[test]
@@ -90,7 +126,10 @@ fn backward_rejects_a_wrong_grad_output() {
     let f = fast::moe_forward(c.x.view(), &c.params(), &cfg).unwrap();
     let a = reference::moe_backward(c.x.view(), &c.params(), &cfg, &f, go.view()).unwrap_err();
     let b = fast::moe_backward(c.x.view(), &c.params(), &cfg, &f, go.view()).unwrap_err();
-    assert!(names(&a, "grad_output") && names(&b, "grad_output"), "{a} / {b}");
+    assert!(
+        names(&a, "grad_output") && names(&b, "grad_output"),
+        "{a} / {b}"
+    );
     // A forward of another batch (T = 3) does not fit x (T = 4).
     let other: Case<f32> = Family::Mixtral.case(2, 3, 6, 3, 8);
     let f3 = fast::moe_forward(other.x.view(), &other.params(), &cfg).unwrap();

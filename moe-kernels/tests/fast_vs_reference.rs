@@ -42,8 +42,17 @@ fn flat_grads<F: moe_kernels::Real>(g: &MoeGrads<F>) -> Vec<(&'static str, Vec<f
 fn assert_close(name: &str, a: &[f64], b: &[f64], tol: f64) -> Result<(), TestCaseError> {
     prop_assert_eq!(a.len(), b.len(), "{} length", name);
     let scale = 1.0 + b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let err = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
-    prop_assert!(err <= tol * scale, "{}: max err {} (scale {})", name, err, scale);
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    prop_assert!(
+        err <= tol * scale,
+        "{}: max err {} (scale {})",
+        name,
+        err,
+        scale
+    );
     Ok(())
 }
 
@@ -54,7 +63,15 @@ enum Mode {
     Tied,
 }
 
-fn build(family: Family, seed: u64, t: usize, h: usize, i: usize, e: usize, mode: Mode) -> Case<f32> {
+fn build(
+    family: Family,
+    seed: u64,
+    t: usize,
+    h: usize,
+    i: usize,
+    e: usize,
+    mode: Mode,
+) -> Case<f32> {
     let mut c: Case<f32> = family.case(seed, t, h, i, e);
     match mode {
         Mode::Random => {}
@@ -82,7 +99,12 @@ fn build(family: Family, seed: u64, t: usize, h: usize, i: usize, e: usize, mode
 }
 
 /// `shape` = (T, H, I, E, k).
-fn compare(family: Family, seed: u64, shape: (usize, usize, usize, usize, usize), mode: Mode) -> Result<(), TestCaseError> {
+fn compare(
+    family: Family,
+    seed: u64,
+    shape: (usize, usize, usize, usize, usize),
+    mode: Mode,
+) -> Result<(), TestCaseError> {
     let (t, h, i, e, k) = shape;
     let c32 = build(family, seed, t, h, i, e, mode);
     let c64: Case<f64> = c32.cast();
@@ -102,18 +124,30 @@ fn compare(family: Family, seed: u64, shape: (usize, usize, usize, usize, usize)
     }
     if let Mode::AllToOne(e0) = mode {
         let e0 = e0 % e;
-        prop_assert!(f_fast.routing.top_k_index.rows().into_iter().all(|r| r.iter().any(|&x| x == e0)));
+        prop_assert!(f_fast
+            .routing
+            .top_k_index
+            .rows()
+            .into_iter()
+            .all(|r| r.iter().any(|&x| x == e0)));
     }
     let tol = 2e-5;
     let out_fast: Vec<f64> = f_fast.output.iter().map(|&v| f64::from(v)).collect();
     let out_ref: Vec<f64> = f_ref.output.iter().copied().collect();
     assert_close("output", &out_fast, &out_ref, tol)?;
-    let w_fast: Vec<f64> = f_fast.routing.top_k_weights.iter().map(|&v| f64::from(v)).collect();
+    let w_fast: Vec<f64> = f_fast
+        .routing
+        .top_k_weights
+        .iter()
+        .map(|&v| f64::from(v))
+        .collect();
     let w_ref: Vec<f64> = f_ref.routing.top_k_weights.iter().copied().collect();
     assert_close("top_k_weights", &w_fast, &w_ref, tol)?;
 
-    let g_fast = fast::moe_backward(c32.x.view(), &c32.params(), &cfg, &f_fast, go32.view()).unwrap();
-    let g_ref = reference::moe_backward(c64.x.view(), &c64.params(), &cfg, &f_ref, go64.view()).unwrap();
+    let g_fast =
+        fast::moe_backward(c32.x.view(), &c32.params(), &cfg, &f_fast, go32.view()).unwrap();
+    let g_ref =
+        reference::moe_backward(c64.x.view(), &c64.params(), &cfg, &f_ref, go64.view()).unwrap();
     let (a, b) = (flat_grads(&g_fast), flat_grads(&g_ref));
     prop_assert_eq!(a.len(), b.len());
     for ((name, ga), (_, gb)) in a.iter().zip(&b) {
@@ -165,7 +199,12 @@ fn fast_matches_reference_on_fixed_shapes() {
     }
 }
 
-fn run_fast(c: &Case<f32>, family: Family, k: usize, go: &Array2<f32>) -> (Array2<f32>, MoeGrads<f32>) {
+fn run_fast(
+    c: &Case<f32>,
+    family: Family,
+    k: usize,
+    go: &Array2<f32>,
+) -> (Array2<f32>, MoeGrads<f32>) {
     let cfg = family.config(c.gate_weight.nrows(), k);
     let f = fast::moe_forward(c.x.view(), &c.params(), &cfg).unwrap();
     let g = fast::moe_backward(c.x.view(), &c.params(), &cfg, &f, go.view()).unwrap();
@@ -188,10 +227,21 @@ fn fast_path_is_bitwise_deterministic_across_runs_and_thread_counts() {
         let go: Array2<f32> = Rng(4).a2((t, h), 1.0);
         let (o1, g1) = run_fast(&c, family, k, &go);
         let (o2, g2) = run_fast(&c, family, k, &go);
-        assert_eq!(bits(&o1, &g1), bits(&o2, &g2), "{family:?}: two runs differ");
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        assert_eq!(
+            bits(&o1, &g1),
+            bits(&o2, &g2),
+            "{family:?}: two runs differ"
+        );
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let (o3, g3) = pool.install(|| run_fast(&c, family, k, &go));
-        assert_eq!(bits(&o1, &g1), bits(&o3, &g3), "{family:?}: 3 threads differ");
+        assert_eq!(
+            bits(&o1, &g1),
+            bits(&o3, &g3),
+            "{family:?}: 3 threads differ"
+        );
     }
 }
 
@@ -224,7 +274,8 @@ fn zero_tokens_give_empty_output_and_zero_gradients() {
                 (f, g)
             } else {
                 let f = reference::moe_forward(c.x.view(), &c.params(), &cfg).unwrap();
-                let g = reference::moe_backward(c.x.view(), &c.params(), &cfg, &f, go.view()).unwrap();
+                let g =
+                    reference::moe_backward(c.x.view(), &c.params(), &cfg, &f, go.view()).unwrap();
                 (f, g)
             };
             assert_eq!(f.output.dim(), (0, 5));

@@ -36,7 +36,9 @@ fn tensor_mut<'a>(c: &'a mut Case<f64>, name: &str) -> Option<&'a mut [f64]> {
         "shared.gate_proj" => s.and_then(|s| s.gate_proj.as_slice_mut()),
         "shared.up_proj" => s.and_then(|s| s.up_proj.as_slice_mut()),
         "shared.down_proj" => s.and_then(|s| s.down_proj.as_slice_mut()),
-        "shared.gate" => s.and_then(|s| s.gate.as_mut()).and_then(|g| g.as_slice_mut()),
+        "shared.gate" => s
+            .and_then(|s| s.gate.as_mut())
+            .and_then(|g| g.as_slice_mut()),
         _ => None,
     }
 }
@@ -77,7 +79,10 @@ fn check_family(family: Family, k: usize, seed: u64) {
     for name in NAMES {
         let mut probe = case.clone();
         let Some(n) = tensor_mut(&mut probe, name).map(|s| s.len()) else {
-            assert!(grad_of(&grads, name).is_none(), "{family:?}: gradient {name} without parameter");
+            assert!(
+                grad_of(&grads, name).is_none(),
+                "{family:?}: gradient {name} without parameter"
+            );
             continue;
         };
         let analytic = grad_of(&grads, name)
@@ -123,11 +128,29 @@ fn unused_expert_gets_exact_zero_gradient() {
     let g = moe_backward(case.x.view(), &case.params(), &cfg, &fwd, go.view()).unwrap();
     let used: Vec<usize> = fwd.routing.top_k_index.iter().copied().collect();
     for e in (0..8).filter(|e| !used.contains(e)) {
-        assert!(g.gate_and_up_projs.index_axis(ndarray::Axis(0), e).iter().all(|&v| v == 0.0));
-        assert!(g.down_projs.index_axis(ndarray::Axis(0), e).iter().all(|&v| v == 0.0));
-        assert!(g.down_bias.as_ref().unwrap().row(e).iter().all(|&v| v == 0.0));
+        assert!(g
+            .gate_and_up_projs
+            .index_axis(ndarray::Axis(0), e)
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(g
+            .down_projs
+            .index_axis(ndarray::Axis(0), e)
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(g
+            .down_bias
+            .as_ref()
+            .unwrap()
+            .row(e)
+            .iter()
+            .all(|&v| v == 0.0));
     }
     for &e in &used {
-        assert!(g.down_projs.index_axis(ndarray::Axis(0), e).iter().any(|&v| v != 0.0));
+        assert!(g
+            .down_projs
+            .index_axis(ndarray::Axis(0), e)
+            .iter()
+            .any(|&v| v != 0.0));
     }
 }

@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use moe_kernels::{fast, reference, Activation, MoeConfig, MoeGrads, MoeParams, RouterKind, SharedExpertParams};
+use moe_kernels::{
+    fast, reference, Activation, MoeConfig, MoeGrads, MoeParams, RouterKind, SharedExpertParams,
+};
 use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 
@@ -39,7 +41,10 @@ fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
                     .collect(),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
-            out.insert(name, ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap());
+            out.insert(
+                name,
+                ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
+            );
         }
     }
     (out, meta)
@@ -48,7 +53,8 @@ fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
 fn model_files(dir: &Path) -> Vec<PathBuf> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
         let mut files: Vec<String> = json["weight_map"]
             .as_object()
             .unwrap()
@@ -103,9 +109,15 @@ enum ExpertDisk {
 }
 
 fn native(w: &Tensors, p: &str, num_experts: usize) -> Native {
-    let router_key = if w.contains_key(&format!("{p}.router.weight")) { "router" } else { "gate" };
+    let router_key = if w.contains_key(&format!("{p}.router.weight")) {
+        "router"
+    } else {
+        "gate"
+    };
     let gate = m2(w, &format!("{p}.{router_key}.weight"));
-    let gate_bias = w.contains_key(&format!("{p}.router.bias")).then(|| m1(w, &format!("{p}.router.bias")));
+    let gate_bias = w
+        .contains_key(&format!("{p}.router.bias"))
+        .then(|| m1(w, &format!("{p}.router.bias")));
     let corr_key = format!("{p}.gate.e_score_correction_bias");
     let corr = w.contains_key(&corr_key).then(|| m1(w, &corr_key));
     let h = gate.ncols();
@@ -117,8 +129,10 @@ fn native(w: &Tensors, p: &str, num_experts: usize) -> Native {
             // GPT-OSS: de-interleave columns (gate = 0::2, up = 1::2).
             let i = gu.shape()[2] / 2;
             let mut g = Array3::<f32>::zeros(gu.raw_dim());
-            g.slice_mut(s![.., .., ..i]).assign(&gu.slice(s![.., .., 0..;2]));
-            g.slice_mut(s![.., .., i..]).assign(&gu.slice(s![.., .., 1..;2]));
+            g.slice_mut(s![.., .., ..i])
+                .assign(&gu.slice(s![.., .., 0..;2]));
+            g.slice_mut(s![.., .., i..])
+                .assign(&gu.slice(s![.., .., 1..;2]));
             let b = m2(w, &format!("{p}.experts.gate_up_proj_bias"));
             let mut bb = Array2::<f32>::zeros(b.raw_dim());
             bb.slice_mut(s![.., ..i]).assign(&b.slice(s![.., 0..;2]));
@@ -144,7 +158,11 @@ fn native(w: &Tensors, p: &str, num_experts: usize) -> Native {
         }
     } else {
         let mixtral = w.contains_key(&format!("{p}.experts.0.w1.weight"));
-        let names = if mixtral { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+        let names = if mixtral {
+            ["w1", "w3", "w2"]
+        } else {
+            ["gate_proj", "up_proj", "down_proj"]
+        };
         let g0 = m2(w, &format!("{p}.experts.0.{}.weight", names[0]));
         let i = g0.nrows();
         let mut gu = Array3::<f32>::zeros((num_experts, h, 2 * i));
@@ -168,9 +186,12 @@ fn native(w: &Tensors, p: &str, num_experts: usize) -> Native {
     } else {
         "shared_experts"
     };
-    let shared = w.contains_key(&format!("{p}.{shared_prefix}.gate_proj.weight")).then(|| {
-        ["gate_proj", "up_proj", "down_proj"].map(|n| m2(w, &format!("{p}.{shared_prefix}.{n}.weight")))
-    });
+    let shared = w
+        .contains_key(&format!("{p}.{shared_prefix}.gate_proj.weight"))
+        .then(|| {
+            ["gate_proj", "up_proj", "down_proj"]
+                .map(|n| m2(w, &format!("{p}.{shared_prefix}.{n}.weight")))
+        });
     let sg_key = format!("{p}.shared_expert_gate.weight");
     let shared_gate = w.contains_key(&sg_key).then(|| m2(w, &sg_key));
     Native {
@@ -202,7 +223,11 @@ fn config(cfg: &serde_json::Value) -> MoeConfig {
             routed_scaling_factor: c["routed_scaling_factor"].as_f64().unwrap() as f32,
         },
         // Mixtral, Qwen3.5 and Qwen3-VL always renormalise; Qwen3-MoE / Next read the flag.
-        "mixtral" | "qwen3_5_moe" | "qwen3_5_moe_text" | "qwen3_vl_moe" => RouterKind::SoftmaxTopK { norm_topk_prob: true },
+        "mixtral" | "qwen3_5_moe" | "qwen3_5_moe_text" | "qwen3_vl_moe" => {
+            RouterKind::SoftmaxTopK {
+                norm_topk_prob: true,
+            }
+        }
         _ => RouterKind::SoftmaxTopK {
             norm_topk_prob: norm.unwrap(),
         },
@@ -227,29 +252,53 @@ fn disk_grads(n: &Native, g: &MoeGrads<f32>, p: &str) -> HashMap<String, ArrayD<
     let mut put = |k: String, a: ArrayD<f32>| {
         out.insert(format!("grad.{p}.{k}"), a);
     };
-    let router_key = if n.gate_bias.is_some() { "router" } else { "gate" };
-    put(format!("{router_key}.weight"), g.gate_weight.clone().into_dyn());
+    let router_key = if n.gate_bias.is_some() {
+        "router"
+    } else {
+        "gate"
+    };
+    put(
+        format!("{router_key}.weight"),
+        g.gate_weight.clone().into_dyn(),
+    );
     if let Some(b) = &g.gate_bias {
         put("router.bias".into(), b.clone().into_dyn());
     }
     let i = g.down_projs.shape()[1];
     match n.disk {
         ExpertDisk::PerExpert { mixtral } => {
-            let names = if mixtral { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+            let names = if mixtral {
+                ["w1", "w3", "w2"]
+            } else {
+                ["gate_proj", "up_proj", "down_proj"]
+            };
             for e in 0..g.down_projs.shape()[0] {
                 let gu = g.gate_and_up_projs.index_axis(Axis(0), e);
-                put(format!("experts.{e}.{}.weight", names[0]), gu.slice(s![.., ..i]).t().to_owned().into_dyn());
-                put(format!("experts.{e}.{}.weight", names[1]), gu.slice(s![.., i..]).t().to_owned().into_dyn());
+                put(
+                    format!("experts.{e}.{}.weight", names[0]),
+                    gu.slice(s![.., ..i]).t().to_owned().into_dyn(),
+                );
+                put(
+                    format!("experts.{e}.{}.weight", names[1]),
+                    gu.slice(s![.., i..]).t().to_owned().into_dyn(),
+                );
                 put(
                     format!("experts.{e}.{}.weight", names[2]),
-                    g.down_projs.index_axis(Axis(0), e).t().to_owned().into_dyn(),
+                    g.down_projs
+                        .index_axis(Axis(0), e)
+                        .t()
+                        .to_owned()
+                        .into_dyn(),
                 );
             }
         }
         ExpertDisk::Fused { transposed } => {
             let (gu, dn) = if transposed {
                 (
-                    g.gate_and_up_projs.view().permuted_axes([0, 2, 1]).to_owned(),
+                    g.gate_and_up_projs
+                        .view()
+                        .permuted_axes([0, 2, 1])
+                        .to_owned(),
                     g.down_projs.view().permuted_axes([0, 2, 1]).to_owned(),
                 )
             } else {
@@ -260,8 +309,10 @@ fn disk_grads(n: &Native, g: &MoeGrads<f32>, p: &str) -> HashMap<String, ArrayD<
         }
         ExpertDisk::Interleaved => {
             let mut gu = Array3::<f32>::zeros(g.gate_and_up_projs.raw_dim());
-            gu.slice_mut(s![.., .., 0..;2]).assign(&g.gate_and_up_projs.slice(s![.., .., ..i]));
-            gu.slice_mut(s![.., .., 1..;2]).assign(&g.gate_and_up_projs.slice(s![.., .., i..]));
+            gu.slice_mut(s![.., .., 0..;2])
+                .assign(&g.gate_and_up_projs.slice(s![.., .., ..i]));
+            gu.slice_mut(s![.., .., 1..;2])
+                .assign(&g.gate_and_up_projs.slice(s![.., .., i..]));
             put("experts.gate_up_proj".into(), gu.into_dyn());
             let b = g.gate_up_bias.as_ref().unwrap();
             let mut bb = Array2::<f32>::zeros(b.raw_dim());
@@ -269,14 +320,23 @@ fn disk_grads(n: &Native, g: &MoeGrads<f32>, p: &str) -> HashMap<String, ArrayD<
             bb.slice_mut(s![.., 1..;2]).assign(&b.slice(s![.., i..]));
             put("experts.gate_up_proj_bias".into(), bb.into_dyn());
             put("experts.down_proj".into(), g.down_projs.clone().into_dyn());
-            put("experts.down_proj_bias".into(), g.down_bias.clone().unwrap().into_dyn());
+            put(
+                "experts.down_proj_bias".into(),
+                g.down_bias.clone().unwrap().into_dyn(),
+            );
         }
     }
     if let Some(s) = &g.shared {
         let sp = n.shared_prefix;
-        put(format!("{sp}.gate_proj.weight"), s.gate_proj.clone().into_dyn());
+        put(
+            format!("{sp}.gate_proj.weight"),
+            s.gate_proj.clone().into_dyn(),
+        );
         put(format!("{sp}.up_proj.weight"), s.up_proj.clone().into_dyn());
-        put(format!("{sp}.down_proj.weight"), s.down_proj.clone().into_dyn());
+        put(
+            format!("{sp}.down_proj.weight"),
+            s.down_proj.clone().into_dyn(),
+        );
         if let Some(gg) = &s.gate {
             put("shared_expert_gate.weight".into(), gg.clone().into_dyn());
         }
@@ -288,18 +348,30 @@ fn disk_grads(n: &Native, g: &MoeGrads<f32>, p: &str) -> HashMap<String, ArrayD<
 fn check(name: &str, what: &str, ours: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
     assert_eq!(ours.shape(), want.shape(), "{name} {what}: shape");
     let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = ours.iter().zip(want.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err <= 2e-5 * scale, "{name} {what}: max |ours - torch| = {err} (scale {scale})");
+    let err = ours
+        .iter()
+        .zip(want.iter())
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 2e-5 * scale,
+        "{name} {what}: max |ours - torch| = {err} (scale {scale})"
+    );
     err / scale
 }
 
 fn check_fixture(name: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/fixtures").join(name);
-    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../conformance/fixtures")
+        .join(name);
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let (weights, _) = load(&model_files(&dir));
     let (golden, meta) = load(&[dir.join("golden.safetensors")]);
     // Fixtures of generator v0 (qwen3_moe_tiny*) predate the `block_prefix` key.
-    let p = meta.get("block_prefix").cloned().unwrap_or_else(|| "model.layers.1.mlp".to_owned());
+    let p = meta
+        .get("block_prefix")
+        .cloned()
+        .unwrap_or_else(|| "model.layers.1.mlp".to_owned());
     let num_experts: usize = meta["num_experts"].parse().unwrap();
     let n = native(&weights, &p, num_experts);
     let cfg = config(&cfg_json);
@@ -332,7 +404,12 @@ fn check_fixture(name: &str) {
             (f, g)
         };
         let mut worst = check(name, "output", &fwd.output.into_dyn(), &golden["output"]);
-        worst = worst.max(check(name, "grad_input", &grads.grad_input.clone().into_dyn(), &golden["grad_input"]));
+        worst = worst.max(check(
+            name,
+            "grad_input",
+            &grads.grad_input.clone().into_dyn(),
+            &golden["grad_input"],
+        ));
         let ours = disk_grads(&n, &grads, &p);
         let mut ours_keys: Vec<&String> = ours.keys().collect();
         let mut want_keys = grad_keys.clone();
@@ -342,7 +419,10 @@ fn check_fixture(name: &str) {
         for k in want_keys {
             worst = worst.max(check(name, k, &ours[k], &golden[k]));
         }
-        println!("{name} {path}: {} gradients + output + grad_input, worst rel err {worst:e}", grad_keys.len());
+        println!(
+            "{name} {path}: {} gradients + output + grad_input, worst rel err {worst:e}",
+            grad_keys.len()
+        );
     }
 }
 
@@ -350,8 +430,14 @@ macro_rules! golden_test {
     ($test:ident, $fixture:literal) => {
         #[test]
         fn $test() {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/fixtures").join($fixture);
-            assert!(dir.join("golden.safetensors").exists(), "fixture {} missing", dir.display());
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../conformance/fixtures")
+                .join($fixture);
+            assert!(
+                dir.join("golden.safetensors").exists(),
+                "fixture {} missing",
+                dir.display()
+            );
             check_fixture($fixture);
         }
     };

@@ -8,12 +8,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use moe_kernels::{fast, reference, Activation, MoeConfig, MoeParams, RouterKind, SharedExpertParams};
+use moe_kernels::{
+    fast, reference, Activation, MoeConfig, MoeParams, RouterKind, SharedExpertParams,
+};
 use ndarray::{Array1, Array2, Array3, ArrayD, IxDyn};
 use safetensors::SafeTensors;
 
 fn load() -> (HashMap<String, ArrayD<f32>>, HashMap<String, String>) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step3p7_block/golden.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/step3p7_block/golden.safetensors");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap_or_default();
@@ -26,7 +29,10 @@ fn load() -> (HashMap<String, ArrayD<f32>>, HashMap<String, String>) {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        out.insert(name, ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap());
+        out.insert(
+            name,
+            ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
+        );
     }
     (out, meta)
 }
@@ -44,8 +50,14 @@ fn swap12(a: &ArrayD<f32>) -> Array3<f32> {
 fn check(what: &str, ours: ArrayD<f32>, want: &ArrayD<f32>) {
     assert_eq!(ours.shape(), want.shape(), "{what}");
     let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = ours.iter().zip(want.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err <= 2e-5 * scale, "{what}: max |ours - torch| = {err} (scale {scale})");
+    let err = ours
+        .iter()
+        .zip(want.iter())
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 2e-5 * scale,
+        "{what}: max |ours - torch| = {err} (scale {scale})"
+    );
 }
 
 #[test]
@@ -55,7 +67,10 @@ fn step3p7_block_matches_transformers() {
     let scale: f32 = meta["moe_router_scaling_factor"].parse().unwrap();
     let top_k: usize = meta["top_k"].parse().unwrap();
     let gate = a2(&t, "gate.weight");
-    let corr: Array1<f32> = t["gate.e_score_correction_bias"].clone().into_dimensionality().unwrap();
+    let corr: Array1<f32> = t["gate.e_score_correction_bias"]
+        .clone()
+        .into_dimensionality()
+        .unwrap();
     let gate_up = swap12(&t["experts.gate_up_proj"]);
     let down = swap12(&t["experts.down_proj"]);
     let (sg, su, sd) = (
@@ -98,18 +113,53 @@ fn step3p7_block_matches_transformers() {
             (f, g)
         };
         check(&format!("{path} output"), f.output.into_dyn(), &t["output"]);
-        check(&format!("{path} grad_input"), g.grad_input.into_dyn(), &t["grad_input"]);
-        check(&format!("{path} gate.weight"), g.gate_weight.into_dyn(), &t["grad.gate.weight"]);
+        check(
+            &format!("{path} grad_input"),
+            g.grad_input.into_dyn(),
+            &t["grad_input"],
+        );
+        check(
+            &format!("{path} gate.weight"),
+            g.gate_weight.into_dyn(),
+            &t["grad.gate.weight"],
+        );
         let gu = g.gate_and_up_projs.permuted_axes([0, 2, 1]).into_dyn();
-        check(&format!("{path} experts.gate_up_proj"), gu, &t["grad.experts.gate_up_proj"]);
+        check(
+            &format!("{path} experts.gate_up_proj"),
+            gu,
+            &t["grad.experts.gate_up_proj"],
+        );
         let dn = g.down_projs.permuted_axes([0, 2, 1]).into_dyn();
-        check(&format!("{path} experts.down_proj"), dn, &t["grad.experts.down_proj"]);
+        check(
+            &format!("{path} experts.down_proj"),
+            dn,
+            &t["grad.experts.down_proj"],
+        );
         let s = g.shared.unwrap();
-        check(&format!("{path} shared gate_proj"), s.gate_proj.into_dyn(), &t["grad.shared_experts.gate_proj.weight"]);
-        check(&format!("{path} shared up_proj"), s.up_proj.into_dyn(), &t["grad.shared_experts.up_proj.weight"]);
-        check(&format!("{path} shared down_proj"), s.down_proj.into_dyn(), &t["grad.shared_experts.down_proj.weight"]);
+        check(
+            &format!("{path} shared gate_proj"),
+            s.gate_proj.into_dyn(),
+            &t["grad.shared_experts.gate_proj.weight"],
+        );
+        check(
+            &format!("{path} shared up_proj"),
+            s.up_proj.into_dyn(),
+            &t["grad.shared_experts.up_proj.weight"],
+        );
+        check(
+            &format!("{path} shared down_proj"),
+            s.down_proj.into_dyn(),
+            &t["grad.shared_experts.down_proj.weight"],
+        );
     }
     // The clamp is exercised: some silu(gate) values exceed the limit in this fixture.
-    let xg = x.dot(&gate_up.index_axis(ndarray::Axis(0), 0).slice(ndarray::s![.., ..gate_up.shape()[2] / 2]));
-    assert!(xg.iter().any(|&v| moe_kernels::silu(v) > limit), "fixture does not reach the clamp");
+    let xg = x.dot(
+        &gate_up
+            .index_axis(ndarray::Axis(0), 0)
+            .slice(ndarray::s![.., ..gate_up.shape()[2] / 2]),
+    );
+    assert!(
+        xg.iter().any(|&v| moe_kernels::silu(v) > limit),
+        "fixture does not reach the clamp"
+    );
 }

@@ -16,7 +16,10 @@ fn hand_worked_permutation() {
     assert_eq!(p.slot_of_row, vec![1, 2, 5, 3, 0, 4]);
     assert_eq!(p.row_of_slot, vec![4, 0, 1, 3, 5, 2]);
     assert_eq!(p.rows(3), 6..6);
-    assert_eq!((0..6).map(|r| p.token_of_row(r)).collect::<Vec<_>>(), vec![0, 1, 2, 1, 0, 2]);
+    assert_eq!(
+        (0..6).map(|r| p.token_of_row(r)).collect::<Vec<_>>(),
+        vec![0, 1, 2, 1, 0, 2]
+    );
 }
 
 #[test]

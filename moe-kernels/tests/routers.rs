@@ -17,7 +17,11 @@ fn topk_softmax_is_softmax_over_the_selected_logits() {
     assert_eq!(r.top_k_index.row(0).to_vec(), vec![1, 2]);
     let e = std::f64::consts::E;
     assert_relative_eq!(r.top_k_weights[[0, 0]], e / (e + 1.0), max_relative = 1e-12);
-    assert_relative_eq!(r.top_k_weights[[0, 1]], 1.0 / (e + 1.0), max_relative = 1e-12);
+    assert_relative_eq!(
+        r.top_k_weights[[0, 1]],
+        1.0 / (e + 1.0),
+        max_relative = 1e-12
+    );
     assert_eq!(r.probs[[0, 0]], 0.0);
 }
 
@@ -25,10 +29,26 @@ fn topk_softmax_is_softmax_over_the_selected_logits() {
 fn softmax_topk_without_and_with_renormalisation() {
     // softmax([ln 1, ln 2, ln 3, ln 4]) = [.1, .2, .3, .4]; k = 2 -> [.4, .3] or [4/7, 3/7].
     let z = array![[ln(1.0), ln(2.0), ln(3.0), ln(4.0)]];
-    let raw = route(z.view(), &RouterKind::SoftmaxTopK { norm_topk_prob: false }, 2, None).unwrap();
+    let raw = route(
+        z.view(),
+        &RouterKind::SoftmaxTopK {
+            norm_topk_prob: false,
+        },
+        2,
+        None,
+    )
+    .unwrap();
     assert_eq!(raw.top_k_index.row(0).to_vec(), vec![3, 2]);
     assert_relative_eq!(raw.top_k_weights[[0, 0]], 0.4, max_relative = 1e-12);
-    let norm = route(z.view(), &RouterKind::SoftmaxTopK { norm_topk_prob: true }, 2, None).unwrap();
+    let norm = route(
+        z.view(),
+        &RouterKind::SoftmaxTopK {
+            norm_topk_prob: true,
+        },
+        2,
+        None,
+    )
+    .unwrap();
     assert_relative_eq!(norm.top_k_weights[[0, 1]], 3.0 / 7.0, max_relative = 1e-12);
 }
 
@@ -63,7 +83,8 @@ fn group_limited_sigmoid_hand_worked() {
 fn group_score_is_the_sum_of_the_top_two() {
     // Group 0 = {0.9, 0.1, 0.1} -> 1.0; group 1 = {0.6, 0.6, 0.0} -> 1.2 (max alone would pick 0).
     let s = [0.9f64, 0.1, 0.1, 0.6, 0.6, 1e-9];
-    let z = Array1::from_iter(s.iter().map(|&p| (p / (1.0 - p)).ln())).insert_axis(ndarray::Axis(0));
+    let z =
+        Array1::from_iter(s.iter().map(|&p| (p / (1.0 - p)).ln())).insert_axis(ndarray::Axis(0));
     let r = route(z.view(), &deepseek(2, 1), 1, None).unwrap();
     assert_eq!(r.top_k_index[[0, 0]], 3);
 }
@@ -74,7 +95,9 @@ fn step35_sigmoid_topk_hand_worked() {
     // w = [0.25, 0.75] / 1.0 * 1.5.
     let z = array![[ln(3.0), 0.0, ln(1.0 / 3.0)]];
     let bias = array![0.0, 0.0, 0.6];
-    let kind = RouterKind::SigmoidTopK { routed_scaling_factor: 1.5 };
+    let kind = RouterKind::SigmoidTopK {
+        routed_scaling_factor: 1.5,
+    };
     let r = route(z.view(), &kind, 2, Some(bias.view())).unwrap();
     assert_eq!(r.top_k_index.row(0).to_vec(), vec![2, 0]);
     assert_relative_eq!(r.top_k_weights[[0, 0]], 0.375, max_relative = 1e-12);
@@ -85,10 +108,14 @@ fn step35_sigmoid_topk_hand_worked() {
 fn ties_lowest_expert_index_wins_for_every_router() {
     let z = array![[0.5f64; 6]];
     for kind in [
-        RouterKind::SoftmaxTopK { norm_topk_prob: true },
+        RouterKind::SoftmaxTopK {
+            norm_topk_prob: true,
+        },
         RouterKind::TopKSoftmax,
         deepseek(3, 2),
-        RouterKind::SigmoidTopK { routed_scaling_factor: 1.0 },
+        RouterKind::SigmoidTopK {
+            routed_scaling_factor: 1.0,
+        },
     ] {
         let r = route(z.view(), &kind, 3, None).unwrap();
         assert_eq!(r.top_k_index.row(0).to_vec(), vec![0, 1, 2], "{kind:?}");
@@ -103,15 +130,31 @@ fn router_errors_name_the_problem() {
     let z = array![[0.0f64, f64::NAN]];
     assert!(matches!(
         route(z.view(), &RouterKind::TopKSoftmax, 1, None),
-        Err(KernelError::NonFiniteLogit { token: 0, expert: 1, .. })
+        Err(KernelError::NonFiniteLogit {
+            token: 0,
+            expert: 1,
+            ..
+        })
     ));
     let z = array![[0.0f64, 1.0]];
-    assert!(matches!(route(z.view(), &RouterKind::TopKSoftmax, 3, None), Err(KernelError::TopKTooLarge { .. })));
-    assert!(matches!(route(z.view(), &RouterKind::TopKSoftmax, 0, None), Err(KernelError::ZeroTopK)));
+    assert!(matches!(
+        route(z.view(), &RouterKind::TopKSoftmax, 3, None),
+        Err(KernelError::TopKTooLarge { .. })
+    ));
+    assert!(matches!(
+        route(z.view(), &RouterKind::TopKSoftmax, 0, None),
+        Err(KernelError::ZeroTopK)
+    ));
     let bias = array![f64::INFINITY, 0.0];
-    let kind = RouterKind::SigmoidTopK { routed_scaling_factor: 1.0 };
+    let kind = RouterKind::SigmoidTopK {
+        routed_scaling_factor: 1.0,
+    };
     assert!(matches!(
         route(z.view(), &kind, 1, Some(bias.view())),
-        Err(KernelError::NonFiniteScore { token: 0, expert: 0, .. })
+        Err(KernelError::NonFiniteScore {
+            token: 0,
+            expert: 0,
+            ..
+        })
     ));
 }

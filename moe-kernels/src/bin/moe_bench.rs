@@ -107,7 +107,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         shared: None,
     };
     let cfg = MoeConfig {
-        router: RouterKind::SoftmaxTopK { norm_topk_prob: true },
+        router: RouterKind::SoftmaxTopK {
+            norm_topk_prob: true,
+        },
         top_k: k,
         activation: Activation::SwiGlu,
     };
@@ -116,20 +118,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let go = Array2::from_shape_vec((t, h), fill(t * h, 5 + t as u64, 1.0))?;
         let fwd_flop = 6.0 * (t * k * h * i) as f64;
         let gf = |flop: f64, s: f64| flop / s / 1e9;
-        println!("\n== T={t} (N = T*k = {} rows; forward {:.1} GFLOP) ==", t * k, fwd_flop / 1e9);
+        println!(
+            "\n== T={t} (N = T*k = {} rows; forward {:.1} GFLOP) ==",
+            t * k,
+            fwd_flop / 1e9
+        );
 
         let fast_fwd = best_of(a.iters, || fast::moe_forward(x.view(), &p, &cfg));
         let f = fast::moe_forward(x.view(), &p, &cfg)?;
-        let fast_bwd = best_of(a.iters, || fast::moe_backward(x.view(), &p, &cfg, &f, go.view()));
+        let fast_bwd = best_of(a.iters, || {
+            fast::moe_backward(x.view(), &p, &cfg, &f, go.view())
+        });
         let fast_fb = fast_fwd + fast_bwd;
-        println!("fast      forward          {:9.3} s  {:8.1} GFLOP/s", fast_fwd, gf(fwd_flop, fast_fwd));
-        println!("fast      forward+backward {:9.3} s  {:8.1} GFLOP/s", fast_fb, gf(3.0 * fwd_flop, fast_fb));
+        println!(
+            "fast      forward          {:9.3} s  {:8.1} GFLOP/s",
+            fast_fwd,
+            gf(fwd_flop, fast_fwd)
+        );
+        println!(
+            "fast      forward+backward {:9.3} s  {:8.1} GFLOP/s",
+            fast_fb,
+            gf(3.0 * fwd_flop, fast_fb)
+        );
 
         if t <= a.ref_max_tokens {
             let t0 = Instant::now();
             let rf = reference::moe_forward(x.view(), &p, &cfg)?;
             let ref_fwd = t0.elapsed().as_secs_f64();
-            println!("reference forward          {:9.3} s  {:8.1} GFLOP/s  (1 run)", ref_fwd, gf(fwd_flop, ref_fwd));
+            println!(
+                "reference forward          {:9.3} s  {:8.1} GFLOP/s  (1 run)",
+                ref_fwd,
+                gf(fwd_flop, ref_fwd)
+            );
             println!("ratio fast/reference forward: {:.1}x", ref_fwd / fast_fwd);
             let max_diff = rf
                 .output
@@ -141,13 +161,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let t0 = Instant::now();
                 std::hint::black_box(reference::moe_backward(x.view(), &p, &cfg, &rf, go.view())?);
                 let ref_fb = ref_fwd + t0.elapsed().as_secs_f64();
-                println!("reference forward+backward {:9.3} s  {:8.1} GFLOP/s  (1 run)", ref_fb, gf(3.0 * fwd_flop, ref_fb));
-                println!("ratio fast/reference forward+backward: {:.1}x", ref_fb / fast_fb);
+                println!(
+                    "reference forward+backward {:9.3} s  {:8.1} GFLOP/s  (1 run)",
+                    ref_fb,
+                    gf(3.0 * fwd_flop, ref_fb)
+                );
+                println!(
+                    "ratio fast/reference forward+backward: {:.1}x",
+                    ref_fb / fast_fb
+                );
             } else {
-                println!("reference backward skipped (T > --ref-bwd-max-tokens {})", a.ref_bwd_max_tokens);
+                println!(
+                    "reference backward skipped (T > --ref-bwd-max-tokens {})",
+                    a.ref_bwd_max_tokens
+                );
             }
         } else {
-            println!("reference skipped (T > --ref-max-tokens {})", a.ref_max_tokens);
+            println!(
+                "reference skipped (T > --ref-max-tokens {})",
+                a.ref_max_tokens
+            );
         }
 
         // Grouped GEMMs alone on the real routing vs one dense GEMM of equal FLOPs.
@@ -158,10 +191,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut out_up = Array2::<f32>::zeros((n, 2 * i));
         let mut out_down = Array2::<f32>::zeros((n, h));
         let g_up = best_of(a.iters, || {
-            grouped_matmul(&mut out_up, xp.view(), &perm.offsets, |x| gate_up.index_axis(Axis(0), x))
+            grouped_matmul(&mut out_up, xp.view(), &perm.offsets, |x| {
+                gate_up.index_axis(Axis(0), x)
+            })
         });
         let g_down = best_of(a.iters, || {
-            grouped_matmul(&mut out_down, hp.view(), &perm.offsets, |x| down.index_axis(Axis(0), x))
+            grouped_matmul(&mut out_down, hp.view(), &perm.offsets, |x| {
+                down.index_axis(Axis(0), x)
+            })
         });
         let w_up = gate_up.index_axis(Axis(0), 0);
         let w_down = down.index_axis(Axis(0), 0);
@@ -169,10 +206,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // driver, and the same row-block task split as the grouped kernel (one "expert"); the
         // better of the two is the reference rate.
         let one = [0, n];
-        let d_up = best_of(a.iters, || matmul(out_up.view_mut(), xp.view(), w_up, false, Parallelism::Rayon(0)))
-            .min(best_of(a.iters, || grouped_matmul(&mut out_up, xp.view(), &one, |_| w_up)));
-        let d_down = best_of(a.iters, || matmul(out_down.view_mut(), hp.view(), w_down, false, Parallelism::Rayon(0)))
-            .min(best_of(a.iters, || grouped_matmul(&mut out_down, hp.view(), &one, |_| w_down)));
+        let d_up = best_of(a.iters, || {
+            matmul(
+                out_up.view_mut(),
+                xp.view(),
+                w_up,
+                false,
+                Parallelism::Rayon(0),
+            )
+        })
+        .min(best_of(a.iters, || {
+            grouped_matmul(&mut out_up, xp.view(), &one, |_| w_up)
+        }));
+        let d_down = best_of(a.iters, || {
+            matmul(
+                out_down.view_mut(),
+                hp.view(),
+                w_down,
+                false,
+                Parallelism::Rayon(0),
+            )
+        })
+        .min(best_of(a.iters, || {
+            grouped_matmul(&mut out_down, hp.view(), &one, |_| w_down)
+        }));
         let (f_up, f_down) = (2.0 * (n * h * 2 * i) as f64, 2.0 * (n * i * h) as f64);
         println!(
             "grouped GEMM gate_up [N,H]x[E,H,2I] {:8.1} GFLOP/s | dense [N,H]x[H,2I] {:8.1} GFLOP/s | grouped/dense {:.0}%",

@@ -48,7 +48,11 @@ pub fn matmul(
         }
         return Ok(());
     }
-    let (ds, as_, bs) = (dst.strides().to_vec(), a.strides().to_vec(), b.strides().to_vec());
+    let (ds, as_, bs) = (
+        dst.strides().to_vec(),
+        a.strides().to_vec(),
+        b.strides().to_vec(),
+    );
     // SAFETY: the pointers come from live ndarray views whose shapes were checked above to be
     // [m, n], [m, k], [k, n] with the given element strides, so every index gemm forms is in
     // bounds; `dst` is a unique mutable borrow, so it cannot alias `a` or `b`.

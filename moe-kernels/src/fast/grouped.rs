@@ -15,7 +15,12 @@ const ROW_BLOCK: usize = 256;
 /// M-grouped GEMM: for each expert `e`, `dst[rows_e] = a[rows_e] @ weight(e)`, `a` `[N, K]`,
 /// `weight(e)` `[K, Nout]` (any strides, e.g. a transposed expert weight), `dst` `[N, Nout]`,
 /// `offsets` `[E + 1]` the exclusive scan of the per-expert row counts.
-pub fn grouped_matmul<'w, W>(dst: &mut Array2<f32>, a: ArrayView2<f32>, offsets: &[usize], weight: W) -> Result<()>
+pub fn grouped_matmul<'w, W>(
+    dst: &mut Array2<f32>,
+    a: ArrayView2<f32>,
+    offsets: &[usize],
+    weight: W,
+) -> Result<()>
 where
     W: Fn(usize) -> ArrayView2<'w, f32> + Sync,
 {
@@ -36,7 +41,13 @@ where
     }
     tasks.into_par_iter().try_for_each(|(e, r, view)| {
         let len = view.nrows();
-        matmul(view, a.slice(s![r..r + len, ..]), weight(e), false, Parallelism::None)
+        matmul(
+            view,
+            a.slice(s![r..r + len, ..]),
+            weight(e),
+            false,
+            Parallelism::None,
+        )
     })
 }
 
@@ -53,7 +64,9 @@ pub fn grouped_matmul_tn(
     let q = dst.shape()[2];
     // Split columns so that there are at least ~4 tasks per thread.
     let want = 4 * rayon::current_num_threads();
-    let col_parts = want.div_ceil(experts.max(1)).clamp(1, q.div_ceil(64).max(1));
+    let col_parts = want
+        .div_ceil(experts.max(1))
+        .clamp(1, q.div_ceil(64).max(1));
     let col_block = q.div_ceil(col_parts).max(1);
     let mut tasks: Vec<(usize, usize, ArrayViewMut2<f32>)> = Vec::new();
     for (e, mut de) in dst.outer_iter_mut().enumerate() {

@@ -14,7 +14,10 @@ pub mod grouped;
 use ndarray::{Array1, Array2, Array3, ArrayView2, Axis};
 
 use crate::activation::{glu_backward, glu_forward, sigmoid};
-use crate::config::{check_block, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams, SharedExpertGrads, SharedExpertParams};
+use crate::config::{
+    check_block, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams, SharedExpertGrads,
+    SharedExpertParams,
+};
 use crate::error::Result;
 use crate::permute::Permutation;
 use crate::reference::check_saved;
@@ -76,32 +79,51 @@ fn expert_of_rows(perm: &Permutation) -> Vec<usize> {
 ///
 /// # Errors
 /// Shape and configuration errors of [`check_block`]; router errors of [`route`].
-pub fn moe_forward(x: ArrayView2<f32>, p: &MoeParams<f32>, cfg: &MoeConfig) -> Result<MoeForward<f32>> {
+pub fn moe_forward(
+    x: ArrayView2<f32>,
+    p: &MoeParams<f32>,
+    cfg: &MoeConfig,
+) -> Result<MoeForward<f32>> {
     let (mut fwd, saved) = forward_inner(x, p, cfg)?;
     fwd.saved = Some(saved);
     Ok(fwd)
 }
 
 /// The forward proper: the result (without saved state) and the saved activations.
-fn forward_inner(x: ArrayView2<f32>, p: &MoeParams<f32>, cfg: &MoeConfig) -> Result<(MoeForward<f32>, Saved)> {
+fn forward_inner(
+    x: ArrayView2<f32>,
+    p: &MoeParams<f32>,
+    cfg: &MoeConfig,
+) -> Result<(MoeForward<f32>, Saved)> {
     let d = check_block(x, p, cfg)?;
     let mut router_logits = dense(x, p.gate_weight.t())?;
     if let Some(b) = p.gate_bias {
         router_logits += &b;
     }
-    let routing = route(router_logits.view(), &cfg.router, cfg.top_k, p.e_score_correction_bias)?;
+    let routing = route(
+        router_logits.view(),
+        &cfg.router,
+        cfg.top_k,
+        p.e_score_correction_bias,
+    )?;
     let perm = Permutation::from_top_k_index(routing.top_k_index.view(), d.experts)?;
     let expert = expert_of_rows(&perm);
     let n = perm.slot_of_row.len();
 
     let xp = gather(x, &perm);
     let mut a = Array2::<f32>::zeros((n, 2 * d.inter));
-    grouped_matmul(&mut a, xp.view(), &perm.offsets, |e| p.gate_and_up_projs.index_axis(Axis(0), e))?;
+    grouped_matmul(&mut a, xp.view(), &perm.offsets, |e| {
+        p.gate_and_up_projs.index_axis(Axis(0), e)
+    })?;
     let mut h = Array2::<f32>::zeros((n, d.inter));
     {
         let a = &mut a;
         if let Some(b) = p.gate_up_bias {
-            par_rows(a, |r, row| row.iter_mut().zip(b.row(expert[r])).for_each(|(v, &b)| *v += b));
+            par_rows(a, |r, row| {
+                row.iter_mut()
+                    .zip(b.row(expert[r]))
+                    .for_each(|(v, &b)| *v += b)
+            });
         }
         let a = a.view();
         let act = cfg.activation;
@@ -113,9 +135,15 @@ fn forward_inner(x: ArrayView2<f32>, p: &MoeParams<f32>, cfg: &MoeConfig) -> Res
         });
     }
     let mut y = Array2::<f32>::zeros((n, d.hidden));
-    grouped_matmul(&mut y, h.view(), &perm.offsets, |e| p.down_projs.index_axis(Axis(0), e))?;
+    grouped_matmul(&mut y, h.view(), &perm.offsets, |e| {
+        p.down_projs.index_axis(Axis(0), e)
+    })?;
     if let Some(b) = p.down_bias {
-        par_rows(&mut y, |r, row| row.iter_mut().zip(b.row(expert[r])).for_each(|(v, &b)| *v += b));
+        par_rows(&mut y, |r, row| {
+            row.iter_mut()
+                .zip(b.row(expert[r]))
+                .for_each(|(v, &b)| *v += b)
+        });
     }
 
     // Combine: per token, slots j = 0..k in order (deterministic gather-sum).
@@ -135,7 +163,9 @@ fn forward_inner(x: ArrayView2<f32>, p: &MoeParams<f32>, cfg: &MoeConfig) -> Res
             let saved = shared_forward(x, s)?;
             let (ys, gate) = (saved.ys.view(), saved.gate.view());
             par_rows(&mut output, |t, row| {
-                row.iter_mut().zip(ys.row(t)).for_each(|(o, &v)| *o += gate[t] * v);
+                row.iter_mut()
+                    .zip(ys.row(t))
+                    .for_each(|(o, &v)| *o += gate[t] * v);
             });
             Some(saved)
         }
@@ -147,7 +177,16 @@ fn forward_inner(x: ArrayView2<f32>, p: &MoeParams<f32>, cfg: &MoeConfig) -> Res
         routing,
         saved: None,
     };
-    Ok((fwd, Saved { perm, a, h, y, shared }))
+    Ok((
+        fwd,
+        Saved {
+            perm,
+            a,
+            h,
+            y,
+            shared,
+        },
+    ))
 }
 
 fn shared_forward(x: ArrayView2<f32>, s: &SharedExpertParams<f32>) -> Result<SharedSaved> {
@@ -197,21 +236,31 @@ pub fn moe_backward(
     par_rows(&mut grad_weights, |t, row| {
         let go = grad_output.row(t);
         for (j, v) in row.iter_mut().enumerate() {
-            *v = go.iter().zip(sv.y.row(perm.row_of_slot[t * k + j])).map(|(&a, &b)| a * b).sum();
+            *v = go
+                .iter()
+                .zip(sv.y.row(perm.row_of_slot[t * k + j]))
+                .map(|(&a, &b)| a * b)
+                .sum();
         }
     });
     let mut dy = Array2::<f32>::zeros((n, d.hidden));
     par_rows(&mut dy, |r, row| {
         let slot = perm.slot_of_row[r];
         let w = routing.top_k_weights[[slot / k, slot % k]];
-        row.iter_mut().zip(grad_output.row(slot / k)).for_each(|(o, &g)| *o = w * g);
+        row.iter_mut()
+            .zip(grad_output.row(slot / k))
+            .for_each(|(o, &g)| *o = w * g);
     });
 
     let mut down_projs = Array3::<f32>::zeros((d.experts, d.inter, d.hidden));
     grouped_matmul_tn(&mut down_projs, sv.h.view(), dy.view(), &perm.offsets)?;
-    let down_bias = p.down_bias.map(|_| grouped_row_sum(dy.view(), &perm.offsets));
+    let down_bias = p
+        .down_bias
+        .map(|_| grouped_row_sum(dy.view(), &perm.offsets));
     let mut dh = Array2::<f32>::zeros((n, d.inter));
-    grouped_matmul(&mut dh, dy.view(), &perm.offsets, |e| p.down_projs.index_axis(Axis(0), e).reversed_axes())?;
+    grouped_matmul(&mut dh, dy.view(), &perm.offsets, |e| {
+        p.down_projs.index_axis(Axis(0), e).reversed_axes()
+    })?;
     drop(dy);
 
     let mut da = Array2::<f32>::zeros((n, 2 * d.inter));
@@ -230,7 +279,9 @@ pub fn moe_backward(
     let mut gate_and_up_projs = Array3::<f32>::zeros((d.experts, d.hidden, 2 * d.inter));
     grouped_matmul_tn(&mut gate_and_up_projs, xp.view(), da.view(), &perm.offsets)?;
     drop(xp);
-    let gate_up_bias = p.gate_up_bias.map(|_| grouped_row_sum(da.view(), &perm.offsets));
+    let gate_up_bias = p
+        .gate_up_bias
+        .map(|_| grouped_row_sum(da.view(), &perm.offsets));
     let mut dxp = Array2::<f32>::zeros((n, d.hidden));
     grouped_matmul(&mut dxp, da.view(), &perm.offsets, |e| {
         p.gate_and_up_projs.index_axis(Axis(0), e).reversed_axes()
@@ -251,7 +302,13 @@ pub fn moe_backward(
     let grad_logits = route_backward(&cfg.router, routing, grad_weights.view())?;
     let gate_weight = dense(grad_logits.t(), x)?;
     let gate_bias = p.gate_bias.map(|_| grad_logits.sum_axis(Axis(0)));
-    matmul(grad_input.view_mut(), grad_logits.view(), p.gate_weight, true, Parallelism::Rayon(0))?;
+    matmul(
+        grad_input.view_mut(),
+        grad_logits.view(),
+        p.gate_weight,
+        true,
+        Parallelism::Rayon(0),
+    )?;
 
     let shared = match (&p.shared, &sv.shared) {
         (Some(s), Some(ss)) => Some(shared_backward(x, s, ss, grad_output, &mut grad_input)?),
@@ -278,7 +335,9 @@ fn shared_backward(
 ) -> Result<SharedExpertGrads<f32>> {
     let tokens = x.nrows();
     let mut dys = grad_output.to_owned();
-    par_rows(&mut dys, |t, row| row.iter_mut().for_each(|v| *v *= ss.gate[t]));
+    par_rows(&mut dys, |t, row| {
+        row.iter_mut().for_each(|v| *v *= ss.gate[t])
+    });
     let down_proj = dense(dys.t(), ss.hs.view())?;
     let mut dhs = dense(dys.view(), s.down_proj)?;
     let mut du = Array2::<f32>::zeros(dhs.raw_dim());
@@ -294,16 +353,39 @@ fn shared_backward(
     let dg = dhs;
     let gate_proj = dense(dg.t(), x)?;
     let up_proj = dense(du.t(), x)?;
-    matmul(grad_input.view_mut(), dg.view(), s.gate_proj, true, Parallelism::Rayon(0))?;
-    matmul(grad_input.view_mut(), du.view(), s.up_proj, true, Parallelism::Rayon(0))?;
+    matmul(
+        grad_input.view_mut(),
+        dg.view(),
+        s.gate_proj,
+        true,
+        Parallelism::Rayon(0),
+    )?;
+    matmul(
+        grad_input.view_mut(),
+        du.view(),
+        s.up_proj,
+        true,
+        Parallelism::Rayon(0),
+    )?;
     let gate = match s.gate {
         Some(w) => {
             let mut dz = Array2::<f32>::zeros((tokens, 1));
             par_rows(&mut dz, |t, v| {
-                let dgate: f32 = grad_output.row(t).iter().zip(ss.ys.row(t)).map(|(&a, &b)| a * b).sum();
+                let dgate: f32 = grad_output
+                    .row(t)
+                    .iter()
+                    .zip(ss.ys.row(t))
+                    .map(|(&a, &b)| a * b)
+                    .sum();
                 v[0] = dgate * ss.gate[t] * (1.0 - ss.gate[t]);
             });
-            matmul(grad_input.view_mut(), dz.view(), w, true, Parallelism::Rayon(0))?;
+            matmul(
+                grad_input.view_mut(),
+                dz.view(),
+                w,
+                true,
+                Parallelism::Rayon(0),
+            )?;
             Some(dense(dz.t(), x)?)
         }
         None => None,

@@ -12,7 +12,10 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut1, Axis};
 
 use crate::activation::{glu_backward, glu_forward, sigmoid};
-use crate::config::{check_block, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams, SharedExpertGrads, SharedExpertParams};
+use crate::config::{
+    check_block, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams, SharedExpertGrads,
+    SharedExpertParams,
+};
 use crate::error::{KernelError, Result};
 use crate::routing::{route, route_backward};
 use crate::scalar::Real;
@@ -99,14 +102,21 @@ struct ExpertActs<F> {
     y: Vec<F>,
 }
 
-fn expert_forward<F: Real>(x_t: &[F], e: usize, p: &MoeParams<F>, act: &Activation) -> ExpertActs<F> {
+fn expert_forward<F: Real>(
+    x_t: &[F],
+    e: usize,
+    p: &MoeParams<F>,
+    act: &Activation,
+) -> ExpertActs<F> {
     let w_gu = p.gate_and_up_projs.index_axis(Axis(0), e);
     let inter = w_gu.ncols() / 2;
     let mut a = vec_mat(x_t, w_gu);
     if let Some(b) = p.gate_up_bias {
         add_into(&mut a, b.row(e).iter().copied());
     }
-    let h: Vec<F> = (0..inter).map(|i| glu_forward(act, a[i], a[inter + i])).collect();
+    let h: Vec<F> = (0..inter)
+        .map(|i| glu_forward(act, a[i], a[inter + i]))
+        .collect();
     let mut y = vec_mat(&h, p.down_projs.index_axis(Axis(0), e));
     if let Some(b) = p.down_bias {
         add_into(&mut y, b.row(e).iter().copied());
@@ -138,7 +148,11 @@ struct SharedActs<F> {
 fn shared_forward<F: Real>(x_t: &[F], s: &SharedExpertParams<F>) -> SharedActs<F> {
     let g = mat_vec(s.gate_proj, x_t);
     let u = mat_vec(s.up_proj, x_t);
-    let hs: Vec<F> = g.iter().zip(&u).map(|(&g, &u)| glu_forward(&Activation::SwiGlu, g, u)).collect();
+    let hs: Vec<F> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| glu_forward(&Activation::SwiGlu, g, u))
+        .collect();
     let ys = mat_vec(s.down_proj, &hs);
     let gate = s.gate.map_or(F::one(), |w| sigmoid(mat_vec(w, x_t)[0]));
     SharedActs { g, u, hs, ys, gate }
@@ -160,10 +174,19 @@ fn routed_to(routing_index: &Array2<usize>, e: usize) -> Vec<(usize, usize)> {
 ///
 /// # Errors
 /// Shape and configuration errors of [`check_block`]; router errors of [`route`].
-pub fn moe_forward<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig) -> Result<MoeForward<F>> {
+pub fn moe_forward<F: Real>(
+    x: ArrayView2<F>,
+    p: &MoeParams<F>,
+    cfg: &MoeConfig,
+) -> Result<MoeForward<F>> {
     let dims = check_block(x, p, cfg)?;
     let router_logits = logits(x, p);
-    let routing = route(router_logits.view(), &cfg.router, cfg.top_k, p.e_score_correction_bias)?;
+    let routing = route(
+        router_logits.view(),
+        &cfg.router,
+        cfg.top_k,
+        p.e_score_correction_bias,
+    )?;
     let mut output = Array2::<F>::zeros((dims.tokens, dims.hidden));
     for e in 0..dims.experts {
         for (t, j) in routed_to(&routing.top_k_index, e) {
@@ -209,7 +232,9 @@ pub fn moe_backward<F: Real>(
         gate_bias: p.gate_bias.map(|_| Array1::zeros(d.experts)),
         gate_and_up_projs: Array3::zeros((d.experts, d.hidden, 2 * d.inter)),
         down_projs: Array3::zeros((d.experts, d.inter, d.hidden)),
-        gate_up_bias: p.gate_up_bias.map(|_| Array2::zeros((d.experts, 2 * d.inter))),
+        gate_up_bias: p
+            .gate_up_bias
+            .map(|_| Array2::zeros((d.experts, 2 * d.inter))),
         down_bias: p.down_bias.map(|_| Array2::zeros((d.experts, d.hidden))),
         shared: None,
     };

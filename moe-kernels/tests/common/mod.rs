@@ -118,13 +118,31 @@ pub const FAMILIES: [Family; 8] = [
 impl Family {
     /// Block config for `E` experts and `k`; group-limited routers use 2 groups (E even).
     pub fn config(self, experts: usize, top_k: usize) -> MoeConfig {
-        let n_group = if experts % 2 == 0 && experts >= 4 { 2 } else { 1 };
+        let n_group = if experts % 2 == 0 && experts >= 4 {
+            2
+        } else {
+            1
+        };
         let (router, activation) = match self {
-            Family::Qwen3MoeNorm | Family::Mixtral | Family::Qwen3Next => {
-                (RouterKind::SoftmaxTopK { norm_topk_prob: true }, Activation::SwiGlu)
-            }
-            Family::Qwen3MoeNoNorm => (RouterKind::SoftmaxTopK { norm_topk_prob: false }, Activation::SwiGlu),
-            Family::GptOss => (RouterKind::TopKSoftmax, Activation::GptOssGlu { limit: 0.7, alpha: 1.702 }),
+            Family::Qwen3MoeNorm | Family::Mixtral | Family::Qwen3Next => (
+                RouterKind::SoftmaxTopK {
+                    norm_topk_prob: true,
+                },
+                Activation::SwiGlu,
+            ),
+            Family::Qwen3MoeNoNorm => (
+                RouterKind::SoftmaxTopK {
+                    norm_topk_prob: false,
+                },
+                Activation::SwiGlu,
+            ),
+            Family::GptOss => (
+                RouterKind::TopKSoftmax,
+                Activation::GptOssGlu {
+                    limit: 0.7,
+                    alpha: 1.702,
+                },
+            ),
             Family::DeepseekV3 => (
                 RouterKind::SigmoidGroupLimited {
                     n_group,
@@ -144,11 +162,17 @@ impl Family {
                 Activation::SwiGlu,
             ),
             Family::Step35 => (
-                RouterKind::SigmoidTopK { routed_scaling_factor: 1.25 },
+                RouterKind::SigmoidTopK {
+                    routed_scaling_factor: 1.25,
+                },
                 Activation::ClampedSwiGlu { limit: 0.3 },
             ),
         };
-        MoeConfig { router, top_k, activation }
+        MoeConfig {
+            router,
+            top_k,
+            activation,
+        }
     }
 
     /// Largest valid k for this family with `E` experts.
@@ -165,8 +189,14 @@ impl Family {
     pub fn case<F: Real>(self, seed: u64, t: usize, h: usize, i: usize, e: usize) -> Case<F> {
         let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let gated_shared = matches!(self, Family::Qwen3Next);
-        let has_shared = matches!(self, Family::Qwen3Next | Family::DeepseekV3 | Family::Step35);
-        let sigmoid = matches!(self, Family::DeepseekV3 | Family::DeepseekNoNorm | Family::Step35);
+        let has_shared = matches!(
+            self,
+            Family::Qwen3Next | Family::DeepseekV3 | Family::Step35
+        );
+        let sigmoid = matches!(
+            self,
+            Family::DeepseekV3 | Family::DeepseekNoNorm | Family::Step35
+        );
         let gpt = self == Family::GptOss;
         let is = 3;
         Case {
