@@ -30,7 +30,8 @@
 //! SIGABRT; `stalled` and `skip_and_exit`: 70) within about timeout + 1 s. `check` requires a
 //! non-zero status within 30 s (mpirun is killed after 35 s) and at least one waiting rank's line
 //! naming `all_reduce (collective #3`, and prints how many did: every waiting rank prints one,
-//! but Open MPI may drop the stderr of processes it is killing.
+//! but Open MPI may drop the stderr of processes it is killing, so `check` also reads the per-rank
+//! report files each rank appends to (`COLLECTIVES_REPORT_DIR`, see `collectives::report_fault`).
 
 use collectives::mpi::MpiWorld;
 use collectives::{CommError, CommunicatorExt, ReduceOp};
@@ -136,7 +137,7 @@ fn run(scenario: &str, timeout: Duration) -> ExitCode {
                 // Blocks until the watchdog ends the job (killed, stalled), or fails with
                 // Mismatch against the skipping rank's finalize check (skip_and_exit).
                 match comm.all_reduce(&mut x, ReduceOp::Sum) {
-                    Err(e) => eprintln!("rank {me} of {w}: {e}"),
+                    Err(e) => collectives::report_fault(&format!("rank {me} of {w}: {e}")),
                     Ok(()) => eprintln!("rank {me} of {w}: all_reduce #3 succeeded unexpectedly"),
                 }
                 ExitCode::FAILURE
@@ -162,11 +163,29 @@ fn check(ranks: usize) -> ExitCode {
     };
     let mut all_ok = true;
     for scenario in SCENARIOS {
+        // Each rank also appends its fault report to <reports>/rank-<R>.log: Open MPI may drop
+        // the stderr of the processes it is terminating.
+        let reports =
+            std::env::temp_dir().join(format!("mpi_fault-{}-{scenario}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&reports);
+        if let Err(e) = std::fs::create_dir_all(&reports) {
+            println!("FAIL {scenario}: cannot create {}: {e}", reports.display());
+            all_ok = false;
+            continue;
+        }
         let start = Instant::now();
         let out = Command::new("timeout")
             .args(["--kill-after=5"])
             .arg(HANG_LIMIT.as_secs().to_string())
-            .args(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n"])
+            .env(collectives::REPORT_DIR_ENV, &reports)
+            .args([
+                "mpirun",
+                "-x",
+                collectives::REPORT_DIR_ENV,
+                "--allow-run-as-root",
+                "--oversubscribe",
+                "-n",
+            ])
             .arg(ranks.to_string())
             .arg(&exe)
             .args(["run", scenario, &CHECK_TIMEOUT_SECS.to_string()])
@@ -180,11 +199,17 @@ fn check(ranks: usize) -> ExitCode {
                 continue;
             }
         };
-        let text = format!(
+        let mut text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        for r in 0..ranks {
+            text.push_str(
+                &std::fs::read_to_string(reports.join(format!("rank-{r}.log"))).unwrap_or_default(),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&reports);
         let status = out.status.code();
         let verdict = if status == Some(124) || status == Some(137) || elapsed >= HANG_LIMIT {
             Err("hung (killed by the 30 s limit)".to_string())

@@ -44,6 +44,20 @@ pub mod nccl;
 pub mod selftest;
 #[cfg(unix)]
 mod sigterm;
+
+/// Environment variable naming a folder where each rank also appends its fault reports
+/// (`rank-<R>.log`): watchdog timeouts, SIGTERM while in a collective, a skipped finalize. The
+/// MPI runtime may drop the stderr of processes it is terminating; the files keep the reports.
+pub const REPORT_DIR_ENV: &str = "COLLECTIVES_REPORT_DIR";
+
+/// Prints a fault report line on stderr and, when [`REPORT_DIR_ENV`] is set (and an MPI world was
+/// initialised in this process), appends it to this rank's report file.
+pub fn report_fault(line: &str) {
+    #[cfg(unix)]
+    sigterm::report(line);
+    #[cfg(not(unix))]
+    eprintln!("{line}");
+}
 pub mod threads;
 pub mod watchdog;
 

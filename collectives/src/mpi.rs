@@ -55,7 +55,7 @@ pub struct MpiWorld {
 /// terminates the others (SIGTERM: they print which collective they were in, see
 /// `crate::sigterm`).
 fn mpi_abort(msg: &str) -> ! {
-    eprintln!("{msg}");
+    crate::report_fault(msg);
     std::thread::sleep(crate::watchdog::POLL * 5);
     exit_now(WATCHDOG_EXIT_CODE)
 }
@@ -86,11 +86,11 @@ impl Drop for MpiWorld {
             self.open_mpi,
         );
         if let Err(e) = comm.barrier() {
-            eprintln!(
+            crate::report_fault(&format!(
                 "collectives: rank {} of {}: MPI_Finalize skipped, the other ranks are not \
                  finalizing: {e}; exiting with status {WATCHDOG_EXIT_CODE}",
                 comm.rank, comm.size
-            );
+            ));
             // Let the peers report their own error before mpirun terminates them.
             std::thread::sleep(crate::watchdog::POLL * 10);
             exit_now(WATCHDOG_EXIT_CODE);

@@ -7,11 +7,22 @@
 //! communicator of M ranks (this rank: K)); a peer died or the job was aborted` to stderr, then
 //! re-raises the signal with the default action (so the exit status is unchanged).
 //!
+//! When the environment variable [`crate::REPORT_DIR_ENV`] names a folder, the same line (and every other
+//! fault report of this crate, see [`report`]) is also appended to `<folder>/rank-<R>.log`: the
+//! MPI runtime may drop the stderr of processes it is terminating, the file keeps the report.
+//!
 //! The record lives in atomics (set by [`record`] / cleared by [`clear`], a few relaxed stores
 //! per collective) and the message is formatted on the stack: the handler only calls the
 //! async-signal-safe `write`, `signal` and `raise`.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
+
+use crate::REPORT_DIR_ENV;
+
+/// File descriptor of this process's report file, or -1.
+static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 static OP_PTR: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
@@ -105,9 +116,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
         m.put(b" ranks (this rank: ");
         m.num(RANK.load(Relaxed) as u64);
         m.put(b")); a peer died or the job was aborted\n");
-        // SAFETY: write(2) on stderr with a valid buffer; async-signal-safe.
+        // SAFETY: write(2) on stderr and on the report file with a valid buffer; async-signal-safe.
         unsafe {
             libc::write(2, m.bytes.as_ptr().cast(), m.len);
+            let fd = REPORT_FD.load(Relaxed);
+            if fd >= 0 {
+                libc::write(fd, m.bytes.as_ptr().cast(), m.len);
+            }
         }
     }
     // SAFETY: signal(2) and raise(3) are async-signal-safe; restores the default action and
@@ -123,6 +138,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 pub(crate) fn install(proc_rank: usize, proc_size: usize) {
     PROC_RANK.store(proc_rank, Relaxed);
     PROC_SIZE.store(proc_size, Relaxed);
+    open_report_file(proc_rank);
     if INSTALLED.swap(true, Relaxed) {
         return;
     }
@@ -131,6 +147,43 @@ pub(crate) fn install(proc_rank: usize, proc_size: usize) {
         // SAFETY: installs a handler that only performs async-signal-safe calls.
         unsafe {
             libc::signal(sig, handler as libc::sighandler_t);
+        }
+    }
+}
+
+/// Opens `<$COLLECTIVES_REPORT_DIR>/rank-<R>.log` for appending when the variable is set (once).
+fn open_report_file(proc_rank: usize) {
+    use std::os::unix::io::IntoRawFd;
+    let Some(dir) = std::env::var_os(REPORT_DIR_ENV) else {
+        return;
+    };
+    if REPORT_FD.load(Relaxed) >= 0 {
+        return;
+    }
+    let path = std::path::Path::new(&dir).join(format!("rank-{proc_rank}.log"));
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        Ok(f) => REPORT_FD.store(f.into_raw_fd(), Relaxed),
+        Err(e) => eprintln!(
+            "collectives: cannot open the fault report {}: {e}",
+            path.display()
+        ),
+    }
+}
+
+/// Prints a fault report line on stderr and appends it to this rank's report file (see
+/// [`crate::REPORT_DIR_ENV`]). Not for signal handlers (it allocates).
+pub fn report(line: &str) {
+    eprintln!("{line}");
+    let fd = REPORT_FD.load(Relaxed);
+    if fd >= 0 {
+        let text = format!("{line}\n");
+        // SAFETY: write(2) with a valid buffer on a descriptor this module opened and never closes.
+        unsafe {
+            libc::write(fd, text.as_ptr().cast(), text.len());
         }
     }
 }
