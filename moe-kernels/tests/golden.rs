@@ -3,67 +3,15 @@
 //! f32 compute on the bf16 weights). Reads the HF disk keys directly and builds the native
 //! layout by hand (`gate_and_up_projs[e] = cat([gate_e.T, up_e.T], -1)`, `down_projs[e] = down_e.T`).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod fixture_io;
 
+use fixture_io::{fixture_dir, load, model_files, Tensors};
 use moe_kernels::{qwen3_moe_block_forward, RouterConfig};
-use ndarray::{s, Array2, Array3};
-use safetensors::{Dtype, SafeTensors};
+use ndarray::{s, Array2, Array3, Ix2};
 
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../conformance/fixtures")
-        .join(name)
-}
-
-/// All tensors of the given files as f32 (BF16 upcast exactly, F32 as is), with their shapes.
-fn load(files: &[PathBuf]) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let mut out = HashMap::new();
-    for file in files {
-        let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        for (name, view) in st.tensors() {
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::BF16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                    .collect(),
-                Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            out.insert(name, (view.shape().to_vec(), data));
-        }
-    }
-    out
-}
-
-fn model_files(dir: &Path) -> Vec<PathBuf> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).unwrap();
-        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let mut files: Vec<String> = json["weight_map"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_str().unwrap().to_owned())
-            .collect();
-        files.sort();
-        files.dedup();
-        files.into_iter().map(|f| dir.join(f)).collect()
-    } else {
-        vec![dir.join("model.safetensors")]
-    }
-}
-
-fn matrix(t: &HashMap<String, (Vec<usize>, Vec<f32>)>, key: &str) -> Array2<f32> {
-    let (shape, data) = t.get(key).unwrap_or_else(|| panic!("missing tensor {key}"));
-    Array2::from_shape_vec((shape[0], shape[1]), data.clone()).unwrap()
+fn matrix(t: &Tensors, key: &str) -> Array2<f32> {
+    let a = t.get(key).unwrap_or_else(|| panic!("missing tensor {key}"));
+    a.clone().into_dimensionality::<Ix2>().unwrap()
 }
 
 fn check_fixture(name: &str) {
@@ -78,8 +26,8 @@ fn check_fixture(name: &str) {
         top_k: config["num_experts_per_tok"].as_u64().unwrap() as usize,
         norm_topk_prob: config["norm_topk_prob"].as_bool().unwrap(),
     };
-    let weights = load(&model_files(&dir));
-    let golden = load(&[dir.join("golden.safetensors")]);
+    let (weights, _) = load(&model_files(&dir));
+    let (golden, _) = load(&[dir.join("golden.safetensors")]);
     let p = "model.layers.1.mlp";
 
     let gate = matrix(&weights, &format!("{p}.gate.weight"));

@@ -7,67 +7,14 @@
 //! (native), GPT-OSS interleaved gate/up columns (gate = 0::2, up = 1::2).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use moe_kernels::{
     fast, reference, Activation, MoeConfig, MoeGrads, MoeParams, RouterKind, SharedExpertParams,
 };
-use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis, IxDyn};
-use safetensors::{Dtype, SafeTensors};
+use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis};
 
-type Tensors = HashMap<String, ArrayD<f32>>;
-
-fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
-    let mut out = HashMap::new();
-    let mut meta = HashMap::new();
-    for file in files {
-        let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
-        if let Some(m) = m.metadata() {
-            meta.extend(m.clone());
-        }
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        for (name, view) in st.tensors() {
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::BF16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                    .collect(),
-                Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            out.insert(
-                name,
-                ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
-            );
-        }
-    }
-    (out, meta)
-}
-
-fn model_files(dir: &Path) -> Vec<PathBuf> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-        let mut files: Vec<String> = json["weight_map"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_str().unwrap().to_owned())
-            .collect();
-        files.sort();
-        files.dedup();
-        files.into_iter().map(|f| dir.join(f)).collect()
-    } else {
-        vec![dir.join("model.safetensors")]
-    }
-}
+mod fixture_io;
+use fixture_io::{fixture_dir, load, model_files, Tensors};
 
 fn m2(t: &Tensors, key: &str) -> Array2<f32> {
     t.get(key)
@@ -360,9 +307,7 @@ fn check(name: &str, what: &str, ours: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 
 }
 
 fn check_fixture(name: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../conformance/fixtures")
-        .join(name);
+    let dir = fixture_dir(name);
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let (weights, _) = load(&model_files(&dir));
@@ -430,9 +375,7 @@ macro_rules! golden_test {
     ($test:ident, $fixture:literal) => {
         #[test]
         fn $test() {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../conformance/fixtures")
-                .join($fixture);
+            let dir = fixture_dir($fixture);
             assert!(
                 dir.join("golden.safetensors").exists(),
                 "fixture {} missing",

@@ -11,30 +11,16 @@ use std::path::Path;
 use moe_kernels::{
     fast, reference, Activation, MoeConfig, MoeParams, RouterKind, SharedExpertParams,
 };
-use ndarray::{Array1, Array2, Array3, ArrayD, IxDyn};
-use safetensors::SafeTensors;
+use ndarray::{Array1, Array2, Array3, ArrayD};
 
-fn load() -> (HashMap<String, ArrayD<f32>>, HashMap<String, String>) {
+mod fixture_io;
+use fixture_io::Tensors;
+
+/// The golden file (all F32) and its metadata.
+fn load() -> (Tensors, HashMap<String, String>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/step3p7_block/golden.safetensors");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        out.insert(
-            name,
-            ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
-        );
-    }
-    (out, meta)
+    fixture_io::load(&[path])
 }
 
 fn a2(t: &HashMap<String, ArrayD<f32>>, k: &str) -> Array2<f32> {
