@@ -14,7 +14,7 @@ use moe_kernels::{
 use ndarray::{s, Array1, Array2, Array3, ArrayD, Axis};
 
 mod fixture_io;
-use fixture_io::{fixture_dir, load, model_files, Tensors};
+use fixture_io::{check_close, fixture_dir, load, model_files, Tensors};
 
 fn m2(t: &Tensors, key: &str) -> Array2<f32> {
     t.get(key)
@@ -291,19 +291,9 @@ fn disk_grads(n: &Native, g: &MoeGrads<f32>, p: &str) -> HashMap<String, ArrayD<
     out
 }
 
-/// max |ours - torch| <= tol * (1 + max |torch|).
+/// max |ours - torch| <= 2e-5 * (1 + max |torch|).
 fn check(name: &str, what: &str, ours: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
-    assert_eq!(ours.shape(), want.shape(), "{name} {what}: shape");
-    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = ours
-        .iter()
-        .zip(want.iter())
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        err <= 2e-5 * scale,
-        "{name} {what}: max |ours - torch| = {err} (scale {scale})"
-    );
-    err / scale
+    check_close(&format!("{name} {what}"), ours, want)
 }
 
 fn check_fixture(name: &str) {

@@ -34,16 +34,7 @@ fn swap12(a: &ArrayD<f32>) -> Array3<f32> {
 }
 
 fn check(what: &str, ours: ArrayD<f32>, want: &ArrayD<f32>) {
-    assert_eq!(ours.shape(), want.shape(), "{what}");
-    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = ours
-        .iter()
-        .zip(want.iter())
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        err <= 2e-5 * scale,
-        "{what}: max |ours - torch| = {err} (scale {scale})"
-    );
+    fixture_io::check_close(what, &ours, want);
 }
 
 #[test]

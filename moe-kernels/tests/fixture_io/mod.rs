@@ -72,3 +72,19 @@ pub fn model_files(dir: &Path) -> Vec<PathBuf> {
     files.dedup();
     files.into_iter().map(|f| dir.join(f)).collect()
 }
+
+/// Asserts `max |ours - want| <= 2e-5 * (1 + max |want|)` (shapes equal); returns the error
+/// relative to that scale.
+pub fn check_close(label: &str, ours: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
+    assert_eq!(ours.shape(), want.shape(), "{label}: shape");
+    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = ours
+        .iter()
+        .zip(want.iter())
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 2e-5 * scale,
+        "{label}: max |ours - torch| = {err} (scale {scale})"
+    );
+    err / scale
+}
