@@ -1,14 +1,17 @@
 //! `cargo xtask conformance`: builds the conformance binary, runs its suites under the threads backend
-//! and (when Open MPI is installed) under `mpirun`, prints a summary table and writes
-//! `target/conformance/report.md` and `target/conformance/junit.xml`. Exits non-zero on any failure.
+//! and (when Open MPI is installed) under `mpirun` at every world size, runs the save/resume training
+//! scenarios (`train`) and the MPI fault scenarios, prints a summary table and writes
+//! `target/conformance/report.md`, `junit.xml` and `report.html`. Exits non-zero on any failure.
 //!
 //! xtask only orchestrates: every check lives in the `conformance` crate.
 
+mod html;
 mod report;
 mod results;
 mod runner;
 #[cfg(test)]
 mod tests;
+mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -38,7 +41,8 @@ impl Backend {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the conformance suites (threads backend, and mpirun when MPI is installed).
+    /// Run the conformance suites (threads backend, and mpirun when MPI is installed), the
+    /// save/resume training scenarios and the fault scenarios; write the reports.
     Conformance(ConformanceArgs),
 }
 
@@ -47,19 +51,28 @@ pub struct ConformanceArgs {
     /// Backends to run (default: threads, and mpi when mpirun and the MPI library are present).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub backend: Vec<Backend>,
-    /// World sizes (number of ranks) to run each backend at [default: 1,2,4; with --quick: 1,2].
+    /// World sizes (number of ranks) to run each backend at [default: 1,2,4,8; with --quick: 1,2].
+    /// The `train` scenarios run at the world sizes 2 and 4 (quick: 2) that are in this list.
     #[arg(long, value_delimiter = ',')]
     pub world_sizes: Vec<usize>,
-    /// Suites to run (collectives, placement, roundtrip, golden, sharded); default all.
+    /// Suites to run; default all. `conformance run` suites (collectives, placement, roundtrip,
+    /// golden, sharded, parallel, checkpoint; any other name is passed on to it too) and the
+    /// suites xtask drives itself: train (save/resume scenarios), faults (MPI fault scenarios),
+    /// nccl (NCCL selftest).
     #[arg(long, value_delimiter = ',')]
     pub suites: Vec<String>,
+    /// Parallel plans for `conformance run --plans` (single, ep, tp, tp-sp, fsdp, ep-tp, ep-fsdp);
+    /// default: conformance's default (all plans).
+    #[arg(long, value_delimiter = ',')]
+    pub plans: Vec<String>,
     /// Fixture directories (default: every directory under conformance/fixtures/ with a config.json).
     #[arg(long = "fixture")]
     pub fixtures: Vec<PathBuf>,
     /// Placement-cases files (default: placement/oracle/cases.json when present).
     #[arg(long)]
     pub cases: Vec<PathBuf>,
-    /// CI-sized run: world sizes 1 and 2 only, unless --world-sizes is given.
+    /// CI-sized run: world sizes 1 and 2 only (unless --world-sizes is given) and the short
+    /// training scenarios (world 2; the other-mesh resume on plan single, world 1).
     #[arg(long)]
     pub quick: bool,
     /// Build and run the release profile.

@@ -9,13 +9,20 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
     let _ = writeln!(s, "# Conformance report\n\n{header}\n");
     let _ = writeln!(
         s,
-        "| suite | world size | backend | passed | failed | skipped | time (s) |\n|---|---|---|---|---|---|---|"
+        "| suite | world size | backend | passed | failed | skipped | time (s) | note |\n|---|---|---|---|---|---|---|---|"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.2} |",
-            r.suite, r.world_size, r.backend, r.passed, r.failed, r.skipped, r.seconds
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+            md_cell(&r.label()),
+            r.world_size,
+            r.backend,
+            r.passed,
+            r.failed,
+            r.skipped,
+            r.seconds,
+            md_cell(&r.note)
         );
     }
     let (p, f, k) = totals(rows);
@@ -28,12 +35,21 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
                 let _ = writeln!(
                     s,
                     "- {} / {} / world {}: `{}`: {}",
-                    r.suite, r.backend, r.world_size, f.name, f.message
+                    r.label(),
+                    r.backend,
+                    r.world_size,
+                    f.name,
+                    f.message
                 );
             }
         }
     }
     s
+}
+
+/// Text safe inside a Markdown table cell (no `|`, no line breaks).
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
 /// Passed, failed and skipped checks over all rows.
@@ -43,7 +59,7 @@ pub fn totals(rows: &[Row]) -> (usize, usize, usize) {
     })
 }
 
-fn xml_escape(s: &str) -> String {
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -83,14 +99,20 @@ pub fn junit(rows: &[Row]) -> String {
             let _ = write!(
                 s,
                 "    <testcase classname=\"{backend}.world{world}\" name=\"{}\" time=\"{:.3}\"",
-                xml_escape(&r.suite),
+                xml_escape(&r.label()),
                 r.seconds
             );
             if r.failures.is_empty() && r.failed == 0 {
                 let _ = writeln!(
                     s,
-                    "><system-out>{} passed, {} skipped</system-out></testcase>",
-                    r.passed, r.skipped
+                    "><system-out>{} passed, {} skipped{}</system-out></testcase>",
+                    r.passed,
+                    r.skipped,
+                    if r.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", xml_escape(&r.note))
+                    }
                 );
                 continue;
             }

@@ -34,10 +34,15 @@ pub struct RunResult {
     pub suites: Vec<SuiteResult>,
 }
 
-/// A row of the summary table: one suite of one run, or a run that failed as a whole.
+/// A row of the summary table: one suite of one run, one scenario of an xtask-driven suite
+/// (`train`), or a run that failed as a whole.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub suite: String,
+    /// The scenario within the suite (empty for a whole suite of a `conformance run`).
+    pub name: String,
+    /// What a passing row measured (e.g. the seconds a killed job took to fail), may be empty.
+    pub note: String,
     pub backend: String,
     pub world_size: usize,
     pub passed: usize,
@@ -54,6 +59,8 @@ impl Row {
             .iter()
             .map(|s| Row {
                 suite: s.suite.clone(),
+                name: String::new(),
+                note: String::new(),
                 backend: run.backend.clone(),
                 world_size: run.world_size,
                 passed: s.passed,
@@ -69,6 +76,8 @@ impl Row {
     pub fn new(suite: &str, backend: &str, world_size: usize, seconds: f64) -> Row {
         Row {
             suite: suite.into(),
+            name: String::new(),
+            note: String::new(),
             backend: backend.into(),
             world_size,
             passed: 0,
@@ -76,6 +85,15 @@ impl Row {
             skipped: 0,
             seconds,
             failures: Vec::new(),
+        }
+    }
+
+    /// The suite column: `suite` or `suite: scenario`.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            self.suite.clone()
+        } else {
+            format!("{}: {}", self.suite, self.name)
         }
     }
 

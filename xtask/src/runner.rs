@@ -83,19 +83,46 @@ fn kill_group(signal: &str, pgid: u32) {
         .status();
 }
 
+/// How a child run ended.
+#[derive(Debug, Clone)]
+pub(crate) struct RunOutcome {
+    /// Exited with status 0 (and was not killed for the timeout).
+    pub ok: bool,
+    pub seconds: f64,
+    /// Empty on success; else `exit status ...` or `killed after N s (timeout)`.
+    pub note: String,
+    /// The exit code, when it exited (not killed by a signal).
+    pub code: Option<i32>,
+    pub timed_out: bool,
+}
+
 /// Runs `cmd` in its own process group with output to `log`; after `timeout` the whole group gets
 /// SIGTERM (mpirun forwards it to the ranks), then SIGKILL 10 s later, so no rank outlives the run.
 /// Returns (exit ok, seconds, note).
 pub(crate) fn run_with_timeout(
-    mut cmd: Command,
+    cmd: Command,
     log: &Path,
     timeout: Duration,
 ) -> Result<(bool, f64, String), String> {
+    let o = run_logged(cmd, log, None, timeout)?;
+    Ok((o.ok, o.seconds, o.note))
+}
+
+/// [`run_with_timeout`] with stderr to `err_log` when given (else to `log` too), and the exit code.
+pub(crate) fn run_logged(
+    mut cmd: Command,
+    log: &Path,
+    err_log: Option<&Path>,
+    timeout: Duration,
+) -> Result<RunOutcome, String> {
     use std::os::unix::process::CommandExt;
     let file = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let err = file
-        .try_clone()
-        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = match err_log {
+        Some(p) => fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => file
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log.display()))?,
+    };
     let start = Instant::now();
     let mut child = cmd
         .stdout(file)
@@ -105,24 +132,33 @@ pub(crate) fn run_with_timeout(
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let pgid = child.id();
+    let timed_out = |start: Instant| RunOutcome {
+        ok: false,
+        seconds: start.elapsed().as_secs_f64(),
+        note: format!("killed after {} s (timeout)", timeout.as_secs()),
+        code: None,
+        timed_out: true,
+    };
     let mut terminated_at: Option<Instant> = None;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
                 if terminated_at.is_some() {
                     kill_group("-KILL", pgid);
-                    return Ok((
-                        false,
-                        start.elapsed().as_secs_f64(),
-                        format!("killed after {} s (timeout)", timeout.as_secs()),
-                    ));
+                    return Ok(timed_out(start));
                 }
                 let note = if status.success() {
                     String::new()
                 } else {
                     format!("exit status {status}")
                 };
-                return Ok((status.success(), start.elapsed().as_secs_f64(), note));
+                return Ok(RunOutcome {
+                    ok: status.success(),
+                    seconds: start.elapsed().as_secs_f64(),
+                    note,
+                    code: status.code(),
+                    timed_out: false,
+                });
             }
             Ok(None) => match terminated_at {
                 None if start.elapsed() > timeout => {
@@ -133,11 +169,7 @@ pub(crate) fn run_with_timeout(
                     kill_group("-KILL", pgid);
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Ok((
-                        false,
-                        start.elapsed().as_secs_f64(),
-                        format!("killed after {} s (timeout)", timeout.as_secs()),
-                    ));
+                    return Ok(timed_out(start));
                 }
                 _ => std::thread::sleep(Duration::from_millis(50)),
             },
@@ -147,7 +179,7 @@ pub(crate) fn run_with_timeout(
 }
 
 /// The last lines of a log, for a failure message.
-fn log_tail(log: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(log: &Path, lines: usize) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
@@ -233,12 +265,218 @@ pub(crate) fn example_row(
     Ok(row)
 }
 
+/// Suites xtask drives itself (not `conformance run` suites).
+pub(crate) const XTASK_SUITES: [&str; 3] = ["train", "faults", "nccl"];
+
+/// What a `cargo xtask conformance` invocation runs, from its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Selection {
+    pub world_sizes: Vec<usize>,
+    /// Run `conformance run` at every (backend, world size).
+    pub conformance_run: bool,
+    /// `--suites` for `conformance run` (empty: not passed, conformance runs all its suites).
+    pub run_suites: Vec<String>,
+    /// `--plans` for `conformance run` (empty: not passed, all plans).
+    pub plans: Vec<String>,
+    /// The save/resume training scenarios, at these world sizes.
+    pub train_worlds: Vec<usize>,
+    /// The MPI fault scenarios and the NCCL selftest (when the mpi backend runs).
+    pub faults: bool,
+    pub nccl: bool,
+}
+
+/// Splits `--suites` into `conformance run` suites and xtask's own, applies `--quick` and the
+/// default world sizes, and checks the lists.
+pub(crate) fn select(args: &ConformanceArgs) -> Result<Selection, String> {
+    let world_sizes = if !args.world_sizes.is_empty() {
+        args.world_sizes.clone()
+    } else if args.quick {
+        vec![1, 2]
+    } else {
+        vec![1, 2, 4, 8]
+    };
+    if world_sizes.contains(&0) {
+        return Err("world sizes must be >= 1".into());
+    }
+    let clean = |list: &[String], what: &str| -> Result<Vec<String>, String> {
+        let mut out: Vec<String> = Vec::new();
+        for item in list.iter().map(|s| s.trim()) {
+            if item.is_empty() {
+                return Err(format!("empty name in --{what}"));
+            }
+            if !out.iter().any(|o| o == item) {
+                out.push(item.to_string());
+            }
+        }
+        Ok(out)
+    };
+    let suites = clean(&args.suites, "suites")?;
+    let plans = clean(&args.plans, "plans")?;
+    let all = suites.is_empty();
+    let wants = |name: &str| all || suites.iter().any(|s| s == name);
+    let run_suites: Vec<String> = suites
+        .iter()
+        .filter(|s| !XTASK_SUITES.contains(&s.as_str()))
+        .cloned()
+        .collect();
+    // Training scenarios at world 2 (quick) or 2 and 4, limited to the requested world sizes.
+    let train_worlds: Vec<usize> = if wants("train") {
+        let base: &[usize] = if args.quick { &[2] } else { &[2, 4] };
+        base.iter()
+            .copied()
+            .filter(|w| args.world_sizes.is_empty() || world_sizes.contains(w))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Selection {
+        conformance_run: all || !run_suites.is_empty(),
+        run_suites,
+        plans,
+        train_worlds,
+        faults: wants("faults"),
+        nccl: wants("nccl"),
+        world_sizes,
+    })
+}
+
+/// `SUB --backend B` and, for the threads backend, `--world N` (under MPI the world is mpirun's).
+pub(crate) fn rank_args(sub: &str, backend: Backend, world: usize) -> Vec<String> {
+    let mut a = vec![sub.to_string(), "--backend".into(), backend.name().into()];
+    if backend == Backend::Threads {
+        a.extend(["--world".into(), world.to_string()]);
+    }
+    a
+}
+
+/// The command that runs `bin args` on `world` ranks with the environment variables `env`:
+/// directly for threads, under `mpirun -n N --oversubscribe --bind-to none [--allow-run-as-root]
+/// [-x VAR ...]` for MPI.
+pub(crate) fn launcher(
+    bin: &Path,
+    backend: Backend,
+    world: usize,
+    as_root: bool,
+    env: &[(&str, String)],
+    args: &[String],
+) -> Command {
+    match backend {
+        Backend::Threads => {
+            let mut c = Command::new(bin);
+            c.envs(env.iter().map(|(k, v)| (*k, v)));
+            c.args(args);
+            c
+        }
+        Backend::Mpi => {
+            let mut c = Command::new("mpirun");
+            c.args([
+                "-n",
+                &world.to_string(),
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+            ]);
+            if as_root {
+                c.arg("--allow-run-as-root");
+            }
+            for (k, v) in env {
+                c.env(k, v).args(["-x", k]);
+            }
+            c.arg(bin).args(args);
+            c
+        }
+    }
+}
+
+/// The arguments of one `conformance run`.
+pub(crate) fn run_args(
+    backend: Backend,
+    world: usize,
+    fixtures: &[PathBuf],
+    cases: &[PathBuf],
+    sel: &Selection,
+    json: &Path,
+) -> Vec<String> {
+    let mut a = rank_args("run", backend, world);
+    for f in fixtures {
+        a.extend(["--fixture".into(), f.display().to_string()]);
+    }
+    for c in cases {
+        a.extend(["--cases".into(), c.display().to_string()]);
+    }
+    if !sel.run_suites.is_empty() {
+        a.extend(["--suites".into(), sel.run_suites.join(",")]);
+    }
+    if !sel.plans.is_empty() {
+        a.extend(["--plans".into(), sel.plans.join(",")]);
+    }
+    a.extend(["--json".into(), json.display().to_string()]);
+    a
+}
+
+/// Rows of one `conformance run` from its result file, outcome and log.
+fn run_rows(backend: Backend, world: usize, json: &Path, log: &Path, out: &RunOutcome) -> Vec<Row> {
+    let secs = out.seconds;
+    let mut rows = Vec::new();
+    match fs::read_to_string(json) {
+        Ok(text) => match serde_json::from_str::<RunResult>(&text) {
+            Ok(run) if run.backend != backend.name() || run.world_size != world => {
+                rows.push(Row::run_error(
+                    backend.name(),
+                    world,
+                    secs,
+                    format!(
+                        "result file says backend {} world {}, expected {} world {world} (is the binary linked against the MPI that mpirun belongs to?)",
+                        run.backend,
+                        run.world_size,
+                        backend.name()
+                    ),
+                ));
+            }
+            Ok(run) => {
+                let run_rows = Row::from_run(&run);
+                let failed_checks: usize = run_rows.iter().map(|r| r.failed).sum();
+                rows.extend(run_rows);
+                if !out.ok && failed_checks == 0 {
+                    rows.push(Row::run_error(
+                        backend.name(),
+                        world,
+                        secs,
+                        format!("{}; log {}: {}", out.note, log.display(), log_tail(log, 5)),
+                    ));
+                }
+            }
+            Err(e) => rows.push(Row::run_error(
+                backend.name(),
+                world,
+                secs,
+                format!("unreadable result {}: {e}", json.display()),
+            )),
+        },
+        Err(_) => rows.push(Row::run_error(
+            backend.name(),
+            world,
+            secs,
+            format!(
+                "no result written ({}); log {}: {}",
+                out.note,
+                log.display(),
+                log_tail(log, 5)
+            ),
+        )),
+    }
+    rows
+}
+
 /// Runs the whole conformance job. Ok(true) when every check passed.
 pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
+    let job_start = Instant::now();
     let root = workspace_root();
     let out_dir = target_dir(&root).join("conformance");
     let logs = out_dir.join("logs");
     fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+    let sel = select(&args)?;
+    let timeout = Duration::from_secs(args.timeout_secs);
 
     let mpi_problem = mpi_missing();
     let mut backends = args.backend.clone();
@@ -260,16 +498,7 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
             prereq_failed = true;
         }
     }
-    let world_sizes = if !args.world_sizes.is_empty() {
-        args.world_sizes.clone()
-    } else if args.quick {
-        vec![1, 2]
-    } else {
-        vec![1, 2, 4]
-    };
-    if world_sizes.contains(&0) {
-        return Err("world sizes must be >= 1".into());
-    }
+    let world_sizes = sel.world_sizes.clone();
     let fixtures = if args.fixtures.is_empty() {
         default_fixtures(&root)?
     } else {
@@ -301,141 +530,101 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
         }
     }
     let bin = target_dir(&root).join(profile).join("conformance");
+    let run_mpi_examples = backends.contains(&Backend::Mpi) && (sel.faults || sel.nccl);
+    let examples_built = run_mpi_examples && build_examples(&root, args.release)?;
 
-    // Runs.
-    let plan: Vec<(Backend, usize)> = backends
+    // Work list, for the progress bar.
+    let runs: Vec<(Backend, usize)> = if sel.conformance_run {
+        backends
+            .iter()
+            .flat_map(|b| world_sizes.iter().map(move |w| (*b, *w)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let train_groups: Vec<(Backend, usize)> = backends
         .iter()
-        .flat_map(|b| world_sizes.iter().map(move |w| (*b, *w)))
+        .flat_map(|b| sel.train_worlds.iter().map(move |w| (*b, *w)))
         .collect();
-    let bar = ProgressBar::new(plan.len() as u64);
+    let fault_worlds: Vec<usize> = if run_mpi_examples && sel.faults {
+        world_sizes.iter().copied().filter(|w| *w >= 2).collect()
+    } else {
+        Vec::new()
+    };
+    let nccl = run_mpi_examples && sel.nccl;
+    let bar = ProgressBar::new(
+        (runs.len() + train_groups.len() + fault_worlds.len() + nccl as usize) as u64,
+    );
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
             .map_err(|e| e.to_string())?,
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let root_flag = is_root();
+    let as_root = is_root();
     let mut rows: Vec<Row> = Vec::new();
-    for (backend, world) in plan {
+
+    // `conformance run` per (backend, world size).
+    for &(backend, world) in &runs {
         let name = format!("{}-w{world}", backend.name());
         bar.set_message(format!("{} world {world}", backend.name()));
         let json = out_dir.join(format!("{name}.json"));
         let _ = fs::remove_file(&json);
-        let mut conformance_args: Vec<String> =
-            vec!["run".into(), "--backend".into(), backend.name().into()];
-        if backend == Backend::Threads {
-            conformance_args.extend(["--world".into(), world.to_string()]);
-        }
-        for f in &fixtures {
-            conformance_args.extend(["--fixture".into(), f.display().to_string()]);
-        }
-        for c in &cases {
-            conformance_args.extend(["--cases".into(), c.display().to_string()]);
-        }
-        if !args.suites.is_empty() {
-            conformance_args.extend(["--suites".into(), args.suites.join(",")]);
-        }
-        conformance_args.extend(["--json".into(), json.display().to_string()]);
-        let cmd = match backend {
-            Backend::Threads => {
-                let mut c = Command::new(&bin);
-                c.args(&conformance_args);
-                c
-            }
-            Backend::Mpi => {
-                let mut c = Command::new("mpirun");
-                c.args([
-                    "-n",
-                    &world.to_string(),
-                    "--oversubscribe",
-                    "--bind-to",
-                    "none",
-                ]);
-                if root_flag {
-                    c.arg("--allow-run-as-root");
-                }
-                c.arg(&bin).args(&conformance_args);
-                c
-            }
-        };
+        let cargs = run_args(backend, world, &fixtures, &cases, &sel, &json);
+        let cmd = launcher(&bin, backend, world, as_root, &[], &cargs);
         let log = logs.join(format!("{name}.log"));
-        let (ok, secs, note) = run_with_timeout(cmd, &log, Duration::from_secs(args.timeout_secs))?;
-        match fs::read_to_string(&json) {
-            Ok(text) => match serde_json::from_str::<RunResult>(&text) {
-                Ok(run) if run.backend != backend.name() || run.world_size != world => {
-                    rows.push(Row::run_error(
-                        backend.name(),
-                        world,
-                        secs,
-                        format!(
-                            "result file says backend {} world {}, expected {} world {world} (is the binary linked against the MPI that mpirun belongs to?)",
-                            run.backend,
-                            run.world_size,
-                            backend.name()
-                        ),
-                    ));
-                }
-                Ok(run) => {
-                    let run_rows = Row::from_run(&run);
-                    let failed_checks: usize = run_rows.iter().map(|r| r.failed).sum();
-                    rows.extend(run_rows);
-                    if !ok && failed_checks == 0 {
-                        rows.push(Row::run_error(
-                            backend.name(),
-                            world,
-                            secs,
-                            format!("{note}; log {}: {}", log.display(), log_tail(&log, 5)),
-                        ));
-                    }
-                }
-                Err(e) => rows.push(Row::run_error(
-                    backend.name(),
-                    world,
-                    secs,
-                    format!("unreadable result {}: {e}", json.display()),
-                )),
-            },
-            Err(_) => rows.push(Row::run_error(
-                backend.name(),
-                world,
-                secs,
-                format!(
-                    "no result written ({note}); log {}: {}",
-                    log.display(),
-                    log_tail(&log, 5)
-                ),
-            )),
-        }
+        let out = run_logged(cmd, &log, None, timeout)?;
+        rows.extend(run_rows(backend, world, &json, &log, &out));
         bar.inc(1);
     }
+
+    // Save / resume training scenarios per (backend, world size).
+    let mut plots = Vec::new();
+    for &(backend, world) in &train_groups {
+        bar.set_message(format!("train scenarios, {} world {world}", backend.name()));
+        let group = crate::train::Group {
+            bin: bin.clone(),
+            backend,
+            world,
+            quick: args.quick,
+            as_root,
+            timeout,
+            dir: out_dir
+                .join("train")
+                .join(format!("{}-w{world}", backend.name())),
+            logs: logs.clone(),
+        };
+        let (group_rows, plot) = group.run(&|m: &str| bar.set_message(m.to_string()))?;
+        rows.extend(group_rows);
+        plots.extend(plot);
+        bar.inc(1);
+    }
+
     // Fault scenarios under mpirun (desync, killed, stalled and vanished ranks must end with an
     // error naming the collective, in bounded time) and the NCCL selftest (skipped without a GPU).
-    if backends.contains(&Backend::Mpi) {
-        if build_examples(&root, args.release)? {
+    if run_mpi_examples {
+        if examples_built {
             let examples = target_dir(&root).join(profile).join("examples");
-            for &world in world_sizes.iter().filter(|w| **w >= 2) {
+            for &world in &fault_worlds {
                 bar.set_message(format!("mpi fault scenarios, world {world}"));
                 let mut cmd = Command::new(examples.join("mpi_fault"));
                 cmd.args(["check", &world.to_string()]);
                 let log = logs.join(format!("faults-w{world}.log"));
-                rows.push(example_row(
-                    "faults",
-                    "mpi",
-                    world,
-                    cmd,
-                    &log,
-                    Duration::from_secs(args.timeout_secs),
-                )?);
+                rows.push(example_row("faults", "mpi", world, cmd, &log, timeout)?);
+                bar.inc(1);
             }
-            bar.set_message("nccl selftest");
-            let log = logs.join("nccl-w1.log");
-            rows.push(example_row(
-                "nccl-selftest",
-                "nccl",
-                1,
-                Command::new(examples.join("nccl_selftest")),
-                &log,
-                Duration::from_secs(args.timeout_secs),
-            )?);
+            if nccl {
+                bar.set_message("nccl selftest");
+                let log = logs.join("nccl-w1.log");
+                rows.push(example_row(
+                    "nccl-selftest",
+                    "nccl",
+                    1,
+                    Command::new(examples.join("nccl_selftest")),
+                    &log,
+                    timeout,
+                )?);
+                bar.inc(1);
+            }
         } else {
             rows.push(Row::run_error(
                 "mpi",
@@ -447,40 +636,46 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     }
     bar.finish_and_clear();
 
-    let header = format!(
-        "Fixtures: {}. Placement cases: {}. Backends: {}. World sizes: {:?}.",
-        fixtures
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        if cases.is_empty() {
-            "none".to_string()
+    let list = |v: &[String], none: &str| {
+        if v.is_empty() {
+            none.to_string()
         } else {
-            cases
-                .iter()
-                .map(|c| c.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
-        backends
-            .iter()
-            .map(|b| b.name())
-            .collect::<Vec<_>>()
-            .join(", "),
-        world_sizes
+            v.join(", ")
+        }
+    };
+    let header = format!(
+        "Fixtures: {}. Placement cases: {}. Backends: {}. World sizes: {:?}. Suites: {}. Plans: {}. Training scenarios at world sizes {:?}{}. Wall time: {:.1} s.",
+        list(
+            &fixtures.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+            "none"
+        ),
+        list(
+            &cases.iter().map(|c| c.display().to_string()).collect::<Vec<_>>(),
+            "none"
+        ),
+        backends.iter().map(|b| b.name()).collect::<Vec<_>>().join(", "),
+        world_sizes,
+        list(&args.suites, "all"),
+        list(&sel.plans, "all"),
+        sel.train_worlds,
+        if args.quick { " (quick)" } else { "" },
+        job_start.elapsed().as_secs_f64()
     );
     let md = report::markdown(&rows, &header);
     println!("{md}");
     let md_path = out_dir.join("report.md");
     let xml_path = out_dir.join("junit.xml");
+    let html_path = out_dir.join("report.html");
     fs::write(&md_path, &md).map_err(|e| format!("{}: {e}", md_path.display()))?;
     fs::write(&xml_path, report::junit(&rows))
         .map_err(|e| format!("{}: {e}", xml_path.display()))?;
+    fs::write(&html_path, crate::html::page(&rows, &header, &plots))
+        .map_err(|e| format!("{}: {e}", html_path.display()))?;
     eprintln!(
-        "xtask: wrote {} and {}",
+        "xtask: wrote {}, {} and {}",
         md_path.display(),
-        xml_path.display()
+        xml_path.display(),
+        html_path.display()
     );
     let (_, failed, _) = report::totals(&rows);
     Ok(failed == 0 && !prereq_failed)
