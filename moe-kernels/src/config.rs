@@ -304,7 +304,12 @@ pub fn check_block<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig)
     })
 }
 
-fn check_router(kind: &RouterKind, experts: usize, top_k: usize, has_bias: bool) -> Result<()> {
+pub(crate) fn check_router(
+    kind: &RouterKind,
+    experts: usize,
+    top_k: usize,
+    has_bias: bool,
+) -> Result<()> {
     match *kind {
         RouterKind::SoftmaxTopK { .. } | RouterKind::TopKSoftmax if has_bias => {
             Err(KernelError::InvalidConfig(format!(
@@ -352,7 +357,7 @@ fn check_finite(name: &str, v: f32) -> Result<()> {
     }
 }
 
-fn check_activation(act: &Activation) -> Result<()> {
+pub(crate) fn check_activation(act: &Activation) -> Result<()> {
     let limit = match *act {
         Activation::SwiGlu => return Ok(()),
         Activation::GptOssGlu { limit, alpha } => {

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use ndarray::ArrayView2;
+use ndarray::{Array2, ArrayView2};
 
 use crate::error::{KernelError, Result};
 
@@ -83,5 +83,23 @@ impl Permutation {
     /// Token of permuted row `row` (`slot_of_row[row] / k`).
     pub fn token_of_row(&self, row: usize) -> usize {
         self.slot_of_row[row] / self.top_k.max(1)
+    }
+
+    /// `[N]` token of every permuted row (`slot_of_row[r] / k`): the gather index of
+    /// [`crate::fast::permute_forward`] (`xp[r] = x[token_of_rows[r]]`).
+    pub fn token_of_rows(&self) -> Vec<usize> {
+        (0..self.slot_of_row.len())
+            .map(|r| self.token_of_row(r))
+            .collect()
+    }
+
+    /// `[T, k]` permuted row of token `t`'s `j`-th choice (`row_of_slot` reshaped): the index
+    /// [`crate::fast::combine_forward`] and [`crate::fast::permute_backward`] take. With `k = 0`
+    /// the result is `[0, 0]`.
+    pub fn row_of_slot_matrix(&self) -> Array2<usize> {
+        let k = self.top_k;
+        let tokens = self.row_of_slot.len().checked_div(k).unwrap_or(0);
+        let data = self.row_of_slot[..tokens * k].to_vec();
+        Array2::from_shape_vec((tokens, k), data).unwrap_or_else(|_| Array2::zeros((0, k)))
     }
 }
