@@ -75,17 +75,20 @@ fn fmt_err(file: &str, msg: impl std::fmt::Display) -> AdapterError {
 }
 
 /// One parsed header entry before it is placed in the checkpoint map.
-struct HeaderEntry {
-    key: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    begin: usize,
-    end: usize,
+pub(crate) struct HeaderEntry {
+    pub(crate) key: String,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) begin: usize,
+    pub(crate) end: usize,
 }
 
 /// Validates one safetensors file's header against its size. Returns the entries with ABSOLUTE
 /// byte ranges and the `__metadata__` map.
-fn parse_header(name: &str, buf: &[u8]) -> Result<(Vec<HeaderEntry>, BTreeMap<String, String>)> {
+pub(crate) fn parse_header(
+    name: &str,
+    buf: &[u8],
+) -> Result<(Vec<HeaderEntry>, BTreeMap<String, String>)> {
     let size = buf.len();
     let Some(len_bytes) = buf.get(..8) else {
         return Err(fmt_err(
@@ -217,7 +220,7 @@ fn parse_header(name: &str, buf: &[u8]) -> Result<(Vec<HeaderEntry>, BTreeMap<St
     Ok((entries, metadata))
 }
 
-fn map_file(path: &Path) -> Result<Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     let f = std::fs::File::open(path).map_err(|e| AdapterError::io(path, e))?;
     // SAFETY: the mapping is read-only; like every safetensors reader we assume the file is not
     // truncated or rewritten while the checkpoint is open (our writer renames new files into place

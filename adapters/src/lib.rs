@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod convert;
+pub mod dcp;
 pub mod direct_io;
 pub mod error;
 pub mod family;

@@ -40,7 +40,7 @@ pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
 }
 
 /// Row-major strides in elements.
-fn strides(shape: &[usize]) -> Vec<usize> {
+pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         s[d] = s[d + 1] * shape[d + 1];
@@ -50,7 +50,7 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 
 /// Calls `f` for every multi-index of `shape` in row-major order (once for a 0-d shape, never
 /// when a dim is 0).
-fn for_each_index(shape: &[usize], mut f: impl FnMut(&[usize])) {
+pub(crate) fn for_each_index(shape: &[usize], mut f: impl FnMut(&[usize])) {
     if shape.contains(&0) {
         return;
     }

@@ -42,7 +42,7 @@ fn tmp_name(final_name: &str) -> String {
 }
 
 /// Writes `bytes` to `dir/.name.tmp-PID` and fsyncs it; returns the temporary path.
-fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+pub(crate) fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     let p = dir.join(tmp_name(name));
     let mut f = std::fs::File::create(&p).map_err(|e| AdapterError::io(&p, e))?;
     f.write_all(bytes).map_err(|e| AdapterError::io(&p, e))?;
