@@ -328,13 +328,17 @@ code { white-space: pre-wrap; word-break: break-word; }
         s.push_str("<h2>Failures</h2>\n<ul>\n");
         for r in failing {
             for fl in &r.failures {
+                let name = if fl.name == r.name {
+                    String::new()
+                } else {
+                    format!("<b>{}</b>: ", escape(&fl.name))
+                };
                 let _ = writeln!(
                     s,
-                    "<li>{} / {} / world {}: <b>{}</b>: <code>{}</code></li>",
+                    "<li>{} / {} / world {}: {name}<code>{}</code></li>",
                     escape(&r.label()),
                     escape(&r.backend),
                     r.world_size,
-                    escape(&fl.name),
                     escape(&fl.message)
                 );
             }

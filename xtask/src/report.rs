@@ -32,15 +32,27 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
         let _ = writeln!(s, "\n## Failures\n");
         for r in failures {
             for f in &r.failures {
-                let _ = writeln!(
-                    s,
-                    "- {} / {} / world {}: `{}`: {}",
-                    r.label(),
-                    r.backend,
-                    r.world_size,
-                    f.name,
-                    f.message
-                );
+                if f.name == r.name {
+                    // A scenario row: its label already names it.
+                    let _ = writeln!(
+                        s,
+                        "- {} / {} / world {}: {}",
+                        r.label(),
+                        r.backend,
+                        r.world_size,
+                        f.message
+                    );
+                } else {
+                    let _ = writeln!(
+                        s,
+                        "- {} / {} / world {}: `{}`: {}",
+                        r.label(),
+                        r.backend,
+                        r.world_size,
+                        f.name,
+                        f.message
+                    );
+                }
             }
         }
     }

@@ -150,7 +150,7 @@ pub(crate) fn run_logged(
                 let note = if status.success() {
                     String::new()
                 } else {
-                    format!("exit status {status}")
+                    status.to_string()
                 };
                 return Ok(RunOutcome {
                     ok: status.success(),

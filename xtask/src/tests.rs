@@ -405,6 +405,15 @@ fn a_killed_rank_must_fail_the_job_in_bounded_time_with_an_error() {
     )
     .unwrap_err();
     assert!(e.contains("no error"), "{e}");
+    // Under MPI the survivors are ended by mpirun's SIGTERM: their collectives fault report names
+    // the collective without saying "error".
+    let sigterm = "conformance train: rank 1 killed at the start of step 3 (fault injection)\n\
+        collectives: rank 0 of 2: terminated by signal 15 while in all_to_all (collective #20 on mpi communicator of 2 ranks (this rank: 0)); a peer died\n";
+    let note = kill_verdict(&outcome(false, 1.5, Some(137), false), bound, sigterm, "").unwrap();
+    assert!(
+        note.contains("all_to_all (collective #20") && note.contains("fault report"),
+        "{note}"
+    );
     // Under MPI the error may only be in the ranks' fault report files.
     let note = kill_verdict(
         &outcome(false, 1.0, Some(70), false),

@@ -160,7 +160,9 @@ pub fn check_resume(tj: &TrainJson, from: u64, skipped: &[u64]) -> Result<(), St
 }
 
 /// Verdict of a job with a killed rank: it must exit non-zero, by itself (not by our timeout),
-/// within `bound`, and say "error" (any case) on stderr or in a rank's fault report. Ok: the note.
+/// within `bound`, and report an error on stderr or in a rank's fault report file: a line saying
+/// "error" (any case; one naming a collective preferred), else a collectives fault report naming
+/// the collective (`(collective #N`). Ok: the note, with the seconds and that line.
 pub fn kill_verdict(
     out: &RunOutcome,
     bound: Duration,
@@ -189,9 +191,28 @@ pub fn kill_verdict(
             .map(|l| (l.trim().to_string(), true))
             .or_else(|| errors.first().map(|l| (l.trim().to_string(), false)))
     };
+    // Under MPI the surviving ranks are usually ended by mpirun's SIGTERM; their report is the
+    // collectives fault line `... terminated by signal 15 while in all_to_all (collective #20 ...)`:
+    // an error naming the collective, though without the word.
+    let fault_report = |text: &str| -> Option<String> {
+        text.lines()
+            .find(|l| l.contains("(collective #"))
+            .map(|l| l.trim().to_string())
+    };
     let found = pick(stderr)
         .map(|(l, c)| (l, c, ""))
-        .or_else(|| pick(reports).map(|(l, c)| (l, c, "rank fault report: ")));
+        .or_else(|| pick(reports).map(|(l, c)| (l, c, "rank fault report: ")))
+        .or_else(|| {
+            fault_report(stderr)
+                .or_else(|| fault_report(reports))
+                .map(|l| {
+                    (
+                        l,
+                        true,
+                        "no line says \"error\"; collectives fault report: ",
+                    )
+                })
+        });
     match found {
         Some((line, names, from)) => Ok(format!(
             "failed in {:.1} s ({}); {from}{line}{}",
