@@ -7,11 +7,14 @@
 //! The `conformance` binary runs them under the threads backend or under `mpirun`; `cargo xtask
 //! conformance` runs the matrix and writes the reports.
 
+pub mod checkpoint;
 pub mod family;
 pub mod gather;
 pub mod golden;
+pub mod parallel;
 pub mod placement_cases;
 pub mod report;
 pub mod roundtrip;
 pub mod sharded;
 pub mod suites;
+pub mod train;

@@ -12,8 +12,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use collectives::Communicator;
 use conformance::golden::{self, Tolerance, F32_TOLERANCE};
+use conformance::parallel::{Mutation, PlanKind};
 use conformance::report::{print_reports, Check, RunJson, SuiteReport};
 use conformance::suites::{run_and_merge, RunConfig, Suite};
+use conformance::train::{self, compare_runs, Compare, Kill, TrainArgs};
 use conformance::{roundtrip, sharded};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +69,12 @@ enum Cmd {
         /// Suites to run (default: all).
         #[arg(long, value_enum, value_delimiter = ',')]
         suites: Vec<Suite>,
+        /// Plans of the `parallel` suite (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        plans: Vec<PlanKind>,
+        /// Run a deliberately wrong plan variant (to show the suite catches it).
+        #[arg(long, value_enum)]
+        mutate: Option<Mutation>,
         /// Write the result file read by `cargo xtask conformance` (rank 0).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -95,6 +103,54 @@ enum Cmd {
         /// Print passing cases too.
         #[arg(long, short)]
         verbose: bool,
+    },
+    /// Train a small MoE model with AdamW on a parallel plan; save / resume distributed checkpoints.
+    Train {
+        #[arg(long, value_enum, default_value_t = Backend::Threads)]
+        backend: Backend,
+        /// Number of ranks (threads backend, default 1; under MPI the world is mpirun's).
+        #[arg(long)]
+        world: Option<usize>,
+        #[arg(long, value_enum)]
+        plan: PlanKind,
+        /// Train up to this step (inclusive).
+        #[arg(long)]
+        steps: u64,
+        /// Where rank 0 writes train.json and weights.safetensors.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Root of the step_NNNNNNNN checkpoint directories.
+        #[arg(long)]
+        ckpt_root: Option<PathBuf>,
+        /// Save a checkpoint every S steps (needs --ckpt-root).
+        #[arg(long)]
+        save_every: Option<u64>,
+        /// Resume from the latest complete checkpoint under --ckpt-root.
+        #[arg(long)]
+        resume: bool,
+        /// Fault injection: the rank that dies.
+        #[arg(long)]
+        kill_rank: Option<usize>,
+        /// Fault injection: the step at whose start --kill-rank dies.
+        #[arg(long)]
+        kill_at_step: Option<u64>,
+        /// Fault injection: the save (step) during which --kill-rank dies, before the commit.
+        #[arg(long)]
+        kill_in_save_at_step: Option<u64>,
+    },
+    /// Compare a resumed training run with a reference run (losses and final weights).
+    CompareTrain {
+        #[arg(long)]
+        reference: PathBuf,
+        #[arg(long)]
+        candidate: PathBuf,
+        /// Bit-identical losses and weights.
+        #[arg(long, conflicts_with_all = ["atol", "rtol"])]
+        exact: bool,
+        #[arg(long)]
+        atol: Option<f64>,
+        #[arg(long)]
+        rtol: Option<f64>,
     },
     /// Local shards of the expert tensors per parallel plan, on `world` thread ranks.
     Sharded {
@@ -185,7 +241,16 @@ fn validate_run(cfg: &RunConfig) -> Result<(), String> {
     let needs: Vec<&str> = cfg
         .suites
         .iter()
-        .filter(|s| matches!(s, Suite::Roundtrip | Suite::Golden | Suite::Sharded))
+        .filter(|s| {
+            matches!(
+                s,
+                Suite::Roundtrip
+                    | Suite::Golden
+                    | Suite::Sharded
+                    | Suite::Parallel
+                    | Suite::Checkpoint
+            )
+        })
         .map(|s| s.name())
         .collect();
     if !needs.is_empty() && cfg.fixtures.is_empty() {
@@ -207,6 +272,45 @@ fn validate_run(cfg: &RunConfig) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn train_threads(world: usize, args: &TrainArgs) -> Result<(), String> {
+    if world == 0 {
+        return Err("--world must be >= 1".into());
+    }
+    let results =
+        collectives::threads::spawn_world(world, |comm| train::run_rank(comm.as_ref(), args));
+    let mut errors = Vec::new();
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("rank {rank}: {e}")),
+            Err(_) => errors.push(format!("rank {rank} panicked")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn train_mpi(expected_world: Option<usize>, args: &TrainArgs) -> Result<(), String> {
+    let mpi = collectives::mpi::MpiWorld::init().map_err(|e| e.to_string())?;
+    let world = mpi.world();
+    if let Some(n) = expected_world.filter(|n| *n != world.size()) {
+        return Err(format!(
+            "--world {n} given but mpirun started {} ranks",
+            world.size()
+        ));
+    }
+    train::run_rank(world.as_ref(), args).map_err(|e| format!("rank {}: {e}", world.rank()))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi(_: Option<usize>, _: &TrainArgs) -> Result<(), String> {
+    Err("this conformance binary was built without MPI".into())
 }
 
 #[cfg(feature = "mpi")]
@@ -246,6 +350,8 @@ fn main() -> ExitCode {
             fixtures,
             cases,
             suites,
+            plans,
+            mutate,
             json,
             verbose,
             tol,
@@ -262,6 +368,8 @@ fn main() -> ExitCode {
                     atol: tol.atol,
                     rtol: tol.rtol,
                 },
+                plans,
+                mutation: mutate,
             };
             let result = validate_run(&cfg).and_then(|()| match backend {
                 Backend::Threads => run_threads(world.unwrap_or(1), &cfg, json.as_ref(), verbose),
@@ -271,6 +379,80 @@ fn main() -> ExitCode {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Train {
+            backend,
+            world,
+            plan,
+            steps,
+            out_dir,
+            ckpt_root,
+            save_every,
+            resume,
+            kill_rank,
+            kill_at_step,
+            kill_in_save_at_step,
+        } => {
+            let kill = match (kill_rank, kill_at_step, kill_in_save_at_step) {
+                (None, None, None) => None,
+                (Some(rank), Some(step), None) => Some(Kill::AtStep { rank, step }),
+                (Some(rank), None, Some(step)) => Some(Kill::InSave { rank, step }),
+                _ => {
+                    eprintln!("error: --kill-rank needs exactly one of --kill-at-step, --kill-in-save-at-step");
+                    return ExitCode::from(2);
+                }
+            };
+            let args = TrainArgs {
+                plan,
+                steps,
+                out_dir,
+                ckpt_root,
+                save_every,
+                resume,
+                kill,
+                hard_kill: backend == Backend::Mpi,
+            };
+            let result = match backend {
+                Backend::Threads => train_threads(world.unwrap_or(1), &args),
+                Backend::Mpi => train_mpi(world, &args),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::CompareTrain {
+            reference,
+            candidate,
+            exact,
+            atol,
+            rtol,
+        } => {
+            let how = if exact {
+                Compare::Exact
+            } else {
+                Compare::Tolerance {
+                    atol: atol.unwrap_or(1e-5),
+                    rtol: rtol.unwrap_or(1e-4),
+                }
+            };
+            match compare_runs(&reference, &candidate, how) {
+                Ok(lines) => {
+                    println!("compare-train: equal: {}", lines.join("; "));
+                    ExitCode::SUCCESS
+                }
+                Err(Ok(problems)) => {
+                    println!("compare-train: DIFFERENT: {}", problems.join("; "));
+                    ExitCode::from(1)
+                }
+                Err(Err(e)) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
                 }
