@@ -14,7 +14,11 @@
 //! maps to the disk keys the same way. Conversions only move bytes: no dtype change, no
 //! communication. Local shards: see [`crate::layout::Group::to_disk_local`]; any `S` / `_S` on any
 //! native dim loads (the packed 2I dim included); on the way back, a mesh dim sharding the packed
-//! dim must be `_S(2, 2)` (TP-packed gate|up) unless the tensor has one identity segment.
+//! dim must be `_S(2, 2)` (TP-packed gate|up) unless the tensor has one identity segment. It maps
+//! to `S` of the gate and up tensors' I dim, or, for GPT-OSS's interleaved `gate_up_proj` (and
+//! `gate_up_proj_bias`), to `S` of its 2I dim: rank r's gate cols G and up cols G + I are disk
+//! cols `{2i, 2i + 1 : i in G}`, one run, re-interleaved; that `S` is exact when the mesh size
+//! divides I (else the index sets are authoritative: `LocalTensor::placements_match`).
 
 use crate::adapter::{MoeAdapter, NativeMoeKeys};
 use crate::checkpoint::HfCheckpoint;

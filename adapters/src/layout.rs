@@ -645,8 +645,8 @@ impl Group {
             let mut sel: Vec<Vec<usize>> = lt.tensor.shape.iter().map(|&n| range(n)).collect();
             sel[last] = pos;
             let slab = lt.tensor.gather_vecs(&sel)?;
-            let placements = self.disk_placements(lt, d, src)?;
             let dset = IndexSet::from_indices(&dcols);
+            let placements = self.disk_placements(lt, d, src, &dset)?;
             let mut dind: Vec<IndexSet> = Vec::new();
             let start = usize::from(d.per_expert);
             for s in lt.indices.iter().take(last).skip(start) {
@@ -694,28 +694,52 @@ impl Group {
         Ok(out.into_iter().map(|(_, t)| t).collect())
     }
 
-    /// Placements of the disk piece `d` (index `src`) of a native local shard. The expert dim of a
-    /// per-expert key is consumed (its mesh dims become `R`); the other dims follow `dim_map`. A
-    /// mesh dim sharding the native last dim maps to the disk column dim only where that is exact:
-    /// the group has one identity segment (any `S` / `_S` moves as is), or the only mesh dim
-    /// sharding it is `_S(d, n)` with n = the number of equal segments and this disk tensor is fed
-    /// by one whole segment (TP-packed gate|up: each rank holds chunk r of gate and of up, i.e.
-    /// `S` of each of the gate and up tensors). Anything else (e.g. plain `S(2)` on [gate|up], or
-    /// GPT-OSS's interleaved disk tensor) is an "unsupported in this version" error.
+    /// Placements of the disk piece `d` (index `src`) of a native local shard, whose native
+    /// last-dim columns land on disk columns `dset` (ascending). The expert dim of a per-expert key
+    /// is consumed (its mesh dims become `R`); the other dims follow `dim_map`. A mesh dim sharding
+    /// the native last dim maps to the disk column dim where the conversion has a DTensor
+    /// placement (the one torch's view rules give, `placement::view_placements`):
+    /// - the group has one identity segment: any `S` / `_S` moves as is (exact);
+    /// - the only mesh dim sharding it is `_S(d, n)` with n = the number of equal segments and
+    ///   this disk tensor is fed by one whole segment (TP-packed gate|up, per-expert or stacked
+    ///   gate and up tensors: rank r holds chunk r of gate and of up): `S` of the disk column dim,
+    ///   exact on every mesh;
+    /// - the only mesh dim sharding it is `_S(d, n)` and this disk tensor INTERLEAVES the n
+    ///   segments (GPT-OSS `gate_up_proj`: gate col i at 2i, up col i at 2i + 1): rank r holds
+    ///   disk cols `{n i + j : i in chunk_r(L), j < n}`, one run `[n o, n (o + s))`, so `S` of the
+    ///   disk column dim (HF `colwise` on the fused dim; torch: `_S(2, 2)` -> view `[.., 2, I]` ->
+    ///   `S(3)` -> transpose -> `S(2)` -> flatten -> `S(2)`). Exact when torch.chunk of n L over
+    ///   the mesh size k lines up with n times that of L (`ceil(nL / k) == n ceil(L / k)`, e.g. k
+    ///   divides L = I). Otherwise torch refuses that flatten ("cannot flatten unevenly sharded
+    ///   tensor") and no placement gives every rank's run; a shard does not know k, so the piece
+    ///   still says `S(col)` and its index sets (always exact) are authoritative: check with
+    ///   [`LocalTensor::placements_match`]. Error when `dset` is not such a run (the native index
+    ///   sets are not those of `_S(d, n)`).
+    ///
+    /// Anything else (e.g. plain `S(2)` on [gate|up], or two mesh dims sharding the packed dim) is
+    /// an "unsupported in this version" error.
     fn disk_placements(
         &self,
         lt: &LocalTensor,
         d: &DiskTensor,
         src: usize,
+        dset: &IndexSet,
     ) -> Result<Vec<Placement>> {
         let nd = self.shape.len();
         let last = nd - 1;
         let dim_map = d.dim_map(nd);
         let width = d.shape[d.col_dim()];
+        let nseg = self.segs.len();
         let whole = |s: &Segment| s.col0 == 0 && s.step == 1 && s.len == width;
-        let identity = self.segs.len() == 1 && whole(&self.segs[0]);
+        let identity = nseg == 1 && whole(&self.segs[0]);
         let mine: Vec<&Segment> = self.segs.iter().filter(|s| s.src == src).collect();
         let equal = self.segs.iter().all(|s| s.len == self.segs[0].len);
+        // Segment j: native cols [j L, (j + 1) L) at disk cols j, j + n, ... of this one tensor.
+        let interleaved = nseg > 1
+            && mine.len() == nseg
+            && self.segs.iter().enumerate().all(|(j, s)| {
+                s.col0 == j && s.step == nseg && s.start == j * s.len && s.len * nseg == width
+            });
         let packed_dims = lt
             .placements
             .iter()
@@ -728,15 +752,25 @@ impl Group {
                 continue;
             }
             let col = dim_map[last].unwrap_or(0);
+            let packed = matches!(p, Placement::StridedShard { split_factor, .. }
+                if *split_factor == nseg && equal && packed_dims == 1);
             let q = match p {
                 _ if identity => Some(p.with_shard_dim(col)),
-                Placement::StridedShard { split_factor, .. }
-                    if *split_factor == self.segs.len()
-                        && equal
-                        && packed_dims == 1
-                        && mine.len() == 1
-                        && whole(mine[0]) =>
-                {
+                _ if packed && mine.len() == 1 && whole(mine[0]) => Some(Placement::Shard(col)),
+                _ if packed && interleaved => {
+                    let run = match dset.runs() {
+                        [] => true,
+                        [r] => r.start % nseg == 0 && r.len() % nseg == 0,
+                        _ => false,
+                    };
+                    if !run {
+                        return Err(AdapterError::Placement(format!(
+                            "{}: placement {p} but the native columns held land on {} columns {:?} (not one run of whole gate/up pairs): the index sets are not those of {p}",
+                            self.native_key,
+                            d.key,
+                            dset.runs()
+                        )));
+                    }
                     Some(Placement::Shard(col))
                 }
                 _ => None,
@@ -747,9 +781,9 @@ impl Group {
                     return Err(AdapterError::Unsupported(format!(
                         "{}: placement {p} shards the packed last dim ({} segments from {}), which has no placement on the HF tensor; unsupported in this version (use _S({last}, {}) alone on that dim)",
                         self.native_key,
-                        self.segs.len(),
+                        nseg,
                         d.key,
-                        self.segs.len()
+                        nseg
                     )))
                 }
             }

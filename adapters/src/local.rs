@@ -19,7 +19,13 @@ pub struct LocalTensor {
     pub tensor: HostTensor,
     /// Shape of the whole (global) tensor.
     pub global_shape: Vec<usize>,
-    /// One placement per mesh dim (PyTorch DTensor semantics).
+    /// One placement per mesh dim (PyTorch DTensor semantics). `placement::local_shard` of these
+    /// placements at the rank's coordinate gives `indices` ([`LocalTensor::placements_match`]),
+    /// with one exception, for the pieces `MoeAdapter::to_hf_local` returns: GPT-OSS's interleaved
+    /// `gate_up_proj` / `gate_up_proj_bias` from native `_S(last, 2)` say `S(last)`, which is exact
+    /// only when torch.chunk of 2I over the mesh size lines up with twice that of I (e.g. the
+    /// mesh size divides I; see `Group::disk_placements` in `layout.rs`); there `indices` (always
+    /// exact) are authoritative.
     pub placements: Vec<Placement>,
     /// Per tensor dim, the global indices held, in local order (full range when unsharded).
     pub indices: Vec<IndexSet>,
@@ -56,6 +62,20 @@ impl LocalTensor {
             }
         }
         Ok(())
+    }
+
+    /// Whether `placements` on `mesh` at `coord` give exactly `indices` (in local order), through
+    /// `placement::local_shard`. Errors: placements that do not fit the mesh or the global shape, a
+    /// bad coordinate.
+    pub fn placements_match(&self, mesh: &DeviceMesh, coord: &[usize]) -> Result<bool> {
+        let (_, idx) = shard_indices(
+            &self.key,
+            &self.global_shape,
+            mesh,
+            &self.placements,
+            coord,
+        )?;
+        Ok(idx == self.indices)
     }
 }
 

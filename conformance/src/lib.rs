@@ -3,7 +3,9 @@
 //! Suites (see [`suites::Suite`]): `roundtrip` (HF -> native -> HF bit-identity), `golden` (MoE block
 //! forward vs transformers), `sharded` (local shards per EP / EP x FSDP plan: shapes vs `placement`,
 //! gathered bit-exact, both directions), `collectives` (the communicator against naive references), `placement` (PyTorch-generated
-//! placement cases).
+//! placement cases), `parallel` (distributed MoE blocks per EP / TP / SP / FSDP plan vs the
+//! single-device reference, [`parallel`]), `checkpoint` (distributed save, reshard on load,
+//! consolidation, [`checkpoint`]); and [`train`] (AdamW save / resume of a small MoE model).
 //! The `conformance` binary runs them under the threads backend or under `mpirun`; `cargo xtask
 //! conformance` runs the matrix and writes the reports.
 
