@@ -529,7 +529,15 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
             return Err("building the conformance binary failed, also without MPI".into());
         }
     }
-    let bin = target_dir(&root).join(profile).join("conformance");
+    // Run a private copy, so that a `cargo build` elsewhere during the job cannot swap the binary
+    // between runs (every row comes from the binary built above).
+    let built = target_dir(&root).join(profile).join("conformance");
+    let bin_dir = out_dir.join("bin");
+    fs::create_dir_all(&bin_dir).map_err(|e| format!("{}: {e}", bin_dir.display()))?;
+    let bin = bin_dir.join("conformance");
+    let _ = fs::remove_file(&bin);
+    fs::copy(&built, &bin)
+        .map_err(|e| format!("copying {} to {}: {e}", built.display(), bin.display()))?;
     let run_mpi_examples = backends.contains(&Backend::Mpi) && (sel.faults || sel.nccl);
     let examples_built = run_mpi_examples && build_examples(&root, args.release)?;
 
