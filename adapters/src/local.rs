@@ -68,13 +68,7 @@ impl LocalTensor {
     /// `placement::local_shard`. Errors: placements that do not fit the mesh or the global shape, a
     /// bad coordinate.
     pub fn placements_match(&self, mesh: &DeviceMesh, coord: &[usize]) -> Result<bool> {
-        let (_, idx) = shard_indices(
-            &self.key,
-            &self.global_shape,
-            mesh,
-            &self.placements,
-            coord,
-        )?;
+        let (_, idx) = shard_indices(&self.key, &self.global_shape, mesh, &self.placements, coord)?;
         Ok(idx == self.indices)
     }
 }
