@@ -16,11 +16,12 @@
 
 use crate::checkpoint::agree;
 use crate::gather::gather_full;
+use crate::parallel::block::all_reduce;
 use crate::parallel::shards::{host, indices, take, BlockTensors, FullShapes};
 use crate::parallel::{DistBlock, ParallelPlan, Param, PlanComms, PlanKind};
 use adapters::dcp::{self, ShardToSave};
 use adapters::{Dtype, HostTensor, LocalTensor, NativeMoeKeys};
-use collectives::{Communicator, CommunicatorExt, ReduceOp};
+use collectives::Communicator;
 use moe_kernels::{Activation, MoeConfig, RouterKind};
 use ndarray::{Array, Array1, Array2, Dimension};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -308,14 +309,6 @@ impl State {
         }
         set_tensors(&mut self.blocks, &mut self.head, params)
     }
-}
-
-fn all_reduce<D: Dimension>(comm: &dyn Communicator, a: &mut Array<f32, D>) -> Result<(), String> {
-    let mut v: Vec<f32> = a.iter().copied().collect();
-    comm.all_reduce(&mut v, ReduceOp::Sum)
-        .map_err(|e| format!("all_reduce: {e}"))?;
-    a.iter_mut().zip(v).for_each(|(d, s)| *d = s);
-    Ok(())
 }
 
 /// One training step on this rank's tokens: returns the global loss and the local gradients in the

@@ -84,7 +84,11 @@ fn collective<D: Dimension, Op: CollectiveFunction>(
     from_comm(out)
 }
 
-fn all_reduce<D: Dimension>(comm: &dyn Communicator, a: &mut Array<f32, D>) -> Result<(), String> {
+/// In-place `all_reduce(SUM)` of an array over `comm`.
+pub(crate) fn all_reduce<D: Dimension>(
+    comm: &dyn Communicator,
+    a: &mut Array<f32, D>,
+) -> Result<(), String> {
     let mut v: Vec<f32> = a.iter().copied().collect();
     comm.all_reduce(&mut v, ReduceOp::Sum)
         .map_err(|e| format!("all_reduce of a gradient: {e}"))?;
