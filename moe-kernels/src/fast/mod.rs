@@ -12,6 +12,7 @@
 //! chain with collectives in between; [`moe_forward`] / [`moe_backward`] are those stages
 //! chained on one rank.
 
+pub mod alloc;
 pub mod gemm;
 pub mod grouped;
 pub mod stages;

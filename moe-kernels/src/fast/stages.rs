@@ -28,6 +28,7 @@
 
 use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 
+use super::alloc::{zeros2, zeros3};
 use super::gemm::{matmul, Parallelism};
 use super::grouped::{grouped_matmul, grouped_matmul_tn, grouped_row_sum, par_rows};
 use crate::activation::{glu_backward, glu_forward, sigmoid};
@@ -57,7 +58,7 @@ fn check_shape(tensor: &'static str, got: &[usize], want: &[usize], symbols: &st
 
 /// `a @ b` into a new array, rayon-parallel inside the GEMM.
 pub(crate) fn dense(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Result<Array2<f32>> {
-    let mut out = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+    let mut out = zeros2(a.nrows(), b.ncols());
     matmul(out.view_mut(), a, b, false, Parallelism::Rayon(0))?;
     Ok(out)
 }
@@ -233,14 +234,14 @@ pub fn experts_forward(
     let (n, hidden) = xp.dim();
     let expert = expert_of_rows(offsets);
 
-    let mut a = Array2::<f32>::zeros((n, 2 * inter));
+    let mut a = zeros2(n, 2 * inter);
     grouped_matmul(&mut a, xp, offsets, |e| {
         w.gate_and_up_projs.index_axis(Axis(0), e)
     })?;
     if let Some(b) = w.gate_up_bias {
         add_row_bias(&mut a, b, &expert);
     }
-    let mut h = Array2::<f32>::zeros((n, inter));
+    let mut h = zeros2(n, inter);
     {
         let a = a.view();
         par_rows(&mut h, |r, row| {
@@ -250,7 +251,7 @@ pub fn experts_forward(
             }
         });
     }
-    let mut y = Array2::<f32>::zeros((n, hidden));
+    let mut y = zeros2(n, hidden);
     grouped_matmul(&mut y, h.view(), offsets, |e| {
         w.down_projs.index_axis(Axis(0), e)
     })?;
@@ -288,15 +289,15 @@ pub fn experts_backward(
     check_shape("acts.h", acts.h.shape(), &[n, inter], "[N, I_l]")?;
     check_shape("grad_y", grad_y.shape(), &[n, hidden], "[N, H]")?;
 
-    let mut down_projs = Array3::<f32>::zeros((experts, inter, hidden));
+    let mut down_projs = zeros3(experts, inter, hidden);
     grouped_matmul_tn(&mut down_projs, acts.h.view(), grad_y, offsets)?;
     let down_bias = w.down_bias.map(|_| grouped_row_sum(grad_y, offsets));
-    let mut dh = Array2::<f32>::zeros((n, inter));
+    let mut dh = zeros2(n, inter);
     grouped_matmul(&mut dh, grad_y, offsets, |e| {
         w.down_projs.index_axis(Axis(0), e).reversed_axes()
     })?;
 
-    let mut da = Array2::<f32>::zeros((n, 2 * inter));
+    let mut da = zeros2(n, 2 * inter);
     {
         let (a, dh) = (acts.a.view(), dh.view());
         par_rows(&mut da, |r, row| {
@@ -309,10 +310,10 @@ pub fn experts_backward(
         });
     }
     drop(dh);
-    let mut gate_and_up_projs = Array3::<f32>::zeros((experts, hidden, 2 * inter));
+    let mut gate_and_up_projs = zeros3(experts, hidden, 2 * inter);
     grouped_matmul_tn(&mut gate_and_up_projs, xp, da.view(), offsets)?;
     let gate_up_bias = w.gate_up_bias.map(|_| grouped_row_sum(da.view(), offsets));
-    let mut grad_xp = Array2::<f32>::zeros((n, hidden));
+    let mut grad_xp = zeros2(n, hidden);
     grouped_matmul(&mut grad_xp, da.view(), offsets, |e| {
         w.gate_and_up_projs.index_axis(Axis(0), e).reversed_axes()
     })?;
@@ -366,7 +367,7 @@ pub fn permute_forward(x: ArrayView2<f32>, token_of_row: &[usize]) -> Result<Arr
             &[bad],
         ));
     }
-    let mut out = Array2::<f32>::zeros((token_of_row.len(), x.ncols()));
+    let mut out = zeros2(token_of_row.len(), x.ncols());
     par_rows(&mut out, |r, row| {
         row.iter_mut()
             .zip(x.row(token_of_row[r]))
@@ -394,7 +395,7 @@ pub fn permute_backward(
             &[bad],
         ));
     }
-    let mut grad_x = Array2::<f32>::zeros((row_of_slot.nrows(), grad_xp.ncols()));
+    let mut grad_x = zeros2(row_of_slot.nrows(), grad_xp.ncols());
     par_rows(&mut grad_x, |t, row| {
         for &r in row_of_slot.row(t) {
             row.iter_mut()
@@ -423,7 +424,7 @@ pub fn combine_forward(
     row_of_slot: ArrayView2<usize>,
 ) -> Result<Array2<f32>> {
     check_slots(weights, row_of_slot, y.nrows())?;
-    let mut out = Array2::<f32>::zeros((weights.nrows(), y.ncols()));
+    let mut out = zeros2(weights.nrows(), y.ncols());
     par_rows(&mut out, |t, row| {
         for (&r, &wj) in row_of_slot.row(t).iter().zip(weights.row(t)) {
             row.iter_mut()
@@ -465,14 +466,14 @@ pub fn combine_backward(
         slot_of_row[r] = slot;
     }
 
-    let mut grad_weights = Array2::<f32>::zeros((tokens, k));
+    let mut grad_weights = zeros2(tokens, k);
     par_rows(&mut grad_weights, |t, row| {
         let go = grad_out.row(t);
         for (v, &r) in row.iter_mut().zip(row_of_slot.row(t)) {
             *v = go.iter().zip(y.row(r)).map(|(&a, &b)| a * b).sum();
         }
     });
-    let mut grad_y = Array2::<f32>::zeros((rows, hidden));
+    let mut grad_y = zeros2(rows, hidden);
     par_rows(&mut grad_y, |r, row| {
         let slot = slot_of_row[r];
         if slot != usize::MAX {
@@ -642,7 +643,7 @@ pub fn router_backward(
     routing: &Routing<f32>,
     grad_weights: ArrayView2<f32>,
 ) -> Result<RouterGrads> {
-    let mut grad_x = Array2::<f32>::zeros(x.raw_dim());
+    let mut grad_x = zeros2(x.nrows(), x.ncols());
     let (gate_weight, gate_bias) = router_backward_into(
         x,
         gate_weight,
@@ -773,7 +774,7 @@ pub(crate) fn shared_expert_backward_into(
     });
     let down_proj = dense(dys.t(), acts.hs.view())?;
     let mut dhs = dense(dys.view(), s.down_proj)?;
-    let mut du = Array2::<f32>::zeros(dhs.raw_dim());
+    let mut du = zeros2(dhs.nrows(), dhs.ncols());
     ndarray::Zip::from(&mut dhs)
         .and(&mut du)
         .and(&acts.g)
@@ -803,7 +804,7 @@ pub(crate) fn shared_expert_backward_into(
     let gate = match s.gate {
         Some(w) => {
             // out = sigmoid(zg) * ys: dzg = <dOut, ys> * gate (1 - gate).
-            let mut dz = Array2::<f32>::zeros((tokens, 1));
+            let mut dz = zeros2(tokens, 1);
             par_rows(&mut dz, |t, v| {
                 let dgate: f32 = grad_out
                     .row(t)
@@ -840,7 +841,7 @@ pub fn shared_expert_backward(
     acts: &SharedActs,
     grad_out: ArrayView2<f32>,
 ) -> Result<(Array2<f32>, SharedExpertGrads<f32>)> {
-    let mut grad_x = Array2::<f32>::zeros(x.raw_dim());
+    let mut grad_x = zeros2(x.nrows(), x.ncols());
     let grads = shared_expert_backward_into(x, s, acts, grad_out, grad_x.view_mut(), false)?;
     Ok((grad_x, grads))
 }
