@@ -8,7 +8,10 @@
 //! With 2 MiB pages the same memory takes ~2k faults. The contents are the same zeros either
 //! way; only the page size changes. Small arrays (below [`HUGE_MIN_BYTES`]) are left alone.
 
+use std::sync::Mutex;
+
 use ndarray::{Array2, Array3};
+use rayon::prelude::*;
 
 /// Allocations at least this large get the huge-page advice.
 pub const HUGE_MIN_BYTES: usize = 4 << 20;
@@ -42,11 +45,58 @@ fn advise_huge(ptr: *mut f32, len: usize) {
 #[cfg(not(target_os = "linux"))]
 fn advise_huge(_ptr: *mut f32, _len: usize) {}
 
-/// A zeroed `Vec<f32>` of `len` elements, huge pages advised when large.
+/// Most bytes the buffer pool keeps ([`recycle`]); beyond it a recycled buffer is freed.
+pub const POOL_MAX_BYTES: usize = 4 << 30;
+
+/// Large buffers given back by [`recycle`], reused by [`zeroed_vec`] for the same length.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<Vec<f32>>> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A zeroed `Vec<f32>` of `len` elements: a recycled buffer of that length (zeroed here, in
+/// parallel) when the pool has one, else a fresh allocation with huge pages advised when large.
 pub fn zeroed_vec(len: usize) -> Vec<f32> {
+    if len * std::mem::size_of::<f32>() >= HUGE_MIN_BYTES {
+        let reused = {
+            let mut p = pool();
+            p.iter()
+                .position(|v| v.len() == len)
+                .map(|i| p.swap_remove(i))
+        };
+        if let Some(mut v) = reused {
+            v.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+            return v;
+        }
+    }
     let mut v = vec![0.0f32; len];
     advise_huge(v.as_mut_ptr(), len);
     v
+}
+
+/// Gives a buffer back for reuse by a later [`zeroed_vec`] / [`zeros2`] / [`zeros3`] of the
+/// same length (a caching allocator for the fast path's large intermediates, so that repeated
+/// calls at one shape do not fault in fresh pages every time). Small buffers, non-contiguous
+/// arrays and buffers beyond [`POOL_MAX_BYTES`] in all are simply dropped.
+pub fn recycle<D: ndarray::Dimension>(a: ndarray::Array<f32, D>) {
+    if !a.is_standard_layout() || a.len() * std::mem::size_of::<f32>() < HUGE_MIN_BYTES {
+        return;
+    }
+    let (v, offset) = a.into_raw_vec_and_offset();
+    if offset.unwrap_or(0) != 0 {
+        return;
+    }
+    let mut p = pool();
+    let held: usize = p.iter().map(|b| b.len() * std::mem::size_of::<f32>()).sum();
+    if held + v.len() * std::mem::size_of::<f32>() <= POOL_MAX_BYTES {
+        p.push(v);
+    }
+}
+
+/// Frees every buffer the pool holds.
+pub fn release_pool() {
+    pool().clear();
 }
 
 /// `Array2::zeros((rows, cols))`, huge pages advised when large.
@@ -58,4 +108,25 @@ pub fn zeros2(rows: usize, cols: usize) -> Array2<f32> {
 pub fn zeros3(d0: usize, d1: usize, d2: usize) -> Array3<f32> {
     Array3::from_shape_vec((d0, d1, d2), zeroed_vec(d0 * d1 * d2))
         .expect("shape matches the length")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recycled_buffers_come_back_zeroed() {
+        let (rows, cols) = (1024, 1024 + 7); // over HUGE_MIN_BYTES: pooled
+        let mut a = zeros2(rows, cols);
+        a.fill(3.5);
+        recycle(a);
+        let b = zeros2(rows, cols);
+        assert_eq!(b.dim(), (rows, cols));
+        assert!(b.iter().all(|&v| v == 0.0));
+        let c = zeros3(1, rows, cols);
+        assert!(c.iter().all(|&v| v == 0.0));
+        recycle(b);
+        recycle(c);
+        release_pool();
+    }
 }

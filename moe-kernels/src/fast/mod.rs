@@ -41,6 +41,16 @@ pub struct Saved {
     shared: Option<SharedActs>,
 }
 
+impl Drop for Saved {
+    /// The expert activations go back to the buffer pool ([`alloc::recycle`]) for the next
+    /// forward at this shape.
+    fn drop(&mut self) {
+        alloc::recycle(std::mem::take(&mut self.acts.a));
+        alloc::recycle(std::mem::take(&mut self.acts.h));
+        alloc::recycle(std::mem::take(&mut self.acts.y));
+    }
+}
+
 /// Fast forward (same contract as [`crate::reference::moe_forward`], f32).
 ///
 /// # Errors
@@ -75,7 +85,7 @@ fn forward_inner(
     let xp = permute_forward(x, &perm.token_of_rows())?;
     let w = ExpertWeights::from_params(p);
     let acts = experts_forward(xp.view(), &perm.offsets, &w, &cfg.activation)?;
-    drop(xp);
+    alloc::recycle(xp);
     let mut output = combine_forward(
         acts.y.view(),
         routing.top_k_weights.view(),
@@ -149,11 +159,13 @@ pub fn moe_backward(
         &sv.acts,
         dy.view(),
     )?;
-    drop((xp, dy));
+    alloc::recycle(xp);
+    alloc::recycle(dy);
 
     // dx: per-token gather-sum over the k slots in order, then the router and shared terms
     // accumulated into it (in this order, so the bits do not depend on the staging).
     let mut grad_input = permute_backward(eg.grad_xp.view(), sv.row_of_slot.view())?;
+    alloc::recycle(eg.grad_xp);
     let (gate_weight, gate_bias) = router_backward_into(
         x,
         p.gate_weight,

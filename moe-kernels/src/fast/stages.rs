@@ -28,7 +28,7 @@
 
 use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 
-use super::alloc::{zeros2, zeros3};
+use super::alloc::{recycle, zeros2, zeros3};
 use super::gemm::{matmul, Parallelism};
 use super::grouped::{grouped_matmul, grouped_matmul_tn, grouped_row_sum, par_rows};
 use crate::activation::{glu_backward, glu_forward, sigmoid};
@@ -309,7 +309,7 @@ pub fn experts_backward(
             }
         });
     }
-    drop(dh);
+    recycle(dh);
     let mut gate_and_up_projs = zeros3(experts, hidden, 2 * inter);
     grouped_matmul_tn(&mut gate_and_up_projs, xp, da.view(), offsets)?;
     let gate_up_bias = w.gate_up_bias.map(|_| grouped_row_sum(da.view(), offsets));
@@ -317,6 +317,7 @@ pub fn experts_backward(
     grouped_matmul(&mut grad_xp, da.view(), offsets, |e| {
         w.gate_and_up_projs.index_axis(Axis(0), e).reversed_axes()
     })?;
+    recycle(da);
     Ok(ExpertGrads {
         grad_xp,
         gate_and_up_projs,
