@@ -20,10 +20,6 @@ const HUGE_PAGE: usize = 2 << 20;
 
 #[cfg(target_os = "linux")]
 fn advise_huge(ptr: *mut f32, len: usize) {
-    extern "C" {
-        fn madvise(addr: *mut core::ffi::c_void, len: usize, advice: core::ffi::c_int) -> i32;
-    }
-    const MADV_HUGEPAGE: core::ffi::c_int = 14;
     let bytes = len * std::mem::size_of::<f32>();
     if bytes < HUGE_MIN_BYTES {
         return;
@@ -37,7 +33,7 @@ fn advise_huge(ptr: *mut f32, len: usize) {
         // MADV_HUGEPAGE only changes how the kernel backs those pages, never their contents
         // (the range is still all zeros, as allocated), and failure is harmless (ignored).
         unsafe {
-            madvise(a0 as *mut core::ffi::c_void, a1 - a0, MADV_HUGEPAGE);
+            libc::madvise(a0 as *mut libc::c_void, a1 - a0, libc::MADV_HUGEPAGE);
         }
     }
 }
@@ -101,13 +97,16 @@ pub fn release_pool() {
 
 /// `Array2::zeros((rows, cols))`, huge pages advised when large.
 pub fn zeros2(rows: usize, cols: usize) -> Array2<f32> {
-    Array2::from_shape_vec((rows, cols), zeroed_vec(rows * cols)).expect("shape matches the length")
+    let v = zeroed_vec(rows * cols);
+    // `v` has exactly rows * cols elements, so the shape always fits; the fallback is unreachable.
+    Array2::from_shape_vec((rows, cols), v).unwrap_or_else(|_| Array2::zeros((rows, cols)))
 }
 
 /// `Array3::zeros((d0, d1, d2))`, huge pages advised when large.
 pub fn zeros3(d0: usize, d1: usize, d2: usize) -> Array3<f32> {
-    Array3::from_shape_vec((d0, d1, d2), zeroed_vec(d0 * d1 * d2))
-        .expect("shape matches the length")
+    let v = zeroed_vec(d0 * d1 * d2);
+    // `v` has exactly d0 * d1 * d2 elements; the fallback is unreachable.
+    Array3::from_shape_vec((d0, d1, d2), v).unwrap_or_else(|_| Array3::zeros((d0, d1, d2)))
 }
 
 #[cfg(test)]
