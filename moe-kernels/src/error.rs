@@ -53,4 +53,10 @@ pub enum KernelError {
         /// The offending value, widened to f64.
         value: f64,
     },
+    /// No CUDA driver library or no (such) CUDA device.
+    #[error("no CUDA device: {0}")]
+    NoCudaDevice(String),
+    /// A CUDA driver / NVRTC error (compilation log included).
+    #[error("CUDA error: {0}")]
+    Cuda(String),
 }

@@ -12,6 +12,7 @@
 
 pub mod activation;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod fast;
 pub mod permute;

@@ -1,0 +1,745 @@
+//! CUDA kernels of the MoE layer (first slice of issue 7, **unverified on a GPU**): CUDA C++
+//! sources under `src/cuda/kernels/`, compiled at run time by NVRTC through `cudarc` (dynamic
+//! loading: the crate builds and its CPU path runs without CUDA), cached per device
+//! ([`CudaMoe`]) and compile options.
+//!
+//! The sources need no CUDA headers (bf16 is carried as raw `u16` bits, see `common.cuh`), so the
+//! NVRTC library alone (PyPI `nvidia-cuda-nvrtc`) compiles them; CI does so for every source and
+//! every architecture in [`ARCHS`] ([`compile_all`]).
+//!
+//! Kernels: softmax top-k router (f32 / bf16 logits), per-expert counts + exclusive scan + stable
+//! scatter ([`CudaMoe::permutation`], the [`crate::Permutation`] of the CPU path), dispatch gather,
+//! M-grouped GEMM (tiled, f32 / bf16 inputs, f32 accumulation), SwiGLU, combine (deterministic
+//! per-token gather-sum). Every wrapper checks lengths and dimensions before launching and
+//! returns [`KernelError`] (never panics) for bad shapes, a missing driver / device or a CUDA
+//! error.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::error::{KernelError, Result};
+use crate::router::RouterConfig;
+
+/// Helpers prepended to every source (bf16 as raw bits, loads widening to f32).
+pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// One kernel source file and the `extern "C"` kernels it defines.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSource {
+    /// File name under `src/cuda/kernels/`.
+    pub name: &'static str,
+    /// The CUDA C++ text (without [`COMMON`]).
+    pub src: &'static str,
+    /// Names of its `extern "C" __global__` kernels.
+    pub kernels: &'static [&'static str],
+}
+
+/// Every kernel source of the crate.
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        name: "router.cu",
+        src: include_str!("kernels/router.cu"),
+        kernels: &["softmax_topk_f32", "softmax_topk_bf16"],
+    },
+    KernelSource {
+        name: "permute.cu",
+        src: include_str!("kernels/permute.cu"),
+        kernels: &[
+            "permute_hist",
+            "permute_scan",
+            "permute_scatter",
+            "gather_rows_f32",
+            "gather_rows_bf16",
+        ],
+    },
+    KernelSource {
+        name: "grouped_gemm.cu",
+        src: include_str!("kernels/grouped_gemm.cu"),
+        kernels: &["grouped_gemm_f32", "grouped_gemm_bf16"],
+    },
+    KernelSource {
+        name: "activation_combine.cu",
+        src: include_str!("kernels/activation_combine.cu"),
+        kernels: &["swiglu_f32", "combine_f32"],
+    },
+];
+
+/// Architectures CI compiles every source for (Ampere and Hopper).
+pub const ARCHS: &[&str] = &["sm_80", "sm_90a"];
+
+/// Slots per chunk of the permutation kernels (`PERM_CHUNK` in `permute.cu`).
+const PERM_CHUNK: usize = 256;
+/// Threads per block of the grouped GEMM, rows / columns per tile (`GG_*` in `grouped_gemm.cu`).
+const GG_THREADS: u32 = 256;
+const GG_TM: usize = 64;
+const GG_TN: usize = 64;
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// The NVRTC options the runtime uses for `arch` (e.g. `"sm_80"`, `"sm_90a"`).
+pub fn compile_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".into(),
+        "--fmad=true".into(),
+    ]
+}
+
+/// Whether the NVRTC shared library can be loaded (no panic when it cannot).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the candidate library names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// `(major, minor)` of the loaded NVRTC library.
+///
+/// # Errors
+/// [`KernelError::Cuda`] when NVRTC is missing or fails.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_available() {
+        return Err(KernelError::Cuda("NVRTC library not found".into()));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; the pointers are valid for the call.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(cuda_err("nvrtcVersion", r));
+    }
+    Ok((major, minor))
+}
+
+/// Compiles one source (with [`COMMON`] prepended) for `arch` to PTX.
+///
+/// # Errors
+/// [`KernelError::Cuda`] with the NVRTC log when NVRTC is missing or compilation fails.
+pub fn compile(source: &KernelSource, arch: &str) -> Result<Ptx> {
+    if !nvrtc_available() {
+        return Err(KernelError::Cuda("NVRTC library not found".into()));
+    }
+    let text = format!("{COMMON}\n{}", source.src);
+    let opts = CompileOptions {
+        options: compile_options(arch),
+        name: Some(source.name.to_string()),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(text, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, options, .. } => {
+            KernelError::Cuda(format!(
+                "NVRTC failed on {} with {options:?}:\n{}",
+                source.name,
+                log.to_string_lossy()
+            ))
+        }
+        other => cuda_err(source.name, other),
+    })
+}
+
+/// Compiles every source in [`SOURCES`] for `arch`; returns `(source name, PTX size in bytes)`.
+/// Checks that each declared kernel appears as an `.entry` of the PTX.
+///
+/// # Errors
+/// The first compilation error, or [`KernelError::Cuda`] naming a missing entry point.
+pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, usize)>> {
+    SOURCES
+        .iter()
+        .map(|s| {
+            let ptx = compile(s, arch)?.to_src();
+            for k in s.kernels {
+                if !ptx.contains(&format!(".entry {k}(")) {
+                    return Err(KernelError::Cuda(format!(
+                        "{}: kernel `{k}` missing from the PTX for {arch}",
+                        s.name
+                    )));
+                }
+            }
+            Ok((s.name, ptx.len()))
+        })
+        .collect()
+}
+
+/// Whether a CUDA driver and at least one device are present (no panic when not).
+pub fn device_available() -> bool {
+    // SAFETY: only tries to dlopen the candidate library names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+/// Routing on the device: `top_k_index` `[T, k]`, `top_k_weights` `[T, k]`, `probs` `[T, E]`.
+#[derive(Debug)]
+pub struct GpuRouting {
+    /// Selected experts per token, descending probability, ties to the lowest index.
+    pub top_k_index: CudaSlice<u32>,
+    /// Their (optionally renormalised) probabilities.
+    pub top_k_weights: CudaSlice<f32>,
+    /// Full softmax.
+    pub probs: CudaSlice<f32>,
+}
+
+/// The permutation on the device (the fields of [`crate::Permutation`], as `u32`).
+#[derive(Debug)]
+pub struct GpuPermutation {
+    /// `[E]` rows per expert.
+    pub counts: CudaSlice<u32>,
+    /// `[E + 1]` exclusive scan of `counts`.
+    pub offsets: CudaSlice<u32>,
+    /// `[T k]` the row of slot `t k + j`.
+    pub row_of_slot: CudaSlice<u32>,
+    /// `[N = T k]` the slot of each row.
+    pub slot_of_row: CudaSlice<u32>,
+    /// `[N]` the token of each row.
+    pub token_of_row: CudaSlice<u32>,
+}
+
+/// Loaded modules keyed by (source name, NVRTC options).
+type ModuleCache = HashMap<(&'static str, Vec<String>), Arc<CudaModule>>;
+
+/// A device, its stream and the compiled modules (cached per source and compile options).
+pub struct CudaMoe {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    modules: Mutex<ModuleCache>,
+}
+
+impl std::fmt::Debug for CudaMoe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaMoe")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+/// Device buffers of zero elements are allocated with one element (a zero-byte allocation is an
+/// error for the driver), so an empty tensor is accepted with length 0 or 1.
+fn check_len(tensor: &'static str, len: usize, want: usize, symbols: String) -> Result<()> {
+    if len == want || (want == 0 && len <= 1) {
+        Ok(())
+    } else {
+        Err(KernelError::ShapeMismatch {
+            tensor,
+            expected: format!("{symbols} = {want} elements"),
+            got: vec![len],
+        })
+    }
+}
+
+fn to_i32(name: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| KernelError::ShapeMismatch {
+        tensor: name,
+        expected: "a dimension below 2^31".into(),
+        got: vec![v],
+    })
+}
+
+fn grid_for(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaMoe {
+    /// Opens device `ordinal`; compiles for its compute capability (`sm_90` becomes `sm_90a`).
+    ///
+    /// # Errors
+    /// [`KernelError::NoCudaDevice`] when the driver library or the device is missing,
+    /// [`KernelError::Cuda`] for other driver errors.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only tries to dlopen the candidate library names.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(KernelError::NoCudaDevice("libcuda not found".into()));
+        }
+        let n = CudaContext::device_count()
+            .map_err(|e| KernelError::NoCudaDevice(format!("cuDeviceGetCount: {e:?}")))?;
+        if ordinal >= n.max(0) as usize {
+            return Err(KernelError::NoCudaDevice(format!(
+                "device {ordinal} requested, {n} visible"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("CudaContext::new", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("compute_capability", e))?;
+        let arch = if major == 9 && minor == 0 {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        let stream = ctx.default_stream();
+        Ok(CudaMoe {
+            ctx,
+            stream,
+            arch,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The stream every wrapper launches on (use it for copies to and from the device).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The architecture kernels are compiled for, e.g. `"sm_80"`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    fn function(&self, source: &KernelSource, kernel: &str) -> Result<CudaFunction> {
+        let opts = compile_options(&self.arch);
+        let key = (source.name, opts);
+        let mut cache = self
+            .modules
+            .lock()
+            .map_err(|_| KernelError::Cuda("module cache poisoned".into()))?;
+        let module = match cache.get(&key) {
+            Some(m) => m.clone(),
+            None => {
+                let ptx = compile(source, &self.arch)?;
+                let m = self
+                    .ctx
+                    .load_module(ptx)
+                    .map_err(|e| cuda_err("load_module", e))?;
+                cache.insert(key, m.clone());
+                m
+            }
+        };
+        module
+            .load_function(kernel)
+            .map_err(|e| cuda_err(kernel, e))
+    }
+
+    fn alloc_zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| cuda_err("alloc_zeros", e))
+    }
+
+    /// Softmax top-k router on logits `[T, E]` (f32), one thread per token.
+    ///
+    /// Non-finite logits are not detected on the device (the CPU path returns an error).
+    ///
+    /// # Errors
+    /// [`KernelError::ZeroTopK`], [`KernelError::TopKTooLarge`], [`KernelError::ShapeMismatch`]
+    /// naming `logits`, CUDA errors.
+    pub fn softmax_topk(
+        &self,
+        logits: &CudaSlice<f32>,
+        tokens: usize,
+        experts: usize,
+        cfg: &RouterConfig,
+    ) -> Result<GpuRouting> {
+        self.softmax_topk_impl(logits, tokens, experts, cfg, "softmax_topk_f32")
+    }
+
+    /// [`CudaMoe::softmax_topk`] on bf16 logits (raw bits), f32 math.
+    ///
+    /// # Errors
+    /// As [`CudaMoe::softmax_topk`].
+    pub fn softmax_topk_bf16(
+        &self,
+        logits: &CudaSlice<u16>,
+        tokens: usize,
+        experts: usize,
+        cfg: &RouterConfig,
+    ) -> Result<GpuRouting> {
+        self.softmax_topk_impl(logits, tokens, experts, cfg, "softmax_topk_bf16")
+    }
+
+    fn softmax_topk_impl<T>(
+        &self,
+        logits: &CudaSlice<T>,
+        tokens: usize,
+        experts: usize,
+        cfg: &RouterConfig,
+        kernel: &str,
+    ) -> Result<GpuRouting> {
+        let k = cfg.top_k;
+        if k == 0 {
+            return Err(KernelError::ZeroTopK);
+        }
+        if k > experts {
+            return Err(KernelError::TopKTooLarge {
+                top_k: k,
+                num_experts: experts,
+            });
+        }
+        check_len(
+            "logits",
+            logits.len(),
+            tokens * experts,
+            format!("[T={tokens}, E={experts}]"),
+        )?;
+        let (t, e, ki) = (
+            to_i32("tokens", tokens)?,
+            to_i32("experts", experts)?,
+            to_i32("top_k", k)?,
+        );
+        let renorm = i32::from(cfg.norm_topk_prob);
+        let mut probs = self.alloc_zeros::<f32>(tokens * experts)?;
+        let mut idx = self.alloc_zeros::<u32>(tokens * k)?;
+        let mut w = self.alloc_zeros::<f32>(tokens * k)?;
+        if tokens > 0 {
+            let f = self.function(&SOURCES[0], kernel)?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(logits)
+                .arg(&t)
+                .arg(&e)
+                .arg(&ki)
+                .arg(&renorm)
+                .arg(&mut probs)
+                .arg(&mut idx)
+                .arg(&mut w);
+            // SAFETY: argument types and lengths match the kernel signature (checked above).
+            unsafe { b.launch(grid_for(tokens)) }.map_err(|e| cuda_err(kernel, e))?;
+        }
+        Ok(GpuRouting {
+            top_k_index: idx,
+            top_k_weights: w,
+            probs,
+        })
+    }
+
+    /// Counts, exclusive scan and stable scatter of `top_k_index` `[T, k]` (expert ids < E):
+    /// the device twin of [`crate::Permutation::from_top_k_index`], deterministic.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `top_k_index` (length not `T k`, or an expert id
+    /// `>= E`: reported after the kernels ran, one 4-byte copy back), CUDA errors.
+    pub fn permutation(
+        &self,
+        top_k_index: &CudaSlice<u32>,
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+    ) -> Result<GpuPermutation> {
+        if top_k == 0 {
+            return Err(KernelError::ZeroTopK);
+        }
+        if experts == 0 {
+            return Err(KernelError::InvalidConfig("E must be at least 1".into()));
+        }
+        let slots = tokens * top_k;
+        check_len(
+            "top_k_index",
+            top_k_index.len(),
+            slots,
+            format!("[T={tokens}, k={top_k}]"),
+        )?;
+        let (s_i, e_i, k_i) = (
+            to_i32("slots", slots)?,
+            to_i32("experts", experts)?,
+            to_i32("top_k", top_k)?,
+        );
+        let chunks = slots.div_ceil(PERM_CHUNK).max(1);
+        let c_i = to_i32("chunks", chunks)?;
+        let mut hist = self.alloc_zeros::<u32>(chunks * experts)?;
+        let mut counts = self.alloc_zeros::<u32>(experts)?;
+        let mut offsets = self.alloc_zeros::<u32>(experts + 1)?;
+        let mut row_of_slot = self.alloc_zeros::<u32>(slots)?;
+        let mut slot_of_row = self.alloc_zeros::<u32>(slots)?;
+        let mut token_of_row = self.alloc_zeros::<u32>(slots)?;
+        let mut bad = self
+            .stream
+            .clone_htod(&[s_i])
+            .map_err(|e| cuda_err("clone_htod", e))?;
+        let src = &SOURCES[1];
+        let chunk_cfg = LaunchConfig {
+            grid_dim: (chunks as u32, 1, 1),
+            block_dim: (PERM_CHUNK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = self.function(src, "permute_hist")?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(top_k_index)
+            .arg(&s_i)
+            .arg(&e_i)
+            .arg(&mut hist)
+            .arg(&mut bad);
+        // SAFETY: lengths checked above; hist is [chunks, E].
+        unsafe { b.launch(chunk_cfg) }.map_err(|e| cuda_err("permute_hist", e))?;
+        let f = self.function(src, "permute_scan")?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut hist)
+            .arg(&c_i)
+            .arg(&e_i)
+            .arg(&mut counts)
+            .arg(&mut offsets);
+        let one_block = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; offsets has E + 1 entries.
+        unsafe { b.launch(one_block) }.map_err(|e| cuda_err("permute_scan", e))?;
+        let f = self.function(src, "permute_scatter")?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(top_k_index)
+            .arg(&s_i)
+            .arg(&e_i)
+            .arg(&k_i)
+            .arg(&hist)
+            .arg(&mut row_of_slot)
+            .arg(&mut slot_of_row)
+            .arg(&mut token_of_row);
+        // SAFETY: as above; the three outputs have T k entries.
+        unsafe { b.launch(chunk_cfg) }.map_err(|e| cuda_err("permute_scatter", e))?;
+        let bad = self
+            .stream
+            .clone_dtoh(&bad)
+            .map_err(|e| cuda_err("clone_dtoh", e))?;
+        if let Some(&first) = bad.first() {
+            if first < s_i {
+                return Err(KernelError::ShapeMismatch {
+                    tensor: "top_k_index",
+                    expected: format!("expert ids < E={experts} (got: the first bad slot)"),
+                    got: vec![first as usize],
+                });
+            }
+        }
+        Ok(GpuPermutation {
+            counts,
+            offsets,
+            row_of_slot,
+            slot_of_row,
+            token_of_row,
+        })
+    }
+
+    /// Dispatch gather: `xp[r] = x[token_of_row[r]]`, `x` `[T, H]` -> `xp` `[N, H]` (f32).
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `x`; CUDA errors. Token ids are trusted (they come
+    /// from [`CudaMoe::permutation`]).
+    pub fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        tokens: usize,
+        hidden: usize,
+        token_of_row: &CudaSlice<u32>,
+        rows: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check_len(
+            "x",
+            x.len(),
+            tokens * hidden,
+            format!("[T={tokens}, H={hidden}]"),
+        )?;
+        check_len(
+            "token_of_row",
+            token_of_row.len(),
+            rows,
+            format!("[N={rows}]"),
+        )?;
+        let (h_i, r_i) = (to_i32("hidden", hidden)?, to_i32("rows", rows)?);
+        let mut xp = self.alloc_zeros::<f32>(rows * hidden)?;
+        if rows * hidden > 0 {
+            let f = self.function(&SOURCES[1], "gather_rows_f32")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(x).arg(&h_i).arg(token_of_row).arg(&r_i).arg(&mut xp);
+            // SAFETY: lengths checked above.
+            unsafe { b.launch(grid_for(rows * hidden)) }.map_err(|e| cuda_err("gather_rows", e))?;
+        }
+        Ok(xp)
+    }
+
+    /// M-grouped GEMM: `c[rows_e] = a[rows_e] @ w[e]`, `a` `[N, K]`, `w` `[E, K, Nout]`,
+    /// `offsets` `[E + 1]` (a scan ending at `N`, e.g. [`GpuPermutation::offsets`]) -> `[N, Nout]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `a`, `w` or `offsets`; CUDA errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm(
+        &self,
+        a: &CudaSlice<f32>,
+        rows: usize,
+        kdim: usize,
+        w: &CudaSlice<f32>,
+        experts: usize,
+        nout: usize,
+        offsets: &CudaSlice<u32>,
+    ) -> Result<CudaSlice<f32>> {
+        self.grouped_gemm_impl(a, rows, kdim, w, experts, nout, offsets, "grouped_gemm_f32")
+    }
+
+    /// [`CudaMoe::grouped_gemm`] on bf16 inputs (raw bits), f32 accumulation and output.
+    ///
+    /// # Errors
+    /// As [`CudaMoe::grouped_gemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_bf16(
+        &self,
+        a: &CudaSlice<u16>,
+        rows: usize,
+        kdim: usize,
+        w: &CudaSlice<u16>,
+        experts: usize,
+        nout: usize,
+        offsets: &CudaSlice<u32>,
+    ) -> Result<CudaSlice<f32>> {
+        self.grouped_gemm_impl(
+            a,
+            rows,
+            kdim,
+            w,
+            experts,
+            nout,
+            offsets,
+            "grouped_gemm_bf16",
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_gemm_impl<T>(
+        &self,
+        a: &CudaSlice<T>,
+        rows: usize,
+        kdim: usize,
+        w: &CudaSlice<T>,
+        experts: usize,
+        nout: usize,
+        offsets: &CudaSlice<u32>,
+        kernel: &str,
+    ) -> Result<CudaSlice<f32>> {
+        if experts == 0 {
+            return Err(KernelError::InvalidConfig("E must be at least 1".into()));
+        }
+        check_len("a", a.len(), rows * kdim, format!("[N={rows}, K={kdim}]"))?;
+        check_len(
+            "w",
+            w.len(),
+            experts * kdim * nout,
+            format!("[E={experts}, K={kdim}, Nout={nout}]"),
+        )?;
+        check_len(
+            "offsets",
+            offsets.len(),
+            experts + 1,
+            format!("[E + 1 = {}]", experts + 1),
+        )?;
+        let (e_i, k_i, n_i) = (
+            to_i32("experts", experts)?,
+            to_i32("K", kdim)?,
+            to_i32("Nout", nout)?,
+        );
+        to_i32("rows", rows)?;
+        let mut c = self.alloc_zeros::<f32>(rows * nout)?;
+        if rows > 0 && nout > 0 {
+            let tiles = rows.div_ceil(GG_TM) + experts;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    nout.div_ceil(GG_TN) as u32,
+                    to_i32("tiles", tiles)? as u32,
+                    1,
+                ),
+                block_dim: (GG_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.function(&SOURCES[2], kernel)?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(a)
+                .arg(w)
+                .arg(offsets)
+                .arg(&e_i)
+                .arg(&k_i)
+                .arg(&n_i)
+                .arg(&mut c);
+            // SAFETY: lengths checked above; rows beyond offsets[E] are never read.
+            unsafe { b.launch(cfg) }.map_err(|e| cuda_err(kernel, e))?;
+        }
+        Ok(c)
+    }
+
+    /// SwiGLU on packed rows: `a` `[N, 2I]` (gate half first) -> `h` `[N, I]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `a`; CUDA errors.
+    pub fn swiglu(&self, a: &CudaSlice<f32>, rows: usize, inter: usize) -> Result<CudaSlice<f32>> {
+        check_len(
+            "a",
+            a.len(),
+            rows * 2 * inter,
+            format!("[N={rows}, 2I={}]", 2 * inter),
+        )?;
+        let (r_i, i_i) = (to_i32("rows", rows)?, to_i32("inter", inter)?);
+        let mut h = self.alloc_zeros::<f32>(rows * inter)?;
+        if rows * inter > 0 {
+            let f = self.function(&SOURCES[3], "swiglu_f32")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(a).arg(&r_i).arg(&i_i).arg(&mut h);
+            // SAFETY: lengths checked above.
+            unsafe { b.launch(grid_for(rows * inter)) }.map_err(|e| cuda_err("swiglu", e))?;
+        }
+        Ok(h)
+    }
+
+    /// Combine: `out[t] = sum_j w[t, j] y[row_of_slot[t, j]]`, `j` ascending; `y` `[N, H]`,
+    /// `weights` and `row_of_slot` `[T, k]` -> `[T, H]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `y`, `weights` or `row_of_slot`; CUDA errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine(
+        &self,
+        y: &CudaSlice<f32>,
+        rows: usize,
+        hidden: usize,
+        weights: &CudaSlice<f32>,
+        row_of_slot: &CudaSlice<u32>,
+        tokens: usize,
+        top_k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check_len(
+            "y",
+            y.len(),
+            rows * hidden,
+            format!("[N={rows}, H={hidden}]"),
+        )?;
+        check_len(
+            "weights",
+            weights.len(),
+            tokens * top_k,
+            format!("[T={tokens}, k={top_k}]"),
+        )?;
+        check_len(
+            "row_of_slot",
+            row_of_slot.len(),
+            tokens * top_k,
+            format!("[T={tokens}, k={top_k}]"),
+        )?;
+        let (t_i, k_i, h_i) = (
+            to_i32("tokens", tokens)?,
+            to_i32("top_k", top_k)?,
+            to_i32("hidden", hidden)?,
+        );
+        let mut out = self.alloc_zeros::<f32>(tokens * hidden)?;
+        if tokens * hidden > 0 {
+            let f = self.function(&SOURCES[3], "combine_f32")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(y)
+                .arg(weights)
+                .arg(row_of_slot)
+                .arg(&t_i)
+                .arg(&k_i)
+                .arg(&h_i)
+                .arg(&mut out);
+            // SAFETY: lengths checked above; row ids come from `permutation` (< N).
+            unsafe { b.launch(grid_for(tokens * hidden)) }.map_err(|e| cuda_err("combine", e))?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,224 @@
+//! Each CUDA kernel vs the CPU path on random shapes (T = 1, zero-token experts, k in 1..=8).
+//! Without a CUDA driver / device (or NVRTC) it prints "skipped: no CUDA device" and passes.
+
+use moe_kernels::cuda::{self, CudaMoe};
+use moe_kernels::{softmax_topk, Permutation, RouterConfig};
+use ndarray::{Array2, Array3, Axis};
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn usize(&mut self, n: usize) -> usize {
+        ((self.next() + 1.0) * 0.5 * n as f32) as usize % n
+    }
+}
+
+fn device() -> Option<CudaMoe> {
+    if !cuda::device_available() || !cuda::nvrtc_available() {
+        println!("skipped: no CUDA device");
+        return None;
+    }
+    match CudaMoe::new(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: gpu {x} cpu {y}"
+        );
+    }
+}
+
+fn bf16_bits(v: f32) -> u16 {
+    (v.to_bits() >> 16) as u16
+}
+
+#[test]
+fn no_device_is_an_error_not_a_panic() {
+    if cuda::device_available() {
+        return;
+    }
+    assert!(matches!(
+        CudaMoe::new(0),
+        Err(moe_kernels::KernelError::NoCudaDevice(_))
+    ));
+    println!("skipped: no CUDA device");
+}
+
+#[test]
+fn kernels_match_cpu_path() {
+    let Some(dev) = device() else { return };
+    let s = dev.stream().clone();
+    let mut rng = Lcg(7);
+    for case in 0..24 {
+        let tokens = if case % 4 == 0 { 1 } else { 1 + rng.usize(300) };
+        let experts = 1 + rng.usize(16);
+        let k = 1 + rng.usize(experts.min(8));
+        let (hidden, inter) = (1 + rng.usize(96), 1 + rng.usize(80));
+        let cfg = RouterConfig {
+            top_k: k,
+            norm_topk_prob: case % 2 == 0,
+        };
+        // Router (a few ties forced by quantised logits).
+        let logits = Array2::from_shape_fn((tokens, experts), |_| (rng.next() * 4.0).round());
+        let cpu = softmax_topk(logits.view(), &cfg).unwrap();
+        let d_logits = s.clone_htod(logits.as_slice().unwrap()).unwrap();
+        let r = dev.softmax_topk(&d_logits, tokens, experts, &cfg).unwrap();
+        let idx: Vec<u32> = s.clone_dtoh(&r.top_k_index).unwrap();
+        let cpu_idx: Vec<u32> = cpu.top_k_index.iter().map(|&e| e as u32).collect();
+        assert_eq!(idx, cpu_idx, "case {case}: top-k index");
+        close(
+            &s.clone_dtoh(&r.top_k_weights).unwrap(),
+            cpu.top_k_weights.as_slice().unwrap(),
+            1e-5,
+            "weights",
+        );
+        close(
+            &s.clone_dtoh(&r.probs).unwrap(),
+            cpu.probs.as_slice().unwrap(),
+            1e-5,
+            "probs",
+        );
+        // Permutation (experts beyond the routed ones get zero tokens).
+        let e_total = experts + 2;
+        let perm = Permutation::from_top_k_index(cpu.top_k_index.view(), e_total).unwrap();
+        let gp = dev.permutation(&r.top_k_index, tokens, k, e_total).unwrap();
+        let u = |v: &[usize]| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
+        assert_eq!(s.clone_dtoh(&gp.counts).unwrap(), u(&perm.counts));
+        assert_eq!(s.clone_dtoh(&gp.offsets).unwrap(), u(&perm.offsets));
+        assert_eq!(s.clone_dtoh(&gp.row_of_slot).unwrap(), u(&perm.row_of_slot));
+        assert_eq!(s.clone_dtoh(&gp.slot_of_row).unwrap(), u(&perm.slot_of_row));
+        assert_eq!(
+            s.clone_dtoh(&gp.token_of_row).unwrap(),
+            u(&perm.token_of_rows())
+        );
+        // Gather, grouped GEMM (f32 and bf16), SwiGLU, combine.
+        let n = tokens * k;
+        let x = Array2::from_shape_fn((tokens, hidden), |_| rng.next());
+        let xp =
+            moe_kernels::fast::stages::permute_forward(x.view(), &perm.token_of_rows()).unwrap();
+        let d_x = s.clone_htod(x.as_slice().unwrap()).unwrap();
+        let d_xp = dev
+            .gather_rows(&d_x, tokens, hidden, &gp.token_of_row, n)
+            .unwrap();
+        assert_eq!(
+            s.clone_dtoh(&d_xp).unwrap(),
+            xp.as_slice().unwrap().to_vec()
+        );
+        let w = Array3::from_shape_fn((e_total, hidden, 2 * inter), |_| rng.next() * 0.2);
+        let mut a_cpu = Array2::<f32>::zeros((n, 2 * inter));
+        for e in 0..e_total {
+            let rows = perm.rows(e);
+            let prod = xp
+                .slice(ndarray::s![rows.clone(), ..])
+                .dot(&w.index_axis(Axis(0), e));
+            a_cpu.slice_mut(ndarray::s![rows, ..]).assign(&prod);
+        }
+        let d_w = s.clone_htod(w.as_slice().unwrap()).unwrap();
+        let d_a = dev
+            .grouped_gemm(&d_xp, n, hidden, &d_w, e_total, 2 * inter, &gp.offsets)
+            .unwrap();
+        close(
+            &s.clone_dtoh(&d_a).unwrap(),
+            a_cpu.as_slice().unwrap(),
+            1e-4,
+            "grouped_gemm",
+        );
+        // bf16: inputs rounded toward zero to bf16 on both sides.
+        let xb: Vec<u16> = xp.iter().map(|&v| bf16_bits(v)).collect();
+        let wb: Vec<u16> = w.iter().map(|&v| bf16_bits(v)).collect();
+        let xr = Array2::from_shape_vec(
+            (n, hidden),
+            xb.iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect(),
+        )
+        .unwrap();
+        let wr = Array3::from_shape_vec(
+            (e_total, hidden, 2 * inter),
+            wb.iter()
+                .map(|&b| f32::from_bits((b as u32) << 16))
+                .collect(),
+        )
+        .unwrap();
+        let mut ab_cpu = Array2::<f32>::zeros((n, 2 * inter));
+        for e in 0..e_total {
+            let rows = perm.rows(e);
+            let prod = xr
+                .slice(ndarray::s![rows.clone(), ..])
+                .dot(&wr.index_axis(Axis(0), e));
+            ab_cpu.slice_mut(ndarray::s![rows, ..]).assign(&prod);
+        }
+        let d_ab = dev
+            .grouped_gemm_bf16(
+                &s.clone_htod(&xb).unwrap(),
+                n,
+                hidden,
+                &s.clone_htod(&wb).unwrap(),
+                e_total,
+                2 * inter,
+                &gp.offsets,
+            )
+            .unwrap();
+        close(
+            &s.clone_dtoh(&d_ab).unwrap(),
+            ab_cpu.as_slice().unwrap(),
+            1e-4,
+            "grouped_gemm_bf16",
+        );
+        let h_cpu: Vec<f32> = (0..n * inter)
+            .map(|i| {
+                moe_kernels::swiglu(
+                    a_cpu[[i / inter, i % inter]],
+                    a_cpu[[i / inter, inter + i % inter]],
+                )
+            })
+            .collect();
+        let d_h = dev.swiglu(&d_a, n, inter).unwrap();
+        close(&s.clone_dtoh(&d_h).unwrap(), &h_cpu, 1e-4, "swiglu");
+        let y = Array2::from_shape_fn((n, hidden), |_| rng.next());
+        let out = moe_kernels::fast::stages::combine_forward(
+            y.view(),
+            cpu.top_k_weights.view(),
+            perm.row_of_slot_matrix().view(),
+        )
+        .unwrap();
+        let d_y = s.clone_htod(y.as_slice().unwrap()).unwrap();
+        let d_out = dev
+            .combine(
+                &d_y,
+                n,
+                hidden,
+                &r.top_k_weights,
+                &gp.row_of_slot,
+                tokens,
+                k,
+            )
+            .unwrap();
+        close(
+            &s.clone_dtoh(&d_out).unwrap(),
+            out.as_slice().unwrap(),
+            1e-5,
+            "combine",
+        );
+        // Bad shapes are errors before launch.
+        assert!(dev
+            .grouped_gemm(&d_xp, n + 1, hidden, &d_w, e_total, 2 * inter, &gp.offsets)
+            .is_err());
+        assert!(dev.swiglu(&d_a, n, inter + 1).is_err());
+    }
+}
