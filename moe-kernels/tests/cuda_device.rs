@@ -68,7 +68,11 @@ fn kernels_match_cpu_path() {
         let tokens = if case % 4 == 0 { 1 } else { 1 + rng.usize(300) };
         let experts = 1 + rng.usize(16);
         let k = 1 + rng.usize(experts.min(8));
-        let (hidden, inter) = (1 + rng.usize(96), 1 + rng.usize(80));
+        let (hidden, inter) = if case % 3 == 0 {
+            (8 * (1 + rng.usize(12)), 4 * (1 + rng.usize(20)))
+        } else {
+            (1 + rng.usize(96), 1 + rng.usize(80))
+        };
         let cfg = RouterConfig {
             top_k: k,
             norm_topk_prob: case % 2 == 0,
@@ -179,6 +183,24 @@ fn kernels_match_cpu_path() {
             ab_cpu.as_slice().unwrap(),
             1e-4,
             "grouped_gemm_bf16",
+        );
+        // Tensor-core variant, both the cp.async (K, Nout multiples of 8) and scalar-load paths.
+        let d_am = dev
+            .grouped_gemm_bf16_mma(
+                &s.clone_htod(&xb).unwrap(),
+                n,
+                hidden,
+                &s.clone_htod(&wb).unwrap(),
+                e_total,
+                2 * inter,
+                &gp.offsets,
+            )
+            .unwrap();
+        close(
+            &s.clone_dtoh(&d_am).unwrap(),
+            ab_cpu.as_slice().unwrap(),
+            1e-3,
+            "grouped_gemm_bf16_mma",
         );
         let h_cpu: Vec<f32> = (0..n * inter)
             .map(|i| {

@@ -28,4 +28,20 @@ fn every_kernel_compiles_with_nvrtc() {
             );
         }
     }
+    // The tensor-core source really emits tensor-core instructions.
+    let mma = cuda::SOURCES
+        .iter()
+        .find(|s| s.name == "grouped_gemm_mma.cu")
+        .expect("grouped_gemm_mma.cu");
+    let ptx = cuda::compile(mma, "sm_80").expect("sm_80").to_src();
+    for needle in [
+        "mma.sync.aligned.m16n8k16",
+        "ldmatrix.sync.aligned",
+        "cp.async.cg",
+    ] {
+        assert!(
+            ptx.contains(needle),
+            "`{needle}` missing from the sm_80 PTX"
+        );
+    }
 }

@@ -63,6 +63,11 @@ pub const SOURCES: &[KernelSource] = &[
         kernels: &["grouped_gemm_f32", "grouped_gemm_bf16"],
     },
     KernelSource {
+        name: "grouped_gemm_mma.cu",
+        src: include_str!("kernels/grouped_gemm_mma.cu"),
+        kernels: &["grouped_gemm_bf16_mma"],
+    },
+    KernelSource {
         name: "activation_combine.cu",
         src: include_str!("kernels/activation_combine.cu"),
         kernels: &["swiglu_f32", "combine_f32"],
@@ -664,6 +669,87 @@ impl CudaMoe {
         Ok(c)
     }
 
+    /// [`CudaMoe::grouped_gemm_bf16`] on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async
+    /// when K and Nout are multiples of 8); needs sm_80 or newer.
+    ///
+    /// # Errors
+    /// As [`CudaMoe::grouped_gemm`]; [`KernelError::Cuda`] on a device older than sm_80.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_bf16_mma(
+        &self,
+        a: &CudaSlice<u16>,
+        rows: usize,
+        kdim: usize,
+        w: &CudaSlice<u16>,
+        experts: usize,
+        nout: usize,
+        offsets: &CudaSlice<u32>,
+    ) -> Result<CudaSlice<f32>> {
+        let sm: u32 = self
+            .arch
+            .trim_start_matches("sm_")
+            .trim_end_matches('a')
+            .parse()
+            .unwrap_or(0);
+        if sm < 80 {
+            return Err(KernelError::Cuda(format!(
+                "grouped_gemm_bf16_mma needs sm_80 or newer, device is {}",
+                self.arch
+            )));
+        }
+        if experts == 0 {
+            return Err(KernelError::InvalidConfig("E must be at least 1".into()));
+        }
+        check_len("a", a.len(), rows * kdim, format!("[N={rows}, K={kdim}]"))?;
+        check_len(
+            "w",
+            w.len(),
+            experts * kdim * nout,
+            format!("[E={experts}, K={kdim}, Nout={nout}]"),
+        )?;
+        check_len(
+            "offsets",
+            offsets.len(),
+            experts + 1,
+            format!("[E + 1 = {}]", experts + 1),
+        )?;
+        let (e_i, k_i, n_i) = (
+            to_i32("experts", experts)?,
+            to_i32("K", kdim)?,
+            to_i32("Nout", nout)?,
+        );
+        to_i32("rows", rows)?;
+        // cudarc allocations are 256-byte aligned, so 16-byte alignment of every row follows
+        // from K and Nout being multiples of 8 bf16.
+        let vec16 = i32::from(kdim % 8 == 0 && nout % 8 == 0);
+        let mut c = self.alloc_zeros::<f32>(rows * nout)?;
+        if rows > 0 && nout > 0 {
+            let tiles = rows.div_ceil(GG_TM) + experts;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    nout.div_ceil(GG_TN) as u32,
+                    to_i32("tiles", tiles)? as u32,
+                    1,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.function(&SOURCES[3], "grouped_gemm_bf16_mma")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(a)
+                .arg(w)
+                .arg(offsets)
+                .arg(&e_i)
+                .arg(&k_i)
+                .arg(&n_i)
+                .arg(&vec16)
+                .arg(&mut c);
+            // SAFETY: lengths checked above; cp.async only on in-bounds 16-byte chunks.
+            unsafe { b.launch(cfg) }.map_err(|e| cuda_err("grouped_gemm_bf16_mma", e))?;
+        }
+        Ok(c)
+    }
+
     /// SwiGLU on packed rows: `a` `[N, 2I]` (gate half first) -> `h` `[N, I]`.
     ///
     /// # Errors
@@ -678,7 +764,7 @@ impl CudaMoe {
         let (r_i, i_i) = (to_i32("rows", rows)?, to_i32("inter", inter)?);
         let mut h = self.alloc_zeros::<f32>(rows * inter)?;
         if rows * inter > 0 {
-            let f = self.function(&SOURCES[3], "swiglu_f32")?;
+            let f = self.function(&SOURCES[4], "swiglu_f32")?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(a).arg(&r_i).arg(&i_i).arg(&mut h);
             // SAFETY: lengths checked above.
@@ -728,7 +814,7 @@ impl CudaMoe {
         );
         let mut out = self.alloc_zeros::<f32>(tokens * hidden)?;
         if tokens * hidden > 0 {
-            let f = self.function(&SOURCES[3], "combine_f32")?;
+            let f = self.function(&SOURCES[4], "combine_f32")?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(y)
                 .arg(weights)

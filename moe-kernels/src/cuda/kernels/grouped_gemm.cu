@@ -8,23 +8,6 @@
 #define GG_TN 64
 #define GG_TK 16
 
-__device__ __forceinline__ bool gg_find_tile(const unsigned int* offsets, int experts, int tile,
-                                             int tm, int* expert, int* row0, int* row1) {
-    for (int e = 0; e < experts; ++e) {
-        int start = (int)offsets[e];
-        int count = (int)offsets[e + 1] - start;
-        int tiles = (count + tm - 1) / tm;
-        if (tile < tiles) {
-            *expert = e;
-            *row0 = start + tile * tm;
-            *row1 = start + count;
-            return true;
-        }
-        tile -= tiles;
-    }
-    return false;
-}
-
 template <typename T>
 __device__ void grouped_gemm_tiled(const T* __restrict__ a, const T* __restrict__ w,
                                    const unsigned int* __restrict__ offsets, int experts, int kdim,
