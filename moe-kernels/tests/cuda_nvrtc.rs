@@ -15,6 +15,37 @@ fn every_kernel_compiles_with_nvrtc() {
         println!("skipped: no NVRTC library");
         return;
     }
+    // Every kernel the crate declares (the entry points `compile_all` checks in the PTX).
+    let expected = [
+        "softmax_topk_f32",
+        "softmax_topk_bf16",
+        "topk_softmax_f32",
+        "sigmoid_topk_f32",
+        "permute_hist",
+        "permute_scan",
+        "permute_scatter",
+        "gather_rows_f32",
+        "gather_rows_bf16",
+        "grouped_gemm_f32",
+        "grouped_gemm_bf16",
+        "grouped_gemm_nt_f32",
+        "grouped_gemm_tn_f32",
+        "grouped_gemm_bf16_mma",
+        "swiglu_f32",
+        "combine_f32",
+        "glu_f32",
+        "glu_backward_f32",
+        "add_row_bias_f32",
+        "grouped_row_sum_f32",
+        "permute_backward_f32",
+        "combine_backward_y_f32",
+        "combine_backward_w_f32",
+    ];
+    let declared: Vec<&str> = cuda::SOURCES
+        .iter()
+        .flat_map(|s| s.kernels.iter().copied())
+        .collect();
+    assert_eq!(declared, expected, "kernel list changed: update this test");
     let (major, minor) = cuda::nvrtc_version().expect("nvrtcVersion");
     println!("NVRTC {major}.{minor}");
     for arch in cuda::ARCHS {

@@ -10,7 +10,10 @@
 //! Kernels: softmax top-k router (f32 / bf16 logits), per-expert counts + exclusive scan + stable
 //! scatter ([`CudaMoe::permutation`], the [`crate::Permutation`] of the CPU path), dispatch gather,
 //! M-grouped GEMM (tiled, f32 / bf16 inputs, f32 accumulation), SwiGLU, combine (deterministic
-//! per-token gather-sum). Every wrapper checks lengths and dimensions before launching and
+//! per-token gather-sum); every router of [`RouterKind`] ([`CudaMoe::route`]), the GLU
+//! activations and expert biases; the backward of the expert pipeline (dX grouped GEMM
+//! [`CudaMoe::grouped_gemm_nt`], dW K-grouped GEMM [`CudaMoe::grouped_gemm_tn`], bias sums, GLU,
+//! combine and permutation backward), all deterministic (no atomics). Every wrapper checks lengths and dimensions before launching and
 //! returns [`KernelError`] (never panics) for bad shapes, a missing driver / device or a CUDA
 //! error.
 
@@ -22,6 +25,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use crate::config::{Activation, RouterKind};
 use crate::error::{KernelError, Result};
 use crate::router::RouterConfig;
 
@@ -44,7 +48,12 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "router.cu",
         src: include_str!("kernels/router.cu"),
-        kernels: &["softmax_topk_f32", "softmax_topk_bf16"],
+        kernels: &[
+            "softmax_topk_f32",
+            "softmax_topk_bf16",
+            "topk_softmax_f32",
+            "sigmoid_topk_f32",
+        ],
     },
     KernelSource {
         name: "permute.cu",
@@ -60,7 +69,12 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "grouped_gemm.cu",
         src: include_str!("kernels/grouped_gemm.cu"),
-        kernels: &["grouped_gemm_f32", "grouped_gemm_bf16"],
+        kernels: &[
+            "grouped_gemm_f32",
+            "grouped_gemm_bf16",
+            "grouped_gemm_nt_f32",
+            "grouped_gemm_tn_f32",
+        ],
     },
     KernelSource {
         name: "grouped_gemm_mma.cu",
@@ -71,6 +85,19 @@ pub const SOURCES: &[KernelSource] = &[
         name: "activation_combine.cu",
         src: include_str!("kernels/activation_combine.cu"),
         kernels: &["swiglu_f32", "combine_f32"],
+    },
+    KernelSource {
+        name: "expert_ops.cu",
+        src: include_str!("kernels/expert_ops.cu"),
+        kernels: &[
+            "glu_f32",
+            "glu_backward_f32",
+            "add_row_bias_f32",
+            "grouped_row_sum_f32",
+            "permute_backward_f32",
+            "combine_backward_y_f32",
+            "combine_backward_w_f32",
+        ],
     },
 ];
 
@@ -83,6 +110,10 @@ const PERM_CHUNK: usize = 256;
 const GG_THREADS: u32 = 256;
 const GG_TM: usize = 64;
 const GG_TN: usize = 64;
+/// Index of each source in [`SOURCES`].
+const SRC_ROUTER: usize = 0;
+const SRC_GEMM: usize = 2;
+const SRC_EXPERT_OPS: usize = 5;
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
     KernelError::Cuda(format!("{what}: {e:?}"))
@@ -827,5 +858,557 @@ impl CudaMoe {
             unsafe { b.launch(grid_for(tokens * hidden)) }.map_err(|e| cuda_err("combine", e))?;
         }
         Ok(out)
+    }
+
+    /// dX of the expert GEMMs: `c[rows_e] = a[rows_e] @ w[e]^T`, `a` `[N, K]`, `w` `[E, Nout, K]`
+    /// -> `[N, Nout]` (`grad_xp = da @ W_gu[e]^T` with `w` = `W_gu` `[E, H, 2I]`, `K = 2I`,
+    /// `Nout = H`; `dh = dy @ W_d[e]^T` with `w` = `W_d` `[E, I, H]`, `K = H`, `Nout = I`).
+    ///
+    /// # Errors
+    /// As [`CudaMoe::grouped_gemm`] (`w` must hold `E Nout K` elements).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_nt(
+        &self,
+        a: &CudaSlice<f32>,
+        rows: usize,
+        kdim: usize,
+        w: &CudaSlice<f32>,
+        experts: usize,
+        nout: usize,
+        offsets: &CudaSlice<u32>,
+    ) -> Result<CudaSlice<f32>> {
+        self.grouped_gemm_impl(
+            a,
+            rows,
+            kdim,
+            w,
+            experts,
+            nout,
+            offsets,
+            "grouped_gemm_nt_f32",
+        )
+    }
+
+    /// K-grouped GEMM (weight gradients): `out[e] = a[rows_e]^T @ b[rows_e]`, `a` `[N, M]`,
+    /// `b` `[N, Nout]` -> `[E, M, Nout]` (`dW_gu[e] = xp_e^T da_e`, `dW_d[e] = h_e^T dy_e`). One
+    /// thread block owns each output tile and sums the expert's rows in ascending order
+    /// (deterministic); an expert with zero rows gets exact zeros.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `a`, `b` or `offsets`; CUDA errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gemm_tn(
+        &self,
+        a: &CudaSlice<f32>,
+        rows: usize,
+        mdim: usize,
+        b: &CudaSlice<f32>,
+        nout: usize,
+        offsets: &CudaSlice<u32>,
+        experts: usize,
+    ) -> Result<CudaSlice<f32>> {
+        if experts == 0 {
+            return Err(KernelError::InvalidConfig("E must be at least 1".into()));
+        }
+        check_len("a", a.len(), rows * mdim, format!("[N={rows}, M={mdim}]"))?;
+        check_len(
+            "b",
+            b.len(),
+            rows * nout,
+            format!("[N={rows}, Nout={nout}]"),
+        )?;
+        check_len(
+            "offsets",
+            offsets.len(),
+            experts + 1,
+            format!("[E + 1 = {}]", experts + 1),
+        )?;
+        let (m_i, n_i) = (to_i32("M", mdim)?, to_i32("Nout", nout)?);
+        to_i32("rows", rows)?;
+        let mut out = self.alloc_zeros::<f32>(experts * mdim * nout)?;
+        if mdim > 0 && nout > 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    nout.div_ceil(GG_TN) as u32,
+                    to_i32("M tiles", mdim.div_ceil(GG_TM))? as u32,
+                    u32::try_from(experts.min(65_535)).unwrap_or(65_535),
+                ),
+                block_dim: (GG_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            if experts > 65_535 {
+                return Err(KernelError::InvalidConfig(
+                    "grouped_gemm_tn: at most 65535 experts".into(),
+                ));
+            }
+            let f = self.function(&SOURCES[SRC_GEMM], "grouped_gemm_tn_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(a)
+                .arg(b)
+                .arg(offsets)
+                .arg(&m_i)
+                .arg(&n_i)
+                .arg(&mut out);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(cfg) }.map_err(|e| cuda_err("grouped_gemm_tn_f32", e))?;
+        }
+        Ok(out)
+    }
+
+    /// GLU activation on packed rows: `a` `[N, 2I]` (gate half first) -> `h` `[N, I]`, any
+    /// [`Activation`] (SwiGLU, GPT-OSS clamped GLU, Step3.5 clamped SwiGLU).
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `a`; CUDA errors.
+    pub fn glu(
+        &self,
+        a: &CudaSlice<f32>,
+        rows: usize,
+        inter: usize,
+        act: &Activation,
+    ) -> Result<CudaSlice<f32>> {
+        check_len(
+            "a",
+            a.len(),
+            rows * 2 * inter,
+            format!("[N={rows}, 2I={}]", 2 * inter),
+        )?;
+        let (r_i, i_i) = (to_i32("rows", rows)?, to_i32("inter", inter)?);
+        let (kind, limit, alpha) = act_params(act);
+        let mut h = self.alloc_zeros::<f32>(rows * inter)?;
+        if rows * inter > 0 {
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "glu_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(a)
+                .arg(&r_i)
+                .arg(&i_i)
+                .arg(&kind)
+                .arg(&limit)
+                .arg(&alpha)
+                .arg(&mut h);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(grid_for(rows * inter)) }.map_err(|e| cuda_err("glu_f32", e))?;
+        }
+        Ok(h)
+    }
+
+    /// Backward of [`CudaMoe::glu`]: `da` `[N, 2I]` from the saved pre-activations `a` `[N, 2I]`
+    /// and `dh` `[N, I]` (clamps pass the gradient only inside their closed interval).
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `a` or `dh`; CUDA errors.
+    pub fn glu_backward(
+        &self,
+        a: &CudaSlice<f32>,
+        dh: &CudaSlice<f32>,
+        rows: usize,
+        inter: usize,
+        act: &Activation,
+    ) -> Result<CudaSlice<f32>> {
+        check_len(
+            "a",
+            a.len(),
+            rows * 2 * inter,
+            format!("[N={rows}, 2I={}]", 2 * inter),
+        )?;
+        check_len(
+            "dh",
+            dh.len(),
+            rows * inter,
+            format!("[N={rows}, I={inter}]"),
+        )?;
+        let (r_i, i_i) = (to_i32("rows", rows)?, to_i32("inter", inter)?);
+        let (kind, limit, alpha) = act_params(act);
+        let mut da = self.alloc_zeros::<f32>(rows * 2 * inter)?;
+        if rows * inter > 0 {
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "glu_backward_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(a)
+                .arg(dh)
+                .arg(&r_i)
+                .arg(&i_i)
+                .arg(&kind)
+                .arg(&limit)
+                .arg(&alpha)
+                .arg(&mut da);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(grid_for(rows * inter)) }
+                .map_err(|e| cuda_err("glu_backward_f32", e))?;
+        }
+        Ok(da)
+    }
+
+    /// `dst[r] += bias[e]` for the rows of each expert (GPT-OSS expert biases); `dst` `[N, C]`,
+    /// `bias` `[E, C]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `dst`, `bias` or `offsets`; CUDA errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_row_bias(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        bias: &CudaSlice<f32>,
+        offsets: &CudaSlice<u32>,
+        experts: usize,
+    ) -> Result<()> {
+        if experts == 0 {
+            return Err(KernelError::InvalidConfig("E must be at least 1".into()));
+        }
+        check_len(
+            "dst",
+            dst.len(),
+            rows * cols,
+            format!("[N={rows}, C={cols}]"),
+        )?;
+        check_len(
+            "bias",
+            bias.len(),
+            experts * cols,
+            format!("[E={experts}, C={cols}]"),
+        )?;
+        check_len(
+            "offsets",
+            offsets.len(),
+            experts + 1,
+            format!("[E + 1 = {}]", experts + 1),
+        )?;
+        let (e_i, r_i, c_i) = (
+            to_i32("experts", experts)?,
+            to_i32("rows", rows)?,
+            to_i32("cols", cols)?,
+        );
+        if rows * cols > 0 {
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "add_row_bias_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(dst)
+                .arg(bias)
+                .arg(offsets)
+                .arg(&e_i)
+                .arg(&r_i)
+                .arg(&c_i);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(grid_for(rows * cols)) }
+                .map_err(|e| cuda_err("add_row_bias_f32", e))?;
+        }
+        Ok(())
+    }
+
+    /// Bias gradient: `out[e] = sum of g[rows_e]` (rows ascending, zeros for an empty expert);
+    /// `g` `[N, C]` -> `[E, C]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `g` or `offsets`; CUDA errors.
+    pub fn grouped_row_sum(
+        &self,
+        g: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        offsets: &CudaSlice<u32>,
+        experts: usize,
+    ) -> Result<CudaSlice<f32>> {
+        if experts == 0 {
+            return Err(KernelError::InvalidConfig("E must be at least 1".into()));
+        }
+        check_len("g", g.len(), rows * cols, format!("[N={rows}, C={cols}]"))?;
+        check_len(
+            "offsets",
+            offsets.len(),
+            experts + 1,
+            format!("[E + 1 = {}]", experts + 1),
+        )?;
+        let (e_i, c_i) = (to_i32("experts", experts)?, to_i32("cols", cols)?);
+        let mut out = self.alloc_zeros::<f32>(experts * cols)?;
+        if experts * cols > 0 {
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "grouped_row_sum_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(g).arg(offsets).arg(&e_i).arg(&c_i).arg(&mut out);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(grid_for(experts * cols)) }
+                .map_err(|e| cuda_err("grouped_row_sum_f32", e))?;
+        }
+        Ok(out)
+    }
+
+    /// Permutation backward: `grad_x[t] = sum_j grad_xp[row_of_slot[t, j]]`, `j` ascending;
+    /// `grad_xp` `[N, H]`, `row_of_slot` `[T, k]` -> `[T, H]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `grad_xp` or `row_of_slot`; CUDA errors. Row ids
+    /// are trusted (they come from [`CudaMoe::permutation`]).
+    pub fn permute_backward(
+        &self,
+        grad_xp: &CudaSlice<f32>,
+        rows: usize,
+        hidden: usize,
+        row_of_slot: &CudaSlice<u32>,
+        tokens: usize,
+        top_k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check_len(
+            "grad_xp",
+            grad_xp.len(),
+            rows * hidden,
+            format!("[N={rows}, H={hidden}]"),
+        )?;
+        check_len(
+            "row_of_slot",
+            row_of_slot.len(),
+            tokens * top_k,
+            format!("[T={tokens}, k={top_k}]"),
+        )?;
+        let (t_i, k_i, h_i) = (
+            to_i32("tokens", tokens)?,
+            to_i32("top_k", top_k)?,
+            to_i32("hidden", hidden)?,
+        );
+        let mut gx = self.alloc_zeros::<f32>(tokens * hidden)?;
+        if tokens * hidden > 0 {
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "permute_backward_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(grad_xp)
+                .arg(row_of_slot)
+                .arg(&t_i)
+                .arg(&k_i)
+                .arg(&h_i)
+                .arg(&mut gx);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(grid_for(tokens * hidden)) }
+                .map_err(|e| cuda_err("permute_backward_f32", e))?;
+        }
+        Ok(gx)
+    }
+
+    /// Combine backward: `grad_y[row_of_slot[t, j]] = w[t, j] grad_out[t]` and
+    /// `grad_weights[t, j] = <grad_out[t], y[row_of_slot[t, j]]>`. Every row is one slot
+    /// (`N = T k`, the [`CudaMoe::permutation`] layout; `slot_of_row` its inverse). Returns
+    /// `(grad_y [N, H], grad_weights [T, k])`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `y`, `weights`, `row_of_slot`, `slot_of_row` or
+    /// `grad_out`; CUDA errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn combine_backward(
+        &self,
+        y: &CudaSlice<f32>,
+        hidden: usize,
+        weights: &CudaSlice<f32>,
+        row_of_slot: &CudaSlice<u32>,
+        slot_of_row: &CudaSlice<u32>,
+        grad_out: &CudaSlice<f32>,
+        tokens: usize,
+        top_k: usize,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let rows = tokens * top_k;
+        let tk = format!("[T={tokens}, k={top_k}]");
+        check_len(
+            "y",
+            y.len(),
+            rows * hidden,
+            format!("[N=T k={rows}, H={hidden}]"),
+        )?;
+        check_len("weights", weights.len(), rows, tk.clone())?;
+        check_len("row_of_slot", row_of_slot.len(), rows, tk)?;
+        check_len(
+            "slot_of_row",
+            slot_of_row.len(),
+            rows,
+            format!("[N={rows}]"),
+        )?;
+        check_len(
+            "grad_out",
+            grad_out.len(),
+            tokens * hidden,
+            format!("[T={tokens}, H={hidden}]"),
+        )?;
+        let (t_i, k_i, h_i, r_i) = (
+            to_i32("tokens", tokens)?,
+            to_i32("top_k", top_k)?,
+            to_i32("hidden", hidden)?,
+            to_i32("rows", rows)?,
+        );
+        let mut gy = self.alloc_zeros::<f32>(rows * hidden)?;
+        let mut gw = self.alloc_zeros::<f32>(rows)?;
+        if rows * hidden > 0 {
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "combine_backward_y_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(weights)
+                .arg(grad_out)
+                .arg(slot_of_row)
+                .arg(&r_i)
+                .arg(&k_i)
+                .arg(&h_i)
+                .arg(&mut gy);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(grid_for(rows * hidden)) }
+                .map_err(|e| cuda_err("combine_backward_y_f32", e))?;
+        }
+        if rows > 0 {
+            let blocks = (rows * 32).div_ceil(256);
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32("blocks", blocks)? as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.function(&SOURCES[SRC_EXPERT_OPS], "combine_backward_w_f32")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(y)
+                .arg(grad_out)
+                .arg(row_of_slot)
+                .arg(&t_i)
+                .arg(&k_i)
+                .arg(&h_i)
+                .arg(&mut gw);
+            // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+            unsafe { l.launch(cfg) }.map_err(|e| cuda_err("combine_backward_w_f32", e))?;
+        }
+        Ok((gy, gw))
+    }
+
+    /// Any router of [`RouterKind`] on f32 logits `[T, E]`: the device twin of
+    /// [`crate::route`]. `bias` `[E]`: for [`RouterKind::TopKSoftmax`] the router's linear bias
+    /// (added to the logits, GPT-OSS), for the sigmoid routers the selection-only
+    /// `e_score_correction_bias`; must be `None` for [`RouterKind::SoftmaxTopK`]. Ties: the
+    /// lowest index wins. Non-finite logits are not detected on the device.
+    ///
+    /// # Errors
+    /// [`KernelError::ZeroTopK`], [`KernelError::TopKTooLarge`], [`KernelError::InvalidConfig`]
+    /// (bias on a softmax top-k router, bad group layout, more than 64 groups),
+    /// [`KernelError::ShapeMismatch`] naming `logits` or `bias`; CUDA errors.
+    pub fn route(
+        &self,
+        logits: &CudaSlice<f32>,
+        tokens: usize,
+        experts: usize,
+        kind: &RouterKind,
+        top_k: usize,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Result<GpuRouting> {
+        if let RouterKind::SoftmaxTopK { norm_topk_prob } = *kind {
+            if bias.is_some() {
+                return Err(KernelError::InvalidConfig(
+                    "no bias on a softmax top-k router".into(),
+                ));
+            }
+            let cfg = RouterConfig {
+                top_k,
+                norm_topk_prob,
+            };
+            return self.softmax_topk(logits, tokens, experts, &cfg);
+        }
+        if top_k == 0 {
+            return Err(KernelError::ZeroTopK);
+        }
+        if top_k > experts {
+            return Err(KernelError::TopKTooLarge {
+                top_k,
+                num_experts: experts,
+            });
+        }
+        check_len(
+            "logits",
+            logits.len(),
+            tokens * experts,
+            format!("[T={tokens}, E={experts}]"),
+        )?;
+        if let Some(b) = bias {
+            check_len("bias", b.len(), experts, format!("[E={experts}]"))?;
+        }
+        let (t_i, e_i, k_i) = (
+            to_i32("tokens", tokens)?,
+            to_i32("experts", experts)?,
+            to_i32("top_k", top_k)?,
+        );
+        let has_bias = i32::from(bias.is_some());
+        let bias_ptr = bias.unwrap_or(logits);
+        let mut probs = self.alloc_zeros::<f32>(tokens * experts)?;
+        let mut idx = self.alloc_zeros::<u32>(tokens * top_k)?;
+        let mut w = self.alloc_zeros::<f32>(tokens * top_k)?;
+        let (n_group, topk_group, renorm, eps, scale) = match *kind {
+            RouterKind::SigmoidGroupLimited {
+                n_group,
+                topk_group,
+                norm_topk_prob,
+                routed_scaling_factor,
+            } => {
+                if n_group == 0
+                    || n_group > 64
+                    || experts % n_group != 0
+                    || topk_group == 0
+                    || topk_group > n_group
+                {
+                    return Err(KernelError::InvalidConfig(format!(
+                        "group layout n_group={n_group}, topk_group={topk_group}, E={experts} \
+                         (the device router needs n_group <= 64 dividing E)"
+                    )));
+                }
+                (
+                    n_group,
+                    topk_group,
+                    norm_topk_prob,
+                    1e-20_f32,
+                    routed_scaling_factor,
+                )
+            }
+            RouterKind::SigmoidTopK {
+                routed_scaling_factor,
+            } => (1, 1, true, 0.0, routed_scaling_factor),
+            _ => (0, 0, false, 0.0, 1.0),
+        };
+        if tokens > 0 {
+            if matches!(kind, RouterKind::TopKSoftmax) {
+                let f = self.function(&SOURCES[SRC_ROUTER], "topk_softmax_f32")?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(logits)
+                    .arg(bias_ptr)
+                    .arg(&has_bias)
+                    .arg(&t_i)
+                    .arg(&e_i)
+                    .arg(&k_i)
+                    .arg(&mut probs)
+                    .arg(&mut idx)
+                    .arg(&mut w);
+                // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+                unsafe { l.launch(grid_for(tokens)) }
+                    .map_err(|e| cuda_err("topk_softmax_f32", e))?;
+            } else {
+                let (g_i, tg_i) = (n_group as i32, topk_group as i32);
+                let renorm = i32::from(renorm);
+                let f = self.function(&SOURCES[SRC_ROUTER], "sigmoid_topk_f32")?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(logits)
+                    .arg(bias_ptr)
+                    .arg(&has_bias)
+                    .arg(&t_i)
+                    .arg(&e_i)
+                    .arg(&k_i)
+                    .arg(&g_i)
+                    .arg(&tg_i)
+                    .arg(&renorm)
+                    .arg(&eps)
+                    .arg(&scale)
+                    .arg(&mut probs)
+                    .arg(&mut idx)
+                    .arg(&mut w);
+                // SAFETY: lengths checked above; arguments in the order and types of the kernel.
+                unsafe { l.launch(grid_for(tokens)) }
+                    .map_err(|e| cuda_err("sigmoid_topk_f32", e))?;
+            }
+        }
+        Ok(GpuRouting {
+            top_k_index: idx,
+            top_k_weights: w,
+            probs,
+        })
+    }
+}
+
+/// `(kind, limit, alpha)` arguments of the GLU kernels (`act` in `expert_ops.cu`).
+fn act_params(act: &Activation) -> (i32, f32, f32) {
+    match *act {
+        Activation::SwiGlu => (0, 0.0, 0.0),
+        Activation::GptOssGlu { limit, alpha } => (1, limit, alpha),
+        Activation::ClampedSwiGlu { limit } => (2, limit, 0.0),
     }
 }
