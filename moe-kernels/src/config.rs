@@ -189,7 +189,8 @@ pub struct Dims {
     pub shared_inter: Option<usize>,
 }
 
-fn mismatch(tensor: &'static str, expected: String, got: &[usize]) -> KernelError {
+/// A [`KernelError::ShapeMismatch`] naming `tensor`.
+pub(crate) fn mismatch(tensor: &'static str, expected: String, got: &[usize]) -> KernelError {
     KernelError::ShapeMismatch {
         tensor,
         expected,
@@ -197,7 +198,13 @@ fn mismatch(tensor: &'static str, expected: String, got: &[usize]) -> KernelErro
     }
 }
 
-fn check_dim(tensor: &'static str, got: &[usize], want: &[usize], symbols: &str) -> Result<()> {
+/// `Ok` when `got == want`, else a shape mismatch naming `tensor` (`symbols` e.g. `[E, H]`).
+pub(crate) fn check_dim(
+    tensor: &'static str,
+    got: &[usize],
+    want: &[usize],
+    symbols: &str,
+) -> Result<()> {
     if got == want {
         Ok(())
     } else {

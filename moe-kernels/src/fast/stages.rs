@@ -33,28 +33,12 @@ use super::gemm::{matmul, Parallelism};
 use super::grouped::{grouped_matmul, grouped_matmul_tn, grouped_row_sum, par_rows};
 use crate::activation::{glu_backward, glu_forward, sigmoid};
 use crate::config::{
-    check_activation, check_router, Activation, MoeConfig, MoeParams, SharedExpertGrads,
-    SharedExpertParams,
+    check_activation, check_dim, check_router, mismatch, Activation, MoeConfig, MoeParams,
+    SharedExpertGrads, SharedExpertParams,
 };
 use crate::error::{KernelError, Result};
 use crate::router::Routing;
 use crate::routing::{route, route_backward};
-
-fn mismatch(tensor: &'static str, expected: String, got: &[usize]) -> KernelError {
-    KernelError::ShapeMismatch {
-        tensor,
-        expected,
-        got: got.to_vec(),
-    }
-}
-
-fn check_shape(tensor: &'static str, got: &[usize], want: &[usize], symbols: &str) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(mismatch(tensor, format!("{symbols} = {want:?}"), got))
-    }
-}
 
 /// `a @ b` into a new array, rayon-parallel inside the GEMM.
 pub(crate) fn dense(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Result<Array2<f32>> {
@@ -154,14 +138,14 @@ fn check_experts(
         ));
     }
     let inter = gu[2] / 2;
-    check_shape(
+    check_dim(
         "down_projs",
         w.down_projs.shape(),
         &[experts, inter, hidden],
         "[E_l, I_l, H]",
     )?;
     if let Some(b) = w.gate_up_bias {
-        check_shape(
+        check_dim(
             "gate_up_bias",
             b.shape(),
             &[experts, 2 * inter],
@@ -169,7 +153,7 @@ fn check_experts(
         )?;
     }
     if let Some(b) = w.down_bias {
-        check_shape("down_bias", b.shape(), &[experts, hidden], "[E_l, H]")?;
+        check_dim("down_bias", b.shape(), &[experts, hidden], "[E_l, H]")?;
     }
     if offsets.len() != experts + 1 {
         return Err(mismatch(
@@ -285,9 +269,9 @@ pub fn experts_backward(
     let (experts, inter) = check_experts(xp, offsets, w)?;
     check_activation(act)?;
     let (n, hidden) = xp.dim();
-    check_shape("acts.a", acts.a.shape(), &[n, 2 * inter], "[N, 2I_l]")?;
-    check_shape("acts.h", acts.h.shape(), &[n, inter], "[N, I_l]")?;
-    check_shape("grad_y", grad_y.shape(), &[n, hidden], "[N, H]")?;
+    check_dim("acts.a", acts.a.shape(), &[n, 2 * inter], "[N, 2I_l]")?;
+    check_dim("acts.h", acts.h.shape(), &[n, inter], "[N, I_l]")?;
+    check_dim("grad_y", grad_y.shape(), &[n, hidden], "[N, H]")?;
 
     let mut down_projs = zeros3(experts, inter, hidden);
     grouped_matmul_tn(&mut down_projs, acts.h.view(), grad_y, offsets)?;
@@ -337,7 +321,7 @@ fn check_slots(
     row_of_slot: ArrayView2<usize>,
     rows: usize,
 ) -> Result<()> {
-    check_shape(
+    check_dim(
         "row_of_slot",
         row_of_slot.shape(),
         weights.shape(),
@@ -453,7 +437,7 @@ pub fn combine_backward(
     let (rows, hidden) = y.dim();
     check_slots(weights, row_of_slot, rows)?;
     let (tokens, k) = weights.dim();
-    check_shape("grad_out", grad_out.shape(), &[tokens, hidden], "[T, H]")?;
+    check_dim("grad_out", grad_out.shape(), &[tokens, hidden], "[T, H]")?;
     // Inverse map row -> slot (flat t * k + j); usize::MAX = unused row.
     let mut slot_of_row = vec![usize::MAX; rows];
     for (slot, &r) in row_of_slot.iter().enumerate() {
@@ -514,10 +498,10 @@ pub fn router_forward(
 ) -> Result<(Array2<f32>, Routing<f32>)> {
     let experts = check_router_inputs(x, gate_weight, cfg)?;
     if let Some(b) = gate_bias {
-        check_shape("gate_bias", b.shape(), &[experts], "[E]")?;
+        check_dim("gate_bias", b.shape(), &[experts], "[E]")?;
     }
     if let Some(b) = e_score_correction_bias {
-        check_shape("e_score_correction_bias", b.shape(), &[experts], "[E]")?;
+        check_dim("e_score_correction_bias", b.shape(), &[experts], "[E]")?;
     }
     check_router(
         &cfg.router,
@@ -545,7 +529,7 @@ fn check_router_inputs(
     cfg: &MoeConfig,
 ) -> Result<usize> {
     let experts = gate_weight.nrows();
-    check_shape(
+    check_dim(
         "gate_weight",
         gate_weight.shape(),
         &[experts, x.ncols()],
@@ -588,19 +572,19 @@ pub(crate) fn router_backward_into(
 ) -> Result<(Array2<f32>, Option<Array1<f32>>)> {
     let experts = check_router_inputs(x, gate_weight, cfg)?;
     let (tokens, k) = (x.nrows(), cfg.top_k);
-    check_shape(
+    check_dim(
         "routing.top_k_index",
         routing.top_k_index.shape(),
         &[tokens, k],
         "[T, k]",
     )?;
-    check_shape(
+    check_dim(
         "routing.top_k_weights",
         routing.top_k_weights.shape(),
         &[tokens, k],
         "[T, k]",
     )?;
-    check_shape(
+    check_dim(
         "routing.probs",
         routing.probs.shape(),
         &[tokens, experts],
@@ -613,7 +597,7 @@ pub(crate) fn router_backward_into(
             &[bad],
         ));
     }
-    check_shape("grad_weights", grad_weights.shape(), &[tokens, k], "[T, k]")?;
+    check_dim("grad_weights", grad_weights.shape(), &[tokens, k], "[T, k]")?;
     let grad_logits = route_backward(&cfg.router, routing, grad_weights)?;
     let gate_weight_grad = dense(grad_logits.t(), x)?;
     let gate_bias = has_gate_bias.then(|| grad_logits.sum_axis(Axis(0)));
@@ -690,26 +674,26 @@ impl SharedActs {
 fn check_shared(x: ArrayView2<f32>, s: &SharedExpertParams<f32>) -> Result<usize> {
     let hidden = x.ncols();
     let is = s.gate_proj.nrows();
-    check_shape(
+    check_dim(
         "shared.gate_proj",
         s.gate_proj.shape(),
         &[is, hidden],
         "[Is, H]",
     )?;
-    check_shape(
+    check_dim(
         "shared.up_proj",
         s.up_proj.shape(),
         &[is, hidden],
         "[Is, H]",
     )?;
-    check_shape(
+    check_dim(
         "shared.down_proj",
         s.down_proj.shape(),
         &[hidden, is],
         "[H, Is]",
     )?;
     if let Some(g) = s.gate {
-        check_shape("shared.gate", g.shape(), &[1, hidden], "[1, H]")?;
+        check_dim("shared.gate", g.shape(), &[1, hidden], "[1, H]")?;
     }
     Ok(is)
 }
@@ -763,11 +747,11 @@ pub(crate) fn shared_expert_backward_into(
         ("acts.u", &acts.u),
         ("acts.hs", &acts.hs),
     ] {
-        check_shape(name, a.shape(), &[tokens, is], "[T, Is]")?;
+        check_dim(name, a.shape(), &[tokens, is], "[T, Is]")?;
     }
-    check_shape("acts.ys", acts.ys.shape(), &[tokens, hidden], "[T, H]")?;
-    check_shape("acts.gate", acts.gate.shape(), &[tokens], "[T]")?;
-    check_shape("grad_out", grad_out.shape(), &[tokens, hidden], "[T, H]")?;
+    check_dim("acts.ys", acts.ys.shape(), &[tokens, hidden], "[T, H]")?;
+    check_dim("acts.gate", acts.gate.shape(), &[tokens], "[T]")?;
+    check_dim("grad_out", grad_out.shape(), &[tokens, hidden], "[T, H]")?;
 
     let mut dys = grad_out.to_owned();
     par_rows(&mut dys, |t, row| {
