@@ -5,13 +5,14 @@
 //! was not committed must be detected as incomplete.
 
 use crate::gather::all_gather_blobs;
+use crate::parallel::shards::indices;
 use crate::parallel::{ParallelPlan, Param, PlanKind};
 use crate::report::Check;
 use crate::roundtrip::{diff_tensor_maps, read_all};
 use adapters::dcp::{self, ShardToSave};
 use adapters::{adapter_for, HfCheckpoint, HostTensor, MoeAdapter};
 use collectives::Communicator;
-use placement::{local_shard, IndexSet, Placement};
+use placement::Placement;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -91,10 +92,7 @@ fn local_of(
     placements: &[Placement],
     coord: &[usize],
 ) -> Result<HostTensor, String> {
-    let ls = local_shard(&full.shape, &plan.mesh, placements, coord).map_err(|e| e.to_string())?;
-    let idx: Vec<IndexSet> = (0..full.shape.len())
-        .map(|d| ls.dim_indices(d, full.shape[d]))
-        .collect();
+    let idx = indices(&full.shape, plan, placements, coord)?;
     full.gather(&idx).map_err(|e| e.to_string())
 }
 

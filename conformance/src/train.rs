@@ -17,7 +17,7 @@
 use crate::checkpoint::agree;
 use crate::gather::gather_full;
 use crate::parallel::block::all_reduce;
-use crate::parallel::shards::{host, indices, take, BlockTensors, FullShapes};
+use crate::parallel::shards::{host, indices, is_extra_replica, take, BlockTensors, FullShapes};
 use crate::parallel::{DistBlock, ParallelPlan, Param, PlanComms, PlanKind};
 use adapters::dcp::{self, ShardToSave};
 use adapters::{Dtype, HostTensor, LocalTensor, NativeMoeKeys};
@@ -229,11 +229,8 @@ fn set_tensors(
 ) -> Result<(), String> {
     let mut it = values.into_iter();
     let mut next = || it.next().ok_or("fewer tensors than parameters".to_string());
-    let dim = |a: Array<f32, ndarray::IxDyn>| -> Result<_, String> { Ok(a) };
     for b in blocks.iter_mut() {
-        b.gate_weight = dim(next()?)?
-            .into_dimensionality()
-            .map_err(|e| e.to_string())?;
+        b.gate_weight = next()?.into_dimensionality().map_err(|e| e.to_string())?;
         b.gate_and_up_projs = next()?.into_dimensionality().map_err(|e| e.to_string())?;
         b.down_projs = next()?.into_dimensionality().map_err(|e| e.to_string())?;
     }
@@ -555,7 +552,7 @@ fn gather_params(
         for (l, b) in state.blocks.iter().enumerate() {
             out.extend(b.to_local_tensors(&block_keys(l), plan, coord, &shapes, true)?);
         }
-        if coord.iter().all(|&c| c == 0) {
+        if !is_extra_replica(&plan.placements(Param::Replicated), coord) {
             out.push(LocalTensor {
                 key: HEAD.into(),
                 tensor: host(&state.head)?,

@@ -52,6 +52,16 @@ pub fn indices(
         .collect())
 }
 
+/// Whether this rank's copy of a tensor placed by `placements` is a replica of another rank's: its
+/// coordinate is non-zero on a mesh dim where the tensor is `Replicate` (torch DCP's dedup rule;
+/// gathering only the other copies sees each element once).
+pub fn is_extra_replica(placements: &[Placement], coord: &[usize]) -> bool {
+    placements
+        .iter()
+        .zip(coord)
+        .any(|(p, &c)| p.is_replicate() && c != 0)
+}
+
 /// The sub-array of `full` at the index sets, row-major.
 pub fn take<D: Dimension + ndarray::RemoveAxis>(
     full: ArrayView<f32, D>,
@@ -150,12 +160,7 @@ impl BlockTensors {
         let mut out = Vec::new();
         let mut push = |key: &str, param: Param, shape: &[usize], t: HostTensor| {
             let placements = plan.placements(param);
-            if dedupe
-                && placements
-                    .iter()
-                    .zip(coord)
-                    .any(|(p, &c)| p.is_replicate() && c != 0)
-            {
+            if dedupe && is_extra_replica(&placements, coord) {
                 return Ok::<(), String>(());
             }
             let idx = indices(shape, plan, &placements, coord)?;

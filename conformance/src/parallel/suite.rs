@@ -12,10 +12,10 @@
 use super::block::DistBlock;
 use super::comms::PlanComms;
 use super::plan::{Mutation, ParallelPlan, Param, PlanKind};
-use super::shards::{host, indices, BlockTensors, FullShapes};
+use super::shards::{host, indices, is_extra_replica, take, BlockTensors, FullShapes};
 use crate::family::{grads_by_native_key, moe_config, BlockWeights};
 use crate::gather::gather_full;
-use crate::golden::{GoldenFile, Tolerance};
+use crate::golden::{compare, GoldenFile, Tolerance};
 use crate::report::Check;
 use adapters::{adapter_for, HfCheckpoint, HostTensor, LocalTensor, MoeAdapter, NativeMoeKeys};
 use collectives::Communicator;
@@ -151,11 +151,7 @@ fn token_tensor(
         ));
     }
     // Replicas (TP without SP): only coordinate 0 sends.
-    if placements
-        .iter()
-        .zip(coord)
-        .any(|(p, &c)| p.is_replicate() && c != 0)
-    {
+    if is_extra_replica(&placements, coord) {
         return Ok(None);
     }
     Ok(Some(LocalTensor {
@@ -211,24 +207,14 @@ fn local_work(
             }
         }
     }
-    let x = super::shards::take(
-        fx.input.view(),
-        &indices(
-            &[tokens, hidden],
-            plan,
-            &plan.placements(Param::Tokens),
-            &coord,
-        )?,
-    );
-    let dout = super::shards::take(
-        fx.grad_output.view(),
-        &indices(
-            &[tokens, hidden],
-            plan,
-            &plan.placements(Param::Tokens),
-            &coord,
-        )?,
-    );
+    let rows = indices(
+        &[tokens, hidden],
+        plan,
+        &plan.placements(Param::Tokens),
+        &coord,
+    )?;
+    let x = take(fx.input.view(), &rows);
+    let dout = take(fx.grad_output.view(), &rows);
     let block = DistBlock {
         plan,
         comms,
@@ -320,16 +306,6 @@ fn check_transposed(
         })
 }
 
-fn compare_flat(got: &[f32], want: &[f32], tol: Tolerance) -> (f32, usize) {
-    got.iter()
-        .zip(want)
-        .fold((0f32, 0usize), |(m, bad), (&g, &e)| {
-            let d = (g - e).abs();
-            let ok = d.is_finite() && d <= tol.atol + tol.rtol * e.abs();
-            (m.max(d), bad + usize::from(!ok))
-        })
-}
-
 fn compare_check(
     name: String,
     got: Option<&HostTensor>,
@@ -349,7 +325,14 @@ fn compare_check(
         (Ok(g), Ok(w)) => (g, w),
         (Err(e), _) | (_, Err(e)) => return Check::fail(name, e.to_string()),
     };
-    let (max, bad) = compare_flat(&g, &w, tol);
+    let (g, w) = (
+        ArrayView2::from_shape((1, g.len()), &g),
+        ArrayView2::from_shape((1, w.len()), &w),
+    );
+    let (Ok(g), Ok(w)) = (g, w) else {
+        return Check::fail(name, "cannot view the tensors as rows");
+    };
+    let (max, bad) = compare(g, w, tol);
     Check::expect(name, bad == 0, format!("max abs diff {max:.3e}"), || {
         format!(
             "{bad} of {} elements outside atol {:e} rtol {:e} vs the single-device reference; max abs diff {max:.3e}",
