@@ -212,6 +212,33 @@ pub(crate) fn check_dim(
     }
 }
 
+/// Checks the shared-expert weights against the hidden size `H`; returns `Is`.
+pub(crate) fn check_shared<F: Real>(hidden: usize, s: &SharedExpertParams<F>) -> Result<usize> {
+    let is = s.gate_proj.nrows();
+    check_dim(
+        "shared.gate_proj",
+        s.gate_proj.shape(),
+        &[is, hidden],
+        "[Is, H]",
+    )?;
+    check_dim(
+        "shared.up_proj",
+        s.up_proj.shape(),
+        &[is, hidden],
+        "[Is, H]",
+    )?;
+    check_dim(
+        "shared.down_proj",
+        s.down_proj.shape(),
+        &[hidden, is],
+        "[H, Is]",
+    )?;
+    if let Some(g) = s.gate {
+        check_dim("shared.gate", g.shape(), &[1, hidden], "[1, H]")?;
+    }
+    Ok(is)
+}
+
 /// Checks every shape and hyper-parameter of a block call against `x` `[T, H]` and
 /// `gate_weight` `[E, H]`; returns the sizes.
 ///
@@ -256,34 +283,11 @@ pub fn check_block<F: Real>(x: ArrayView2<F>, p: &MoeParams<F>, cfg: &MoeConfig)
     if let Some(b) = p.down_bias {
         check_dim("down_bias", b.shape(), &[experts, hidden], "[E, H]")?;
     }
-    let shared_inter = match &p.shared {
-        None => None,
-        Some(s) => {
-            let is = s.gate_proj.nrows();
-            check_dim(
-                "shared.gate_proj",
-                s.gate_proj.shape(),
-                &[is, hidden],
-                "[Is, H]",
-            )?;
-            check_dim(
-                "shared.up_proj",
-                s.up_proj.shape(),
-                &[is, hidden],
-                "[Is, H]",
-            )?;
-            check_dim(
-                "shared.down_proj",
-                s.down_proj.shape(),
-                &[hidden, is],
-                "[H, Is]",
-            )?;
-            if let Some(g) = s.gate {
-                check_dim("shared.gate", g.shape(), &[1, hidden], "[1, H]")?;
-            }
-            Some(is)
-        }
-    };
+    let shared_inter = p
+        .shared
+        .as_ref()
+        .map(|s| check_shared(hidden, s))
+        .transpose()?;
     let top_k = cfg.top_k;
     if top_k == 0 {
         return Err(KernelError::ZeroTopK);

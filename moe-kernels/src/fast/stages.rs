@@ -33,8 +33,8 @@ use super::gemm::{matmul, Parallelism};
 use super::grouped::{grouped_matmul, grouped_matmul_tn, grouped_row_sum, par_rows};
 use crate::activation::{glu_backward, glu_forward, sigmoid};
 use crate::config::{
-    check_activation, check_dim, check_router, mismatch, Activation, MoeConfig, MoeParams,
-    SharedExpertGrads, SharedExpertParams,
+    check_activation, check_dim, check_router, check_shared, mismatch, Activation, MoeConfig,
+    MoeParams, SharedExpertGrads, SharedExpertParams,
 };
 use crate::error::{KernelError, Result};
 use crate::router::Routing;
@@ -670,34 +670,6 @@ impl SharedActs {
     }
 }
 
-/// Checks the shared-expert weights against `x` `[T, H]`; returns `Is`.
-fn check_shared(x: ArrayView2<f32>, s: &SharedExpertParams<f32>) -> Result<usize> {
-    let hidden = x.ncols();
-    let is = s.gate_proj.nrows();
-    check_dim(
-        "shared.gate_proj",
-        s.gate_proj.shape(),
-        &[is, hidden],
-        "[Is, H]",
-    )?;
-    check_dim(
-        "shared.up_proj",
-        s.up_proj.shape(),
-        &[is, hidden],
-        "[Is, H]",
-    )?;
-    check_dim(
-        "shared.down_proj",
-        s.down_proj.shape(),
-        &[hidden, is],
-        "[H, Is]",
-    )?;
-    if let Some(g) = s.gate {
-        check_dim("shared.gate", g.shape(), &[1, hidden], "[1, H]")?;
-    }
-    Ok(is)
-}
-
 /// Shared (always-on) expert, HF `nn.Linear` layout, SwiGLU (transformers `Qwen3NextMLP` /
 /// `DeepseekV3MLP` as `shared_expert(s)`): `ys = (silu(x Wg^T) * (x Wu^T)) Wd^T`, then
 /// `out = sigmoid(x Wsg^T) * ys` with the Qwen3-Next / 3.5 `shared_expert_gate` (`out = ys`
@@ -711,7 +683,7 @@ pub fn shared_expert_forward(
     x: ArrayView2<f32>,
     s: &SharedExpertParams<f32>,
 ) -> Result<(Array2<f32>, SharedActs)> {
-    check_shared(x, s)?;
+    check_shared(x.ncols(), s)?;
     let g = dense(x, s.gate_proj.t())?;
     let u = dense(x, s.up_proj.t())?;
     let mut hs = g.clone();
@@ -740,7 +712,7 @@ pub(crate) fn shared_expert_backward_into(
     mut grad_x: ArrayViewMut2<f32>,
     accumulate: bool,
 ) -> Result<SharedExpertGrads<f32>> {
-    let is = check_shared(x, s)?;
+    let is = check_shared(x.ncols(), s)?;
     let (tokens, hidden) = x.dim();
     for (name, a) in [
         ("acts.g", &acts.g),
