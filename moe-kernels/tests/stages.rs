@@ -528,6 +528,84 @@ fn empty_rows_and_experts_without_rows_give_exact_zero_gradients() {
     }
 }
 
+/// The dispatch gather folded into the gate/up GEMM (`Rows::Gather`) gives the bits of the
+/// stored `xp` path, with experts spread over several row blocks (1024 rows per task), one
+/// expert without rows, biases on; an out-of-range token id is an error naming it.
+#[test]
+fn gathered_rows_match_stored_rows_bitwise() {
+    use moe_kernels::fast::experts_forward_rows;
+    use moe_kernels::fast::grouped::Rows;
+    let (t, h, i, e) = (1500, 5, 3, 4);
+    let (gu, d, gub, db) = gpt_weights(e, h, i);
+    let w = ExpertWeights {
+        gate_and_up_projs: gu.view(),
+        down_projs: d.view(),
+        gate_up_bias: Some(gub.view()),
+        down_bias: Some(db.view()),
+    };
+    let x: Array2<f32> = Rng(3).a2((t, h), 1.0);
+    // Expert 0: 2100 rows (3 blocks), expert 1: none, expert 2: 7, expert 3: 893.
+    let counts = [2100, 0, 7, 893];
+    let token_of_row: Vec<usize> = (0..counts.iter().sum::<usize>())
+        .map(|r| (r * 7919) % t)
+        .collect();
+    let mut offsets = vec![0];
+    for c in counts {
+        offsets.push(offsets.last().unwrap() + c);
+    }
+    for act in [
+        Activation::SwiGlu,
+        Activation::GptOssGlu {
+            alpha: 1.702,
+            limit: 7.0,
+        },
+    ] {
+        let xp = permute_forward(x.view(), &token_of_row).unwrap();
+        let stored = experts_forward(xp.view(), &offsets, &w, &act).unwrap();
+        let gathered = experts_forward_rows(
+            Rows::Gather {
+                x: x.view(),
+                token_of_row: &token_of_row,
+            },
+            &offsets,
+            &w,
+            &act,
+        )
+        .unwrap();
+        assert_eq!(stored.a, gathered.a, "{act:?}: a");
+        assert_eq!(stored.h, gathered.h, "{act:?}: h");
+        assert_eq!(stored.y, gathered.y, "{act:?}: y");
+        assert!(stored.y.iter().all(|v| v.is_finite()));
+    }
+    let mut bad = token_of_row.clone();
+    bad[2000] = t;
+    names(
+        experts_forward_rows(
+            Rows::Gather {
+                x: x.view(),
+                token_of_row: &bad,
+            },
+            &offsets,
+            &w,
+            &Activation::SwiGlu,
+        ),
+        "token_of_row",
+    );
+    // Fewer gathered rows than offsets[E_l]: the offsets are named.
+    names(
+        experts_forward_rows(
+            Rows::Gather {
+                x: x.view(),
+                token_of_row: &token_of_row[..100],
+            },
+            &offsets,
+            &w,
+            &Activation::SwiGlu,
+        ),
+        "offsets",
+    );
+}
+
 #[test]
 fn permutation_helpers_invert_each_other() {
     let idx = ndarray::array![[2usize, 0], [0, 1], [2, 1]];

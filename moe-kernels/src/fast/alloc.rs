@@ -55,13 +55,7 @@ fn pool() -> std::sync::MutexGuard<'static, Vec<Vec<f32>>> {
 /// parallel) when the pool has one, else a fresh allocation with huge pages advised when large.
 pub fn zeroed_vec(len: usize) -> Vec<f32> {
     if len * std::mem::size_of::<f32>() >= HUGE_MIN_BYTES {
-        let reused = {
-            let mut p = pool();
-            p.iter()
-                .position(|v| v.len() == len)
-                .map(|i| p.swap_remove(i))
-        };
-        if let Some(mut v) = reused {
+        if let Some(mut v) = take_pooled(len) {
             v.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
             return v;
         }
@@ -69,6 +63,28 @@ pub fn zeroed_vec(len: usize) -> Vec<f32> {
     let mut v = vec![0.0f32; len];
     advise_huge(v.as_mut_ptr(), len);
     v
+}
+
+/// A `Vec<f32>` of `len` elements with unspecified (finite, initialised) contents, for an
+/// output that the caller overwrites entirely: a recycled buffer of that length as it was left
+/// (no zeroing pass), else a fresh zeroed allocation with huge pages advised when large.
+pub fn scratch_vec(len: usize) -> Vec<f32> {
+    if len * std::mem::size_of::<f32>() >= HUGE_MIN_BYTES {
+        if let Some(v) = take_pooled(len) {
+            return v;
+        }
+    }
+    let mut v = vec![0.0f32; len];
+    advise_huge(v.as_mut_ptr(), len);
+    v
+}
+
+/// Removes and returns a pooled buffer of exactly `len` elements, if any.
+fn take_pooled(len: usize) -> Option<Vec<f32>> {
+    let mut p = pool();
+    p.iter()
+        .position(|v| v.len() == len)
+        .map(|i| p.swap_remove(i))
 }
 
 /// Gives a buffer back for reuse by a later [`zeroed_vec`] / [`zeros2`] / [`zeros3`] of the
@@ -102,6 +118,21 @@ pub fn zeros2(rows: usize, cols: usize) -> Array2<f32> {
     Array2::from_shape_vec((rows, cols), v).unwrap_or_else(|_| Array2::zeros((rows, cols)))
 }
 
+/// A `[rows, cols]` array for an output the caller overwrites entirely ([`scratch_vec`]:
+/// contents unspecified until written).
+pub fn scratch2(rows: usize, cols: usize) -> Array2<f32> {
+    let v = scratch_vec(rows * cols);
+    // `v` has exactly rows * cols elements, so the shape always fits; the fallback is unreachable.
+    Array2::from_shape_vec((rows, cols), v).unwrap_or_else(|_| Array2::zeros((rows, cols)))
+}
+
+/// A `[d0, d1, d2]` array for an output the caller overwrites entirely ([`scratch_vec`]).
+pub fn scratch3(d0: usize, d1: usize, d2: usize) -> Array3<f32> {
+    let v = scratch_vec(d0 * d1 * d2);
+    // `v` has exactly d0 * d1 * d2 elements; the fallback is unreachable.
+    Array3::from_shape_vec((d0, d1, d2), v).unwrap_or_else(|_| Array3::zeros((d0, d1, d2)))
+}
+
 /// `Array3::zeros((d0, d1, d2))`, huge pages advised when large.
 pub fn zeros3(d0: usize, d1: usize, d2: usize) -> Array3<f32> {
     let v = zeroed_vec(d0 * d1 * d2);
@@ -126,6 +157,24 @@ mod tests {
         assert!(c.iter().all(|&v| v == 0.0));
         recycle(b);
         recycle(c);
+        release_pool();
+    }
+
+    #[test]
+    fn scratch_reuses_the_pooled_buffer() {
+        let (rows, cols) = (1024, 1024 + 9);
+        let mut a = scratch2(rows, cols);
+        assert!(
+            a.iter().all(|&v| v == 0.0),
+            "a fresh scratch buffer is zeroed"
+        );
+        a.fill(2.5);
+        let ptr = a.as_ptr();
+        recycle(a);
+        let b = scratch2(rows, cols);
+        assert_eq!(b.as_ptr(), ptr, "same length: the pooled buffer comes back");
+        assert_eq!(b.dim(), (rows, cols));
+        recycle(b);
         release_pool();
     }
 }

@@ -9,12 +9,69 @@ use rayon::prelude::*;
 use super::gemm::{matmul, Parallelism};
 use crate::error::Result;
 
-/// Rows per task of an M-grouped GEMM (large enough for the kernel's packing to pay off).
-const ROW_BLOCK: usize = 256;
+/// Most rows per task of an M-grouped GEMM. An expert's rows are split into the fewest tasks of
+/// at most this many rows, of near-equal size ([`row_blocks`]): no tiny remainder task that packs
+/// a whole expert weight for a few rows, and enough tasks for rayon when one expert holds most
+/// rows. The split depends only on the row counts, never on the thread count, so the bits do not
+/// either.
+const ROW_BLOCK: usize = 1024;
+
+/// Near-equal blocks `(start, len)` covering `start..end`, each at most [`ROW_BLOCK`] rows.
+fn row_blocks(start: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = end - start;
+    let parts = n.div_ceil(ROW_BLOCK);
+    (0..parts).map(move |p| {
+        let (b0, b1) = (start + n * p / parts, start + n * (p + 1) / parts);
+        (b0, b1 - b0)
+    })
+}
+
+/// Left operand of an M-grouped GEMM: the grouped rows, stored or gathered.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// `[N, K]`: row `r` is the `r`-th grouped row (e.g. the permuted tokens `xp`).
+    Dense(ArrayView2<'a, f32>),
+    /// Row `r` is `x[token_of_row[r]]`, `x` `[T, K]`, `token_of_row` `[N]` (every entry `< T`):
+    /// the dispatch gather folded into the GEMM. Each task copies its rows into a per-thread
+    /// buffer right before its GEMM, so the `[N, K]` permuted copy is never materialised
+    /// (the row gather of the A-tile load in torchtitan / Megatron grouped-GEMM kernels).
+    Gather {
+        /// `[T, K]` token rows.
+        x: ArrayView2<'a, f32>,
+        /// `[N]` token of every grouped row.
+        token_of_row: &'a [usize],
+    },
+}
+
+impl Rows<'_> {
+    /// Number of grouped rows `N`.
+    pub fn nrows(&self) -> usize {
+        match self {
+            Rows::Dense(a) => a.nrows(),
+            Rows::Gather { token_of_row, .. } => token_of_row.len(),
+        }
+    }
+
+    /// Row length `K`.
+    pub fn ncols(&self) -> usize {
+        match self {
+            Rows::Dense(a) => a.ncols(),
+            Rows::Gather { x, .. } => x.ncols(),
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread buffer of [`Rows::Gather`] tasks (reused, so no task faults in fresh pages).
+    static GATHERED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// M-grouped GEMM: for each expert `e`, `dst[rows_e] = a[rows_e] @ weight(e)`, `a` `[N, K]`,
 /// `weight(e)` `[K, Nout]` (any strides, e.g. a transposed expert weight), `dst` `[N, Nout]`,
 /// `offsets` `[E + 1]` the exclusive scan of the per-expert row counts.
+///
+/// # Errors
+/// [`crate::KernelError::ShapeMismatch`] when `a`, `weight(e)` and `dst` do not chain.
 pub fn grouped_matmul<'w, W>(
     dst: &mut Array2<f32>,
     a: ArrayView2<f32>,
@@ -24,31 +81,127 @@ pub fn grouped_matmul<'w, W>(
 where
     W: Fn(usize) -> ArrayView2<'w, f32> + Sync,
 {
-    let mut tasks: Vec<(usize, usize, ArrayViewMut2<f32>)> = Vec::new();
-    let mut rest = dst.view_mut();
-    for (e, w) in offsets.windows(2).enumerate() {
-        let (start, end) = (w[0], w[1]);
-        let (mut block, tail) = rest.split_at(Axis(0), end - start);
-        rest = tail;
-        let mut r = start;
-        while r < end {
-            let len = ROW_BLOCK.min(end - r);
-            let (head, tail) = block.split_at(Axis(0), len);
-            tasks.push((e, r, head));
-            block = tail;
-            r += len;
+    run_grouped(dst, Rows::Dense(a), offsets, &weight, None, &|_, _, _| {})
+}
+
+/// [`grouped_matmul`] on [`Rows`] with an epilogue: after each task's GEMM, `then(r0,
+/// dst_block, side_block)` runs on the same thread with the task's rows `r0..r0 + len` of `dst`
+/// (still in cache; the epilogue may update them, e.g. add a bias) and of `side` (`[N, C]`),
+/// e.g. the GLU activation of the gate/up projection into `h`.
+///
+/// # Errors
+/// [`crate::KernelError::ShapeMismatch`] naming `side` when it does not have `N` rows, or when
+/// `a`, `weight(e)` and `dst` do not chain.
+pub fn grouped_matmul_then<'w, W, F>(
+    dst: &mut Array2<f32>,
+    a: Rows,
+    offsets: &[usize],
+    weight: W,
+    side: &mut Array2<f32>,
+    then: F,
+) -> Result<()>
+where
+    W: Fn(usize) -> ArrayView2<'w, f32> + Sync,
+    F: Fn(usize, ArrayViewMut2<f32>, ArrayViewMut2<f32>) + Sync,
+{
+    if side.nrows() != dst.nrows() {
+        return Err(crate::KernelError::ShapeMismatch {
+            tensor: "side",
+            expected: format!("[N={}, C]", dst.nrows()),
+            got: side.shape().to_vec(),
+        });
+    }
+    run_grouped(dst, a, offsets, &weight, Some(side), &then)
+}
+
+/// Epilogue of [`grouped_matmul_then`]: `(first row, dst rows, side rows)`.
+type Epilogue<'f> = dyn Fn(usize, ArrayViewMut2<f32>, ArrayViewMut2<f32>) + Sync + 'f;
+
+/// One task of an M-grouped GEMM: expert, first row, its `dst` rows and `side` rows.
+type Task<'d> = (
+    usize,
+    usize,
+    ArrayViewMut2<'d, f32>,
+    Option<ArrayViewMut2<'d, f32>>,
+);
+
+/// The shared driver of [`grouped_matmul`] / [`grouped_matmul_then`]: (expert, row block)
+/// tasks on rayon, each one single-threaded GEMM then the epilogue.
+fn run_grouped<'w>(
+    dst: &mut Array2<f32>,
+    a: Rows,
+    offsets: &[usize],
+    weight: &(dyn Fn(usize) -> ArrayView2<'w, f32> + Sync),
+    side: Option<&mut Array2<f32>>,
+    then: &Epilogue,
+) -> Result<()> {
+    let rows = dst.nrows();
+    if a.nrows() != rows || offsets.last().copied().unwrap_or(0) != rows {
+        return Err(crate::KernelError::ShapeMismatch {
+            tensor: "a",
+            expected: format!("[N={rows} (= offsets[E] and dst rows), K]"),
+            got: vec![a.nrows(), a.ncols()],
+        });
+    }
+    if let Rows::Gather { x, token_of_row } = a {
+        if let Some(&bad) = token_of_row.iter().find(|&&t| t >= x.nrows()) {
+            return Err(crate::KernelError::ShapeMismatch {
+                tensor: "token_of_row",
+                expected: format!("token ids < T = {} (got: the first bad id)", x.nrows()),
+                got: vec![bad],
+            });
         }
     }
-    tasks.into_par_iter().try_for_each(|(e, r, view)| {
-        let len = view.nrows();
-        matmul(
-            view,
-            a.slice(s![r..r + len, ..]),
-            weight(e),
-            false,
-            Parallelism::None,
-        )
-    })
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut rest = dst.view_mut();
+    let mut side_rest = side.map(|s| s.view_mut());
+    for (e, w) in offsets.windows(2).enumerate() {
+        for (r, len) in row_blocks(w[0], w[1]) {
+            let (head, tail) = rest.split_at(Axis(0), len);
+            rest = tail;
+            let side_head = side_rest.take().map(|s| {
+                let (h, t) = s.split_at(Axis(0), len);
+                side_rest = Some(t);
+                h
+            });
+            tasks.push((e, r, head, side_head));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .try_for_each(|(e, r, mut view, side)| {
+            let len = view.nrows();
+            match a {
+                Rows::Dense(a) => matmul(
+                    view.view_mut(),
+                    a.slice(s![r..r + len, ..]),
+                    weight(e),
+                    false,
+                    Parallelism::None,
+                )?,
+                Rows::Gather { x, token_of_row } => GATHERED.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    let k = x.ncols();
+                    buf.resize(len * k, 0.0);
+                    for (dst_row, &t) in buf.chunks_mut(k.max(1)).zip(&token_of_row[r..r + len]) {
+                        dst_row.iter_mut().zip(x.row(t)).for_each(|(d, &v)| *d = v);
+                    }
+                    let block =
+                        ArrayView2::from_shape((len, k), &buf[..len * k]).map_err(|err| {
+                            crate::KernelError::ShapeMismatch {
+                                tensor: "gathered rows",
+                                expected: format!("[{len}, {k}] ({err})"),
+                                got: vec![buf.len()],
+                            }
+                        })?;
+                    matmul(view.view_mut(), block, weight(e), false, Parallelism::None)
+                })?,
+            }
+            if let Some(side) = side {
+                then(r, view, side);
+            }
+            Ok(())
+        })
 }
 
 /// K-grouped GEMM (weight gradients): for each expert `e`,

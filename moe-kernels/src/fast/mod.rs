@@ -7,6 +7,8 @@
 //! Pipeline (`/work/shared/reference/kernels.md`): `z = x Wr^T (+ b)` -> route -> permutation
 //! -> gather `xp` `[N = T k, H]` -> `a = xp W_gu[e] (+ b)` `[N, 2I]` -> `h = act(a)` `[N, I]`
 //! -> `y = h W_d[e] (+ b)` `[N, H]` -> `out_t = sum_j w_{t,j} y[row(t, j)]` (+ shared).
+//! In [`moe_forward`] the gather is folded into the gate/up GEMM's tasks ([`grouped::Rows`])
+//! and the activation runs in that GEMM's epilogue, so `xp` is never stored.
 //!
 //! Each step is a public stage in [`stages`] (re-exported here) that a distributed layer can
 //! chain with collectives in between; [`moe_forward`] / [`moe_backward`] are those stages
@@ -24,8 +26,8 @@ use crate::error::Result;
 use crate::permute::Permutation;
 use crate::reference::check_saved;
 pub use stages::{
-    combine_backward, combine_forward, experts_backward, experts_forward, permute_backward,
-    permute_forward, router_backward, router_forward, shared_expert_backward,
+    combine_backward, combine_forward, experts_backward, experts_forward, experts_forward_rows,
+    permute_backward, permute_forward, router_backward, router_forward, shared_expert_backward,
     shared_expert_forward, ExpertActs, ExpertGrads, ExpertWeights, RouterGrads, SharedActs,
 };
 use stages::{router_backward_into, shared_expert_backward_into};
@@ -82,10 +84,17 @@ fn forward_inner(
     )?;
     let perm = Permutation::from_top_k_index(routing.top_k_index.view(), d.experts)?;
     let row_of_slot = perm.row_of_slot_matrix();
-    let xp = permute_forward(x, &perm.token_of_rows())?;
+    let token_of_row = perm.token_of_rows();
     let w = ExpertWeights::from_params(p);
-    let acts = experts_forward(xp.view(), &perm.offsets, &w, &cfg.activation)?;
-    alloc::recycle(xp);
+    let acts = experts_forward_rows(
+        grouped::Rows::Gather {
+            x,
+            token_of_row: &token_of_row,
+        },
+        &perm.offsets,
+        &w,
+        &cfg.activation,
+    )?;
     let mut output = combine_forward(
         acts.y.view(),
         routing.top_k_weights.view(),

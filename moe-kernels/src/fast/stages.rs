@@ -28,9 +28,11 @@
 
 use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
 
-use super::alloc::{recycle, zeros2, zeros3};
+use super::alloc::{recycle, scratch2, scratch3, zeros2};
 use super::gemm::{matmul, Parallelism};
-use super::grouped::{grouped_matmul, grouped_matmul_tn, grouped_row_sum, par_rows};
+use super::grouped::{
+    grouped_matmul, grouped_matmul_then, grouped_matmul_tn, grouped_row_sum, par_rows, Rows,
+};
 use crate::activation::{glu_backward, glu_forward, sigmoid};
 use crate::config::{
     check_activation, check_dim, check_router, check_shared, mismatch, Activation, MoeConfig,
@@ -42,7 +44,7 @@ use crate::routing::{route, route_backward};
 
 /// `a @ b` into a new array, rayon-parallel inside the GEMM.
 pub(crate) fn dense(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Result<Array2<f32>> {
-    let mut out = zeros2(a.nrows(), b.ncols());
+    let mut out = scratch2(a.nrows(), b.ncols());
     matmul(out.view_mut(), a, b, false, Parallelism::Rayon(0))?;
     Ok(out)
 }
@@ -121,13 +123,12 @@ pub struct ExpertGrads {
     pub down_bias: Option<Array2<f32>>,
 }
 
-/// Checks `xp` / `offsets` / weights; returns `(E_l, I_l)`.
+/// Checks the `[N, H]` rows (`xp`) / `offsets` / weights; returns `(E_l, I_l)`.
 fn check_experts(
-    xp: ArrayView2<f32>,
+    (rows, hidden): (usize, usize),
     offsets: &[usize],
     w: &ExpertWeights,
 ) -> Result<(usize, usize)> {
-    let (rows, hidden) = xp.dim();
     let gu = w.gate_and_up_projs.shape();
     let experts = gu[0];
     if gu[1] != hidden || gu[2] % 2 != 0 {
@@ -213,29 +214,52 @@ pub fn experts_forward(
     w: &ExpertWeights,
     act: &Activation,
 ) -> Result<ExpertActs> {
-    let (_, inter) = check_experts(xp, offsets, w)?;
+    experts_forward_rows(Rows::Dense(xp), offsets, w, act)
+}
+
+/// [`experts_forward`] on [`Rows`]: with [`Rows::Gather`] (`x` `[T, H]` and the permutation's
+/// `token_of_row` `[N]`) the dispatch gather is folded into the gate/up GEMM and `xp` is never
+/// stored; the result is bitwise the one of [`experts_forward`] on [`permute_forward`]'s `xp`.
+/// The GLU activation runs in the gate/up GEMM's epilogue, on each task's rows while they are
+/// in cache.
+///
+/// # Errors
+/// Those of [`experts_forward`]; [`KernelError::ShapeMismatch`] naming `token_of_row` when an
+/// entry is `>= T`.
+pub fn experts_forward_rows(
+    xp: Rows,
+    offsets: &[usize],
+    w: &ExpertWeights,
+    act: &Activation,
+) -> Result<ExpertActs> {
+    let (n, hidden) = (xp.nrows(), xp.ncols());
+    let (_, inter) = check_experts((n, hidden), offsets, w)?;
     check_activation(act)?;
-    let (n, hidden) = xp.dim();
     let expert = expert_of_rows(offsets);
 
-    let mut a = zeros2(n, 2 * inter);
-    grouped_matmul(&mut a, xp, offsets, |e| {
-        w.gate_and_up_projs.index_axis(Axis(0), e)
-    })?;
-    if let Some(b) = w.gate_up_bias {
-        add_row_bias(&mut a, b, &expert);
-    }
-    let mut h = zeros2(n, inter);
-    {
-        let a = a.view();
-        par_rows(&mut h, |r, row| {
-            let ar = a.row(r);
-            for (i, v) in row.iter_mut().enumerate() {
-                *v = glu_forward(act, ar[i], ar[inter + i]);
+    let mut a = scratch2(n, 2 * inter);
+    let mut h = scratch2(n, inter);
+    let gate_up_bias = w.gate_up_bias;
+    grouped_matmul_then(
+        &mut a,
+        xp,
+        offsets,
+        |e| w.gate_and_up_projs.index_axis(Axis(0), e),
+        &mut h,
+        |r0, mut a_blk, mut h_blk| {
+            if let Some(b) = gate_up_bias {
+                for (i, mut row) in a_blk.rows_mut().into_iter().enumerate() {
+                    row += &b.row(expert[r0 + i]);
+                }
             }
-        });
-    }
-    let mut y = zeros2(n, hidden);
+            for (ar, mut hr) in a_blk.rows().into_iter().zip(h_blk.rows_mut()) {
+                for (i, v) in hr.iter_mut().enumerate() {
+                    *v = glu_forward(act, ar[i], ar[inter + i]);
+                }
+            }
+        },
+    )?;
+    let mut y = scratch2(n, hidden);
     grouped_matmul(&mut y, h.view(), offsets, |e| {
         w.down_projs.index_axis(Axis(0), e)
     })?;
@@ -266,22 +290,22 @@ pub fn experts_backward(
     acts: &ExpertActs,
     grad_y: ArrayView2<f32>,
 ) -> Result<ExpertGrads> {
-    let (experts, inter) = check_experts(xp, offsets, w)?;
+    let (experts, inter) = check_experts(xp.dim(), offsets, w)?;
     check_activation(act)?;
     let (n, hidden) = xp.dim();
     check_dim("acts.a", acts.a.shape(), &[n, 2 * inter], "[N, 2I_l]")?;
     check_dim("acts.h", acts.h.shape(), &[n, inter], "[N, I_l]")?;
     check_dim("grad_y", grad_y.shape(), &[n, hidden], "[N, H]")?;
 
-    let mut down_projs = zeros3(experts, inter, hidden);
+    let mut down_projs = scratch3(experts, inter, hidden);
     grouped_matmul_tn(&mut down_projs, acts.h.view(), grad_y, offsets)?;
     let down_bias = w.down_bias.map(|_| grouped_row_sum(grad_y, offsets));
-    let mut dh = zeros2(n, inter);
+    let mut dh = scratch2(n, inter);
     grouped_matmul(&mut dh, grad_y, offsets, |e| {
         w.down_projs.index_axis(Axis(0), e).reversed_axes()
     })?;
 
-    let mut da = zeros2(n, 2 * inter);
+    let mut da = scratch2(n, 2 * inter);
     {
         let (a, dh) = (acts.a.view(), dh.view());
         par_rows(&mut da, |r, row| {
@@ -294,10 +318,10 @@ pub fn experts_backward(
         });
     }
     recycle(dh);
-    let mut gate_and_up_projs = zeros3(experts, hidden, 2 * inter);
+    let mut gate_and_up_projs = scratch3(experts, hidden, 2 * inter);
     grouped_matmul_tn(&mut gate_and_up_projs, xp, da.view(), offsets)?;
     let gate_up_bias = w.gate_up_bias.map(|_| grouped_row_sum(da.view(), offsets));
-    let mut grad_xp = zeros2(n, hidden);
+    let mut grad_xp = scratch2(n, hidden);
     grouped_matmul(&mut grad_xp, da.view(), offsets, |e| {
         w.gate_and_up_projs.index_axis(Axis(0), e).reversed_axes()
     })?;
@@ -352,7 +376,7 @@ pub fn permute_forward(x: ArrayView2<f32>, token_of_row: &[usize]) -> Result<Arr
             &[bad],
         ));
     }
-    let mut out = zeros2(token_of_row.len(), x.ncols());
+    let mut out = scratch2(token_of_row.len(), x.ncols());
     par_rows(&mut out, |r, row| {
         row.iter_mut()
             .zip(x.row(token_of_row[r]))
@@ -458,7 +482,7 @@ pub fn combine_backward(
             *v = go.iter().zip(y.row(r)).map(|(&a, &b)| a * b).sum();
         }
     });
-    let mut grad_y = zeros2(rows, hidden);
+    let mut grad_y = scratch2(rows, hidden);
     par_rows(&mut grad_y, |r, row| {
         let slot = slot_of_row[r];
         if slot != usize::MAX {
@@ -467,6 +491,8 @@ pub fn combine_backward(
             row.iter_mut()
                 .zip(grad_out.row(t))
                 .for_each(|(o, &g)| *o = w * g);
+        } else {
+            row.fill(0.0);
         }
     });
     Ok((grad_y, grad_weights))
