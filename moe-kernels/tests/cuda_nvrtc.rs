@@ -59,6 +59,21 @@ fn every_kernel_compiles_with_nvrtc() {
             );
         }
     }
+    // All the way to machine code: NVRTC's built-in PTX assembler checks the inline assembly,
+    // the instructions each architecture has, and register / shared-memory limits.
+    for arch in cuda::ARCHS {
+        for src in cuda::SOURCES {
+            let cubin = cuda::compile_cubin(src, arch)
+                .unwrap_or_else(|e| panic!("{arch} {} to CUBIN: {e}", src.name));
+            assert_eq!(
+                &cubin[..4],
+                b"\x7fELF",
+                "{arch} {}: not an ELF CUBIN",
+                src.name
+            );
+            println!("{arch} {}: {} bytes of CUBIN", src.name, cubin.len());
+        }
+    }
     // The tensor-core source really emits tensor-core instructions.
     let mma = cuda::SOURCES
         .iter()

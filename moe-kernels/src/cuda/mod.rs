@@ -177,6 +177,68 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Ptx> {
     })
 }
 
+/// Compiles one source (with [`COMMON`] prepended) for a real architecture `arch` (e.g.
+/// `"sm_90a"`) all the way to a CUBIN: NVRTC runs its built-in PTX assembler, so errors that
+/// PTX generation lets through (inline-assembly operands, instructions the architecture lacks,
+/// register or shared-memory limits) fail here too. Returns the CUBIN bytes.
+///
+/// # Errors
+/// [`KernelError::Cuda`] with the NVRTC log when NVRTC is missing or compilation fails.
+pub fn compile_cubin(source: &KernelSource, arch: &str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    if !nvrtc_available() {
+        return Err(KernelError::Cuda("NVRTC library not found".into()));
+    }
+    let text = std::ffi::CString::new(format!("{COMMON}\n{}", source.src))
+        .map_err(|e| cuda_err(source.name, e))?;
+    let name = std::ffi::CString::new(source.name).map_err(|e| cuda_err(source.name, e))?;
+    let prog = result::create_program(&text, Some(&name)).map_err(|e| cuda_err(source.name, e))?;
+    let opts = compile_options(arch);
+    // SAFETY: `prog` was just created from `text` / `name`, which outlive it, and is destroyed
+    // exactly once below; the CUBIN buffer has the size NVRTC reported.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let res = match compiled {
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_default();
+                Err(KernelError::Cuda(format!(
+                    "NVRTC failed on {} with {opts:?}: {e:?}\n{log}",
+                    source.name
+                )))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+                if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                    Err(cuda_err("nvrtcGetCUBINSize", r))
+                } else {
+                    let mut buf = vec![0u8; size];
+                    let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast());
+                    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                        Err(cuda_err("nvrtcGetCUBIN", r))
+                    } else {
+                        Ok(buf)
+                    }
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        res
+    }?;
+    if out.is_empty() {
+        return Err(KernelError::Cuda(format!(
+            "{}: NVRTC returned an empty CUBIN for {arch}",
+            source.name
+        )));
+    }
+    Ok(out)
+}
+
 /// Compiles every source in [`SOURCES`] for `arch`; returns `(source name, PTX size in bytes)`.
 /// Checks that each declared kernel appears as an `.entry` of the PTX.
 ///
