@@ -31,6 +31,7 @@ fn every_kernel_compiles_with_nvrtc() {
         "grouped_gemm_nt_f32",
         "grouped_gemm_tn_f32",
         "grouped_gemm_bf16_mma",
+        "grouped_gemm_bf16_wgmma",
         "swiglu_f32",
         "combine_f32",
         "glu_f32",
