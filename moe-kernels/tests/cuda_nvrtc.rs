@@ -21,19 +21,28 @@ fn every_kernel_compiles_with_nvrtc() {
         "softmax_topk_bf16",
         "topk_softmax_f32",
         "sigmoid_topk_f32",
+        "route_backward_f32",
         "permute_hist",
         "permute_scan",
         "permute_scatter",
         "gather_rows_f32",
         "gather_rows_bf16",
+        "gather_rows_b16",
         "grouped_gemm_f32",
         "grouped_gemm_bf16",
         "grouped_gemm_nt_f32",
         "grouped_gemm_tn_f32",
         "grouped_gemm_bf16_mma",
+        "tc_gemm_nn_bf16",
+        "tc_gemm_glu_bf16",
+        "tc_gemm_nt_bf16",
+        "tc_gemm_tn_bf16",
+        "f32_to_bf16",
         "grouped_gemm_bf16_wgmma",
         "swiglu_f32",
         "combine_f32",
+        "gather_sum_f32",
+        "add_inplace_f32",
         "glu_f32",
         "glu_backward_f32",
         "add_row_bias_f32",
@@ -89,6 +98,25 @@ fn every_kernel_compiles_with_nvrtc() {
         assert!(
             ptx.contains(needle),
             "`{needle}` missing from the sm_80 PTX"
+        );
+    }
+    // The pipelined tensor-core source: mma.sync, both ldmatrix forms (the transposed operands
+    // of dX / dW), a multi-stage cp.async pipeline.
+    let tc = cuda::SOURCES
+        .iter()
+        .find(|s| s.name == "grouped_gemm_tc.cu")
+        .expect("grouped_gemm_tc.cu");
+    let ptx = cuda::compile(tc, "sm_80").expect("sm_80").to_src();
+    for needle in [
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+        "cp.async.cg.shared.global",
+        "cp.async.wait_group 1",
+    ] {
+        assert!(
+            ptx.contains(needle),
+            "`{needle}` missing from the sm_80 PTX of grouped_gemm_tc.cu"
         );
     }
 }

@@ -28,9 +28,14 @@ use crate::error::{KernelError, Result};
 use crate::router::RouterConfig;
 
 mod gemm;
+mod layer;
 mod ops;
 mod router;
+mod tc;
 mod wgmma;
+
+pub use layer::{GpuMoeDims, GpuMoeForward, GpuMoeGrads, GpuMoeParams};
+pub use tc::GluProjection;
 
 /// Helpers prepended to every source (bf16 as raw bits, loads widening to f32).
 pub const COMMON: &str = include_str!("kernels/common.cuh");
@@ -56,6 +61,7 @@ pub const SOURCES: &[KernelSource] = &[
             "softmax_topk_bf16",
             "topk_softmax_f32",
             "sigmoid_topk_f32",
+            "route_backward_f32",
         ],
     },
     KernelSource {
@@ -67,6 +73,7 @@ pub const SOURCES: &[KernelSource] = &[
             "permute_scatter",
             "gather_rows_f32",
             "gather_rows_bf16",
+            "gather_rows_b16",
         ],
     },
     KernelSource {
@@ -85,6 +92,17 @@ pub const SOURCES: &[KernelSource] = &[
         kernels: &["grouped_gemm_bf16_mma"],
     },
     KernelSource {
+        name: "grouped_gemm_tc.cu",
+        src: include_str!("kernels/grouped_gemm_tc.cu"),
+        kernels: &[
+            "tc_gemm_nn_bf16",
+            "tc_gemm_glu_bf16",
+            "tc_gemm_nt_bf16",
+            "tc_gemm_tn_bf16",
+            "f32_to_bf16",
+        ],
+    },
+    KernelSource {
         name: "grouped_gemm_wgmma.cu",
         src: include_str!("kernels/grouped_gemm_wgmma.cu"),
         kernels: &["grouped_gemm_bf16_wgmma"],
@@ -92,7 +110,12 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "activation_combine.cu",
         src: include_str!("kernels/activation_combine.cu"),
-        kernels: &["swiglu_f32", "combine_f32"],
+        kernels: &[
+            "swiglu_f32",
+            "combine_f32",
+            "gather_sum_f32",
+            "add_inplace_f32",
+        ],
     },
     KernelSource {
         name: "expert_ops.cu",
@@ -435,5 +458,14 @@ impl CudaMoe {
         self.stream
             .alloc_zeros::<T>(len.max(1))
             .map_err(|e| cuda_err("alloc_zeros", e))
+    }
+}
+
+/// `(kind, limit, alpha)` arguments of the GLU kernels (`act` in `expert_ops.cu`).
+fn act_params(act: &Activation) -> (i32, f32, f32) {
+    match *act {
+        Activation::SwiGlu => (0, 0.0, 0.0),
+        Activation::GptOssGlu { limit, alpha } => (1, limit, alpha),
+        Activation::ClampedSwiGlu { limit } => (2, limit, 0.0),
     }
 }

@@ -20,6 +20,33 @@ impl CudaMoe {
         top_k: usize,
         experts: usize,
     ) -> Result<GpuPermutation> {
+        self.permutation_impl(top_k_index, tokens, top_k, experts, true)
+    }
+
+    /// [`CudaMoe::permutation`] without the host-side check of the expert ids (no copy back,
+    /// no host sync): only for ids produced on the device by a router, which are `< E` by
+    /// construction (an id `>= E` would leave its slot without a row: `row_of_slot` 0).
+    ///
+    /// # Errors
+    /// As [`CudaMoe::permutation`], except the expert-id check.
+    pub fn permutation_unchecked(
+        &self,
+        top_k_index: &CudaSlice<u32>,
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+    ) -> Result<GpuPermutation> {
+        self.permutation_impl(top_k_index, tokens, top_k, experts, false)
+    }
+
+    fn permutation_impl(
+        &self,
+        top_k_index: &CudaSlice<u32>,
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+        check_ids: bool,
+    ) -> Result<GpuPermutation> {
         if top_k == 0 {
             return Err(KernelError::ZeroTopK);
         }
@@ -91,6 +118,15 @@ impl CudaMoe {
             .arg(&mut token_of_row);
         // SAFETY: as above; the three outputs have T k entries.
         unsafe { b.launch(chunk_cfg) }.map_err(|e| cuda_err("permute_scatter", e))?;
+        if !check_ids {
+            return Ok(GpuPermutation {
+                counts,
+                offsets,
+                row_of_slot,
+                slot_of_row,
+                token_of_row,
+            });
+        }
         let bad = self
             .stream
             .clone_dtoh(&bad)
@@ -539,13 +575,113 @@ impl CudaMoe {
         }
         Ok((gy, gw))
     }
-}
 
-/// `(kind, limit, alpha)` arguments of the GLU kernels (`act` in `expert_ops.cu`).
-fn act_params(act: &Activation) -> (i32, f32, f32) {
-    match *act {
-        Activation::SwiGlu => (0, 0.0, 0.0),
-        Activation::GptOssGlu { limit, alpha } => (1, limit, alpha),
-        Activation::ClampedSwiGlu { limit } => (2, limit, 0.0),
+    /// Dispatch gather of bf16 rows, bf16 out: `xp[r] = x[token_of_row[r]]`, `x` `[T, H]` ->
+    /// `[N, H]` (raw bits copied).
+    ///
+    /// # Errors
+    /// As [`CudaMoe::gather_rows`].
+    pub fn gather_rows_b16(
+        &self,
+        x: &CudaSlice<u16>,
+        tokens: usize,
+        hidden: usize,
+        token_of_row: &CudaSlice<u32>,
+        rows: usize,
+    ) -> Result<CudaSlice<u16>> {
+        check_len(
+            "x",
+            x.len(),
+            tokens * hidden,
+            format!("[T={tokens}, H={hidden}]"),
+        )?;
+        check_len(
+            "token_of_row",
+            token_of_row.len(),
+            rows,
+            format!("[N={rows}]"),
+        )?;
+        let (h_i, r_i) = (to_i32("hidden", hidden)?, to_i32("rows", rows)?);
+        let mut xp = self.alloc_zeros::<u16>(rows * hidden)?;
+        if rows * hidden > 0 {
+            let f = self.function("permute.cu", "gather_rows_b16")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(x).arg(&h_i).arg(token_of_row).arg(&r_i).arg(&mut xp);
+            // SAFETY: lengths checked above; token ids come from a permutation of T tokens.
+            unsafe { b.launch(grid_for(rows * hidden)) }
+                .map_err(|e| cuda_err("gather_rows_b16", e))?;
+        }
+        Ok(xp)
+    }
+
+    /// Combine of rows already scaled by their routing weight ([`CudaMoe::tc_down_proj`]'s
+    /// `yw`): `out[t] = sum_j yw[row_of_slot[t, j]]`, `j` ascending -> `[T, H]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `yw` or `row_of_slot`; CUDA errors.
+    pub fn gather_sum(
+        &self,
+        yw: &CudaSlice<f32>,
+        rows: usize,
+        hidden: usize,
+        row_of_slot: &CudaSlice<u32>,
+        tokens: usize,
+        top_k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check_len(
+            "yw",
+            yw.len(),
+            rows * hidden,
+            format!("[N={rows}, H={hidden}]"),
+        )?;
+        check_len(
+            "row_of_slot",
+            row_of_slot.len(),
+            tokens * top_k,
+            format!("[T={tokens}, k={top_k}]"),
+        )?;
+        let (t_i, k_i, h_i) = (
+            to_i32("tokens", tokens)?,
+            to_i32("top_k", top_k)?,
+            to_i32("hidden", hidden)?,
+        );
+        let mut out = self.alloc_zeros::<f32>(tokens * hidden)?;
+        if tokens * hidden > 0 {
+            let f = self.function("activation_combine.cu", "gather_sum_f32")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(yw)
+                .arg(row_of_slot)
+                .arg(&t_i)
+                .arg(&k_i)
+                .arg(&h_i)
+                .arg(&mut out);
+            // SAFETY: lengths checked above; row ids come from the permutation (< N).
+            unsafe { b.launch(grid_for(tokens * hidden)) }
+                .map_err(|e| cuda_err("gather_sum_f32", e))?;
+        }
+        Ok(out)
+    }
+
+    /// `dst += src`, both `[len]`.
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `dst` or `src`; CUDA errors.
+    pub fn add_inplace(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        len: usize,
+    ) -> Result<()> {
+        check_len("dst", dst.len(), len, format!("[{len}]"))?;
+        check_len("src", src.len(), len, format!("[{len}]"))?;
+        if len > 0 {
+            let n = len as i64;
+            let f = self.function("activation_combine.cu", "add_inplace_f32")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(dst).arg(src).arg(&n);
+            // SAFETY: both hold `len` elements.
+            unsafe { b.launch(grid_for(len)) }.map_err(|e| cuda_err("add_inplace_f32", e))?;
+        }
+        Ok(())
     }
 }

@@ -227,4 +227,71 @@ impl CudaMoe {
             probs,
         })
     }
+
+    /// Router backward on the device: `dz` `[T, E]` = dL/dlogits from `grad_weights` `[T, k]` =
+    /// dL/d`top_k_weights` and the forward's [`GpuRouting`] (the formulas of
+    /// [`crate::routing::route_backward`] for every [`RouterKind`]; the expert selection and the
+    /// correction bias get no gradient).
+    ///
+    /// # Errors
+    /// [`KernelError::ShapeMismatch`] naming `grad_weights` or `routing`; CUDA errors.
+    pub fn route_backward(
+        &self,
+        kind: &RouterKind,
+        routing: &GpuRouting,
+        grad_weights: &CudaSlice<f32>,
+        tokens: usize,
+        experts: usize,
+        top_k: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let slots = tokens * top_k;
+        let sym = format!("[T={tokens}, k={top_k}]");
+        check_len("grad_weights", grad_weights.len(), slots, sym.clone())?;
+        check_len("routing", routing.top_k_index.len(), slots, sym.clone())?;
+        check_len("routing", routing.top_k_weights.len(), slots, sym)?;
+        check_len(
+            "routing",
+            routing.probs.len(),
+            tokens * experts,
+            format!("[T={tokens}, E={experts}]"),
+        )?;
+        let (kind_i, renorm, eps, scale) = match *kind {
+            RouterKind::SoftmaxTopK { norm_topk_prob } => (0, norm_topk_prob, 0.0f32, 1.0f32),
+            RouterKind::TopKSoftmax => (1, false, 0.0, 1.0),
+            RouterKind::SigmoidGroupLimited {
+                norm_topk_prob,
+                routed_scaling_factor,
+                ..
+            } => (2, norm_topk_prob, 1e-20, routed_scaling_factor),
+            RouterKind::SigmoidTopK {
+                routed_scaling_factor,
+            } => (2, true, 0.0, routed_scaling_factor),
+        };
+        let (t_i, e_i, k_i) = (
+            to_i32("tokens", tokens)?,
+            to_i32("experts", experts)?,
+            to_i32("top_k", top_k)?,
+        );
+        let renorm = i32::from(renorm);
+        let mut dz = self.alloc_zeros::<f32>(tokens * experts)?;
+        if tokens > 0 {
+            let f = self.function("router.cu", "route_backward_f32")?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&routing.probs)
+                .arg(&routing.top_k_index)
+                .arg(&routing.top_k_weights)
+                .arg(grad_weights)
+                .arg(&t_i)
+                .arg(&e_i)
+                .arg(&k_i)
+                .arg(&kind_i)
+                .arg(&renorm)
+                .arg(&eps)
+                .arg(&scale)
+                .arg(&mut dz);
+            // SAFETY: lengths checked above; expert ids come from the device router (< E).
+            unsafe { b.launch(grid_for(tokens)) }.map_err(|e| cuda_err("route_backward_f32", e))?;
+        }
+        Ok(dz)
+    }
 }

@@ -27,3 +27,61 @@ __device__ __forceinline__ bool gg_find_tile(const unsigned int* offsets, int ex
     }
     return false;
 }
+
+// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN), as torch's `.to(bfloat16)`.
+__device__ __forceinline__ moe_bf16 moe_f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (moe_bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (moe_bf16)(u >> 16);
+}
+
+// GLU activations (act: 0 = SwiGLU, 1 = GPT-OSS clamped GLU (limit, alpha), 2 = Step3.5 clamped
+// SwiGLU (limit)): the formulas of moe_kernels::activation::{glu_forward, glu_backward}. Clamps
+// pass the gradient only inside their closed interval (torch.clamp).
+__device__ __forceinline__ float moe_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float moe_silu_grad(float x) {
+    float s = moe_sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+__device__ __forceinline__ float glu_fwd(int act, float limit, float alpha, float g, float u) {
+    if (act == 1) {
+        float gc = fminf(g, limit);
+        float uc = fminf(fmaxf(u, -limit), limit);
+        return (uc + 1.0f) * gc * moe_sigmoid(alpha * gc);
+    }
+    if (act == 2) {
+        float uc = fminf(fmaxf(u, -limit), limit);
+        return fminf(g * moe_sigmoid(g), limit) * uc;
+    }
+    return g * moe_sigmoid(g) * u;
+}
+
+__device__ __forceinline__ void glu_bwd(int act, float limit, float alpha, float g, float u,
+                                        float dh, float* dg, float* du) {
+    if (act == 1) {
+        float gc = fminf(g, limit);
+        float g_pass = g <= limit ? 1.0f : 0.0f;
+        float uc = fminf(fmaxf(u, -limit), limit);
+        float u_pass = (u >= -limit && u <= limit) ? 1.0f : 0.0f;
+        float sg = moe_sigmoid(alpha * gc);
+        float glu = gc * sg;
+        float dglu = sg + alpha * gc * sg * (1.0f - sg);
+        *dg = dh * (uc + 1.0f) * dglu * g_pass;
+        *du = dh * glu * u_pass;
+    } else if (act == 2) {
+        float silu = g * moe_sigmoid(g);
+        float sc = fminf(silu, limit);
+        float s_pass = silu <= limit ? 1.0f : 0.0f;
+        float uc = fminf(fmaxf(u, -limit), limit);
+        float u_pass = (u >= -limit && u <= limit) ? 1.0f : 0.0f;
+        *dg = dh * uc * s_pass * moe_silu_grad(g);
+        *du = dh * sc * u_pass;
+    } else {
+        *dg = dh * u * moe_silu_grad(g);
+        *du = dh * g * moe_sigmoid(g);
+    }
+}
+

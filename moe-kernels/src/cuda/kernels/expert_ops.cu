@@ -3,52 +3,6 @@
 // SwiGLU (limit); the formulas of moe_kernels::activation::{glu_forward, glu_backward}. Clamps
 // pass the gradient only inside their closed interval (torch.clamp).
 
-__device__ __forceinline__ float moe_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-__device__ __forceinline__ float moe_silu_grad(float x) {
-    float s = moe_sigmoid(x);
-    return s * (1.0f + x * (1.0f - s));
-}
-
-__device__ __forceinline__ float glu_fwd(int act, float limit, float alpha, float g, float u) {
-    if (act == 1) {
-        float gc = fminf(g, limit);
-        float uc = fminf(fmaxf(u, -limit), limit);
-        return (uc + 1.0f) * gc * moe_sigmoid(alpha * gc);
-    }
-    if (act == 2) {
-        float uc = fminf(fmaxf(u, -limit), limit);
-        return fminf(g * moe_sigmoid(g), limit) * uc;
-    }
-    return g * moe_sigmoid(g) * u;
-}
-
-__device__ __forceinline__ void glu_bwd(int act, float limit, float alpha, float g, float u,
-                                        float dh, float* dg, float* du) {
-    if (act == 1) {
-        float gc = fminf(g, limit);
-        float g_pass = g <= limit ? 1.0f : 0.0f;
-        float uc = fminf(fmaxf(u, -limit), limit);
-        float u_pass = (u >= -limit && u <= limit) ? 1.0f : 0.0f;
-        float sg = moe_sigmoid(alpha * gc);
-        float glu = gc * sg;
-        float dglu = sg + alpha * gc * sg * (1.0f - sg);
-        *dg = dh * (uc + 1.0f) * dglu * g_pass;
-        *du = dh * glu * u_pass;
-    } else if (act == 2) {
-        float silu = g * moe_sigmoid(g);
-        float sc = fminf(silu, limit);
-        float s_pass = silu <= limit ? 1.0f : 0.0f;
-        float uc = fminf(fmaxf(u, -limit), limit);
-        float u_pass = (u >= -limit && u <= limit) ? 1.0f : 0.0f;
-        *dg = dh * uc * s_pass * moe_silu_grad(g);
-        *du = dh * sc * u_pass;
-    } else {
-        *dg = dh * u * moe_silu_grad(g);
-        *du = dh * g * moe_sigmoid(g);
-    }
-}
-
 // h[r, i] = act(a[r, i], a[r, I + i]).
 extern "C" __global__ void glu_f32(const float* a, int rows, int inter, int act, float limit,
                                    float alpha, float* h) {

@@ -106,3 +106,16 @@ extern "C" __global__ void gather_rows_bf16(const moe_bf16* x, int hidden,
                                             float* xp) {
     gather_rows_impl(x, hidden, token_of_row, rows, xp);
 }
+
+// xp[r, :] = x[token_of_row[r], :] on bf16 bits (the dW GEMM's A operand).
+extern "C" __global__ void gather_rows_b16(const moe_bf16* x, int hidden,
+                                           const unsigned int* token_of_row, int rows,
+                                           moe_bf16* xp) {
+    long long n = (long long)rows * hidden;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / hidden;
+        int c = (int)(i - r * hidden);
+        xp[i] = x[(long long)token_of_row[r] * hidden + c];
+    }
+}

@@ -199,3 +199,64 @@ extern "C" __global__ void sigmoid_topk_f32(const float* __restrict__ logits,
         w[j] = v * scale;
     }
 }
+
+// Router backward: dz [T, E] = dL/dlogits from dw [T, k] = dL/dtop_k_weights, the formulas of
+// moe_kernels::routing::route_backward (the selection has no gradient). kind 0: softmax then
+// top-k (renorm: w = p[idx] / sum p[idx]), dz_e = p_e (dp_e - <dp, p>); kind 1: top-k then
+// softmax, dz[idx_j] = w_j (dw_j - <dw, w>); kind 2: sigmoid (probs = s), renorm by
+// sum s[idx] + eps, times `scale`, dz[idx_j] = ds_j s (1 - s). Unselected experts of kinds 1
+// and 2 get 0. Sums run in the CPU's order (j ascending, e ascending). One thread per token.
+extern "C" __global__ void route_backward_f32(const float* __restrict__ probs,
+                                              const unsigned int* __restrict__ topk_index,
+                                              const float* __restrict__ topk_weights,
+                                              const float* __restrict__ grad_weights, int tokens,
+                                              int experts, int k, int kind, int renorm, float eps,
+                                              float scale, float* __restrict__ dz) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= tokens) return;
+    const float* p = probs + (long long)t * experts;
+    const unsigned int* idx = topk_index + (long long)t * k;
+    const float* w = topk_weights + (long long)t * k;
+    const float* dw = grad_weights + (long long)t * k;
+    float* d = dz + (long long)t * experts;
+    for (int e = 0; e < experts; ++e) d[e] = 0.0f;
+    float dw_dot_w = 0.0f;
+    for (int j = 0; j < k; ++j) dw_dot_w += dw[j] * w[j];
+    if (kind == 0) {
+        float sum_sel = 0.0f;
+        for (int j = 0; j < k; ++j) sum_sel += p[idx[j]];
+        // dp_e on the selected experts (ids are distinct), 0 elsewhere.
+        float dp_dot_p = 0.0f;
+        for (int e = 0; e < experts; ++e) {
+            float dp = 0.0f;
+            for (int j = 0; j < k; ++j)
+                if ((int)idx[j] == e) dp = renorm ? (dw[j] - dw_dot_w) / sum_sel : dw[j];
+            dp_dot_p += dp * p[e];
+        }
+        for (int e = 0; e < experts; ++e) {
+            float dp = 0.0f;
+            for (int j = 0; j < k; ++j)
+                if ((int)idx[j] == e) dp = renorm ? (dw[j] - dw_dot_w) / sum_sel : dw[j];
+            d[e] = p[e] * (dp - dp_dot_p);
+        }
+    } else if (kind == 1) {
+        for (int j = 0; j < k; ++j) d[idx[j]] = w[j] * (dw[j] - dw_dot_w);
+    } else {
+        if (renorm) {
+            float denom = 0.0f, dw_dot_s = 0.0f;
+            for (int j = 0; j < k; ++j) denom += p[idx[j]];
+            denom += eps;
+            for (int j = 0; j < k; ++j) dw_dot_s += dw[j] * p[idx[j]];
+            for (int j = 0; j < k; ++j) {
+                float s = p[idx[j]];
+                float ds = scale * (dw[j] / denom - dw_dot_s / (denom * denom));
+                d[idx[j]] = ds * s * (1.0f - s);
+            }
+        } else {
+            for (int j = 0; j < k; ++j) {
+                float s = p[idx[j]];
+                d[idx[j]] = scale * dw[j] * s * (1.0f - s);
+            }
+        }
+    }
+}
