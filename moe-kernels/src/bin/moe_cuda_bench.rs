@@ -1,18 +1,18 @@
-//! CUDA benchmark (issue 7): the `moe_kernels::cuda` MoE pipeline, forward and
-//! forward+backward, in TFLOP/s, against cuBLAS bf16 in the same run: a dense GEMM of equal
-//! FLOPs and a per-expert cuBLAS loop (the naive baseline). Unverified on a GPU so far.
+//! CUDA benchmark (issue 7): the `moe_kernels::cuda` MoE layer, forward and forward+backward,
+//! in TFLOP/s, against cuBLAS bf16 in the same run: a dense GEMM of equal FLOPs and a
+//! per-expert cuBLAS loop (the naive baseline). Unverified on a GPU so far.
 //!
 //! Usage: `moe_cuda_bench [--shapes qwen3,deepseek,mixtral] [--tokens 4096,32768]
 //! [--routing uniform,skewed] [--iters 10] [--warmup 3] [--device 0]`.
 //!
-//! Forward (timed, CUDA events, median): router GEMM (x @ W_r, bf16 grouped GEMM with one
-//! group), skew bias (skewed routing only), softmax top-k (renormalised), permutation (its kernel
-//! reads one flag back: one host sync), gather, f32 -> bf16 cast, gate_up grouped GEMM
-//! (tensor-core `grouped_gemm_bf16_mma` on sm_80+, else the tiled `grouped_gemm_bf16`), SwiGLU,
-//! cast, down grouped GEMM, combine. Backward: `combine_backward`, `grouped_gemm_tn` (dW_d,
-//! dW_gu), `grouped_gemm_nt` (dh, dxp), `glu_backward`, `permute_backward`; these kernels are f32
-//! (CUDA cores), so the backward keeps f32 copies of the weights. No router backward (CPU only).
-//! Each wrapper allocates its outputs, so allocation is inside the timed region.
+//! On sm_80+ (timed, CUDA events, median): "gg fwd" = the forward's two grouped GEMMs alone
+//! (`tc_gate_up_glu` with the dispatch gather and the GLU epilogue, `tc_down_proj` with the
+//! routing weight in the epilogue); "fwd" = the fused layer `CudaMoe::moe_forward` (router GEMM,
+//! route, permutation, both GEMMs, combine; no host sync); "fwd+bwd" = `moe_forward` +
+//! `moe_backward` (tensor-core dX / dW GEMMs, router backward). Skewed routing uses a GPT-OSS
+//! style router (top-k then softmax) with the skew as its bias. Before sm_80 the older f32 /
+//! tiled kernel chain runs instead (gg fwd not measured). Each call allocates its outputs, so
+//! allocation is inside the timed region.
 //!
 //! FLOPs counted: forward 6*N*H*I (N = T*k routed rows) + 2*T*H*E (router); backward twice the
 //! expert GEMMs (12*N*H*I). The cuBLAS baselines run only the expert GEMMs (bf16 in / bf16 out,
@@ -27,8 +27,8 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{sys::CUevent_flags, PushKernelArg};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig};
 use half::bf16;
-use moe_kernels::cuda::{device_available, CudaMoe};
-use moe_kernels::{Activation, RouterConfig};
+use moe_kernels::cuda::{device_available, CudaMoe, GpuMoeDims, GpuMoeParams};
+use moe_kernels::{Activation, MoeConfig, RouterConfig, RouterKind};
 
 type R<T> = Result<T, String>;
 
@@ -337,11 +337,14 @@ fn run(args: &Args) -> R<()> {
         args.warmup
     );
     println!(
-        "{:<9} {:>6} {:<8} {:>6} | {:>9} {:>9} {:>9} {:>7} {:>7} | {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "{:<9} {:>6} {:<8} {:>6} | {:>9} {:>7} {:>7} | {:>9} {:>9} {:>9} {:>7} {:>7} | {:>9} {:>9} {:>9} {:>7} {:>7}",
         "shape",
         "T",
         "routing",
         "maxld",
+        "gg fwd",
+        "/dense",
+        "/loop",
         "fwd",
         "dense",
         "loop",
@@ -382,8 +385,10 @@ fn run(args: &Args) -> R<()> {
         }
     }
     println!(
-        "TFLOP/s: fwd 6*N*H*I + 2*T*H*E, fwd+bwd 18*N*H*I + 2*T*H*E (N = T*k); cuBLAS baselines: \
-         expert GEMMs only (bf16, f32 compute); maxld = max expert rows / mean"
+        "TFLOP/s: gg fwd = the two grouped GEMMs of the forward alone (6*N*H*I, gathered gate/up \
+         + GLU epilogue, down + routing-weight epilogue); fwd 6*N*H*I + 2*T*H*E, fwd+bwd \
+         18*N*H*I + 2*T*H*E (N = T*k) of the fused layer; cuBLAS baselines: expert GEMMs only \
+         (bf16, f32 compute); maxld = max expert rows / mean"
     );
     Ok(())
 }
@@ -512,11 +517,91 @@ fn bench_one(
     let counts: Vec<usize> = offs.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
     let maxld = *counts.iter().max().unwrap_or(&0) as f64 / (n as f64 / ne as f64);
 
-    let fwd_ms = time_ms(stream, args.warmup, args.iters, || forward().map(|_| ()))?;
-    let fb_ms = time_ms(stream, args.warmup, args.iters, || {
-        let f = forward()?;
-        backward(&f)
-    })?;
+    // The fused layer (sm_80+: tensor cores, no host sync in the forward) or the pre-sm_80
+    // kernel chain above. Skewed routing on the fused layer: a GPT-OSS-style router (top-k then
+    // softmax) whose bias is the skew.
+    let (fwd_ms, fb_ms, gg_ms) = if use_mma {
+        let w_r_f = util.rand_f32(ne * h, 2, ws * 3.0f32.sqrt())?;
+        let cfg = MoeConfig {
+            router: if skewed {
+                RouterKind::TopKSoftmax
+            } else {
+                RouterKind::SoftmaxTopK {
+                    norm_topk_prob: true,
+                }
+            },
+            top_k: k,
+            activation: act,
+        };
+        let params = GpuMoeParams {
+            gate_weight: &w_r_f,
+            gate_bias: skewed.then_some(&skew),
+            e_score_correction_bias: None,
+            gate_and_up_projs: &w_gu_b,
+            down_projs: &w_d_b,
+            gate_up_bias: None,
+            down_bias: None,
+        };
+        let dims = GpuMoeDims {
+            tokens: t,
+            hidden: h,
+            inter,
+            experts: ne,
+        };
+        let fwd_ms = time_ms(stream, args.warmup, args.iters, || {
+            moe.moe_forward(&x, dims, &params, &cfg)
+                .map(|_| ())
+                .map_err(m)
+        })?;
+        let fb_ms = time_ms(stream, args.warmup, args.iters, || {
+            let f = moe.moe_forward(&x, dims, &params, &cfg).map_err(m)?;
+            moe.moe_backward(dims, &params, &cfg, &x, &f, &grad_out)
+                .map(|_| ())
+                .map_err(m)
+        })?;
+        // The two grouped GEMMs alone (gathered gate/up with the GLU epilogue, down with the
+        // routing weight in its epilogue) on this routing.
+        let f = moe.moe_forward(&x, dims, &params, &cfg).map_err(m)?;
+        let p = &f.perm;
+        let gg_ms = time_ms(stream, args.warmup, args.iters, || {
+            let g = moe
+                .tc_gate_up_glu(
+                    &f.x_bf16,
+                    t,
+                    h,
+                    Some(&p.token_of_row),
+                    n,
+                    &w_gu_b,
+                    ne,
+                    inter,
+                    &p.offsets,
+                    None,
+                    &act,
+                )
+                .map_err(m)?;
+            moe.tc_down_proj(
+                &g.h_bf16,
+                n,
+                inter,
+                &w_d_b,
+                ne,
+                h,
+                &p.offsets,
+                None,
+                Some((&f.routing.top_k_weights, &p.slot_of_row)),
+            )
+            .map(|_| ())
+            .map_err(m)
+        })?;
+        (fwd_ms, fb_ms, gg_ms)
+    } else {
+        let fwd_ms = time_ms(stream, args.warmup, args.iters, || forward().map(|_| ()))?;
+        let fb_ms = time_ms(stream, args.warmup, args.iters, || {
+            let f = forward()?;
+            backward(&f)
+        })?;
+        (fwd_ms, fb_ms, f64::NAN)
+    };
 
     // cuBLAS baselines (bf16 buffers; gradients reuse the forward's buffers as inputs).
     let xp_b = util.rand_bf16(n * h, 6, 1.0)?;
@@ -587,12 +672,16 @@ fn bench_one(
     );
     let (d_f, d_fb) = (tf(expert, dense_f), tf(3.0 * expert, dense_fb));
     let (l_f, l_fb) = (tf(expert, loop_f), tf(3.0 * expert, loop_fb));
+    let gg = tf(expert, gg_ms);
     println!(
-        "{:<9} {:>6} {:<8} {:>6.2} | {:>9.1} {:>9.1} {:>9.1} {:>7.2} {:>7.2} | {:>9.1} {:>9.1} {:>9.1} {:>7.2} {:>7.2}",
+        "{:<9} {:>6} {:<8} {:>6.2} | {:>9.1} {:>7.2} {:>7.2} | {:>9.1} {:>9.1} {:>9.1} {:>7.2} {:>7.2} | {:>9.1} {:>9.1} {:>9.1} {:>7.2} {:>7.2}",
         s.name,
         t,
         if skewed { "skewed" } else { "uniform" },
         maxld,
+        gg,
+        gg / d_f,
+        gg / l_f,
         g_f,
         d_f,
         l_f,
