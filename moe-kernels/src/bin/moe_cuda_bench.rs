@@ -289,13 +289,14 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Peak bytes one configuration needs (weights in bf16 + f32, dW, activations and gradients of
 /// one forward+backward, cuBLAS baseline buffers), a deliberate over-estimate.
-fn bytes_needed(s: &Shape, t: usize) -> f64 {
+fn bytes_needed(s: &Shape, t: usize, use_mma: bool) -> f64 {
     let (h, i, e, k) = (s.h as f64, s.i as f64, s.e as f64, s.k as f64);
     let t = t as f64;
     let n = t * k;
-    let weights = e * 3.0 * h * i * (2.0 + 4.0 + 4.0); // bf16, f32 copy, f32 dW
+    // bf16 weights, f32 dW, and (pre-sm_80 chain only) f32 weight copies.
+    let weights = e * 3.0 * h * i * (2.0 + 4.0 + if use_mma { 0.0 } else { 4.0 });
     let tokens = t * h * (4.0 + 2.0 + 4.0 + 4.0 + 4.0) + t * e * 12.0 + t * k * 32.0;
-    let rows = n * (h * (4.0 + 2.0 + 4.0 + 4.0 + 4.0) + i * (8.0 + 4.0 + 2.0 + 4.0 + 8.0 + 8.0));
+    let rows = n * (h * 20.0 + i * (8.0 + 4.0 + 2.0 + 4.0 + 8.0 + 8.0));
     let blas = n * (h * 6.0 + i * 8.0) + 3.0 * h * i * 2.0 * 2.0;
     weights + tokens + rows + blas
 }
@@ -364,7 +365,7 @@ fn run(args: &Args) -> R<()> {
             for routing in &args.routing {
                 let (free, _) =
                     cudarc::driver::result::mem_get_info().map_err(e("mem_get_info"))?;
-                let need = bytes_needed(s, t);
+                let need = bytes_needed(s, t, use_mma);
                 if need > free as f64 * 0.95 {
                     println!(
                         "{:<9} {:>6} {:<8} skipped: needs ~{:.1} GiB, {:.1} GiB free",
@@ -413,10 +414,13 @@ fn bench_one(
     let x = util.rand_f32(t * h, 1, 1.0)?;
     let xb = util.cast(&x, t * h)?;
     let w_r = util.rand_bf16(h * ne, 2, ws * 3.0f32.sqrt())?;
-    let w_gu = util.rand_f32(ne * h * 2 * inter, 3, ws)?;
-    let w_gu_b = util.cast(&w_gu, ne * h * 2 * inter)?;
-    let w_d = util.rand_f32(ne * inter * h, 4, 1.0 / (inter as f32).sqrt())?;
-    let w_d_b = util.cast(&w_d, ne * inter * h)?;
+    // f32 copies of the expert weights only for the pre-sm_80 chain's f32 backward kernels.
+    let f32_len = |len: usize| if use_mma { 1 } else { len };
+    let w_gu_b = util.rand_bf16(ne * h * 2 * inter, 3, ws)?;
+    let w_gu = util.rand_f32(f32_len(ne * h * 2 * inter), 3, ws)?;
+    let wd_scale = 1.0 / (inter as f32).sqrt();
+    let w_d_b = util.rand_bf16(ne * inter * h, 4, wd_scale)?;
+    let w_d = util.rand_f32(f32_len(ne * inter * h), 4, wd_scale)?;
     let grad_out = util.rand_f32(t * h, 5, 1.0)?;
     let one_group = stream.clone_htod(&[0u32, t as u32]).map_err(e("htod"))?;
     let skew: Vec<f32> = (0..ne).map(|j| -1.5 * ((j + 1) as f32).ln()).collect();
