@@ -119,4 +119,18 @@ fn every_kernel_compiles_with_nvrtc() {
             "`{needle}` missing from the sm_80 PTX of grouped_gemm_tc.cu"
         );
     }
+    // The GEMM kernels keep their accumulators in registers: no stack frame, no spills (a
+    // dynamically indexed accumulator array would silently move to local memory).
+    for arch in cuda::ARCHS {
+        let report = cuda::ptxas_report(tc, arch).expect("ptxas report");
+        let entries = report.matches("Compiling entry function").count();
+        assert_eq!(entries, tc.kernels.len(), "{arch}: ptxas report:\n{report}");
+        for line in report.lines().filter(|l| l.contains("stack frame")) {
+            assert!(
+                line.contains(" 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
+                "{arch}: grouped_gemm_tc.cu uses local memory: {line}\n{report}"
+            );
+        }
+        println!("{arch} grouped_gemm_tc.cu ptxas:\n{report}");
+    }
 }

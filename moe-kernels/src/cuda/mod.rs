@@ -212,6 +212,24 @@ pub fn compile(source: &KernelSource, arch: &str) -> Result<Ptx> {
 /// # Errors
 /// [`KernelError::Cuda`] with the NVRTC log when NVRTC is missing or compilation fails.
 pub fn compile_cubin(source: &KernelSource, arch: &str) -> Result<Vec<u8>> {
+    Ok(compile_cubin_with(source, arch, &[])?.0)
+}
+
+/// The PTX assembler's resource report (`--ptxas-options=-v`) of one source for `arch`: per
+/// kernel entry, registers, stack frame, spill stores / loads, as ptxas prints them.
+///
+/// # Errors
+/// As [`compile_cubin`].
+pub fn ptxas_report(source: &KernelSource, arch: &str) -> Result<String> {
+    Ok(compile_cubin_with(source, arch, &["--ptxas-options=-v".to_string()])?.1)
+}
+
+/// [`compile_cubin`] with extra NVRTC options; returns the CUBIN and the compile log.
+fn compile_cubin_with(
+    source: &KernelSource,
+    arch: &str,
+    extra: &[String],
+) -> Result<(Vec<u8>, String)> {
     use cudarc::nvrtc::{result, sys};
     if !nvrtc_available() {
         return Err(KernelError::Cuda("NVRTC library not found".into()));
@@ -220,24 +238,23 @@ pub fn compile_cubin(source: &KernelSource, arch: &str) -> Result<Vec<u8>> {
         .map_err(|e| cuda_err(source.name, e))?;
     let name = std::ffi::CString::new(source.name).map_err(|e| cuda_err(source.name, e))?;
     let prog = result::create_program(&text, Some(&name)).map_err(|e| cuda_err(source.name, e))?;
-    let opts = compile_options(arch);
+    let mut opts = compile_options(arch);
+    opts.extend_from_slice(extra);
     // SAFETY: `prog` was just created from `text` / `name`, which outlive it, and is destroyed
     // exactly once below; the CUBIN buffer has the size NVRTC reported.
     let out = unsafe {
         let compiled = result::compile_program(prog, &opts);
+        let log = result::get_program_log(prog)
+            .map(|l| {
+                let bytes: Vec<u8> = l.iter().map(|&c| c as u8).filter(|&c| c != 0).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
         let res = match compiled {
-            Err(e) => {
-                let log = result::get_program_log(prog)
-                    .map(|l| {
-                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
-                        String::from_utf8_lossy(&bytes).into_owned()
-                    })
-                    .unwrap_or_default();
-                Err(KernelError::Cuda(format!(
-                    "NVRTC failed on {} with {opts:?}: {e:?}\n{log}",
-                    source.name
-                )))
-            }
+            Err(e) => Err(KernelError::Cuda(format!(
+                "NVRTC failed on {} with {opts:?}: {e:?}\n{log}",
+                source.name
+            ))),
             Ok(()) => {
                 let mut size = 0usize;
                 let r = sys::nvrtcGetCUBINSize(prog, &mut size);
@@ -249,7 +266,7 @@ pub fn compile_cubin(source: &KernelSource, arch: &str) -> Result<Vec<u8>> {
                     if r != sys::nvrtcResult::NVRTC_SUCCESS {
                         Err(cuda_err("nvrtcGetCUBIN", r))
                     } else {
-                        Ok(buf)
+                        Ok((buf, log))
                     }
                 }
             }
@@ -257,7 +274,7 @@ pub fn compile_cubin(source: &KernelSource, arch: &str) -> Result<Vec<u8>> {
         let _ = result::destroy_program(prog);
         res
     }?;
-    if out.is_empty() {
+    if out.0.is_empty() {
         return Err(KernelError::Cuda(format!(
             "{}: NVRTC returned an empty CUBIN for {arch}",
             source.name

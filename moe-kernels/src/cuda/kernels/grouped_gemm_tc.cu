@@ -105,8 +105,11 @@ __device__ __forceinline__ void tc_mainloop(
     int m0, int m_end, int krow0, int klen, int bx, int ndim, int inter, int vec16) {
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    #pragma unroll
     for (int i = 0; i < 4; ++i)
+        #pragma unroll
         for (int j = 0; j < 4; ++j)
+            #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
     int ktiles = (klen + TC_BK - 1) / TC_BK;
 
@@ -127,6 +130,7 @@ __device__ __forceinline__ void tc_mainloop(
                     bool ok = r < m_end && kk < klen;
                     tc_cp16(dst, ok ? src : a, ok);
                 } else {
+                    #pragma unroll
                     for (int x = 0; x < 8; ++x)
                         dst[x] = (r < m_end && kk + x < klen) ? src[x] : (moe_bf16)0;
                 }
@@ -142,6 +146,7 @@ __device__ __forceinline__ void tc_mainloop(
                     bool ok = kk < klen && m < m_end;
                     tc_cp16(dst, ok ? src : a, ok);
                 } else {
+                    #pragma unroll
                     for (int x = 0; x < 8; ++x)
                         dst[x] = (kk < klen && m + x < m_end) ? src[x] : (moe_bf16)0;
                 }
@@ -159,6 +164,7 @@ __device__ __forceinline__ void tc_mainloop(
                     const moe_bf16* src = b + (long long)(krow0 + kk) * ldb + (col < 0 ? 0 : col);
                     tc_cp16(dst, ok ? src : b, ok);
                 } else {
+                    #pragma unroll
                     for (int x = 0; x < 8; ++x) {
                         int col = tc_bcol(GLU, bx, nc + x, ndim, inter);
                         dst[x] = (kk < klen && col >= 0)
@@ -178,6 +184,7 @@ __device__ __forceinline__ void tc_mainloop(
                     bool ok = col < ndim && kk < klen;
                     tc_cp16(dst, ok ? src : b, ok);
                 } else {
+                    #pragma unroll
                     for (int x = 0; x < 8; ++x)
                         dst[x] = (col < ndim && kk + x < klen) ? src[x] : (moe_bf16)0;
                 }
@@ -198,8 +205,10 @@ __device__ __forceinline__ void tc_mainloop(
         const unsigned char* stage = smem + (kt % TC_STAGES) * TC_STAGE_BYTES;
         const moe_bf16* as = (const moe_bf16*)stage;
         const moe_bf16* bs = (const moe_bf16*)(stage + TC_A_BYTES);
+        #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
             unsigned int af[4][4], bf[4][2];
+            #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 if (!A_T) {
                     tc_ldsm_x4(af[i], as + (wm + i * 16 + (lane & 15)) * (TC_BK + TC_PAD) + ks +
@@ -211,6 +220,7 @@ __device__ __forceinline__ void tc_mainloop(
                                             i * 16 + mi);
                 }
             }
+            #pragma unroll
             for (int jp = 0; jp < 2; ++jp) {
                 unsigned int r[4];
                 if (!B_T) {
@@ -227,7 +237,9 @@ __device__ __forceinline__ void tc_mainloop(
                 bf[2 * jp + 1][0] = r[2];
                 bf[2 * jp + 1][1] = r[3];
             }
+            #pragma unroll
             for (int i = 0; i < 4; ++i)
+                #pragma unroll
                 for (int j = 0; j < 4; ++j) tc_mma(acc[i][j], af[i], bf[j][0], bf[j][1]);
         }
     }
@@ -249,12 +261,15 @@ __device__ __forceinline__ void tc_nn(const moe_bf16* a, const unsigned int* a_i
                                            kdim, blockIdx.x, ndim, ep.inter, vec16);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    #pragma unroll
     for (int i = 0; i < 4; ++i)
+        #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int r = row0 + wm + i * 16 + (lane >> 2) + (q >> 1) * 8;
             if (r >= row1) continue;
             if (GLU) {
                 int two_i = 2 * ep.inter;
+                #pragma unroll
                 for (int p = 0; p < 2; ++p) {
                     int n = wn + p * 16 + (lane & 3) * 2 + (q & 1);
                     int hc = blockIdx.x * (TC_BN / 2) + (n >> 4) * 8 + (n & 7);
@@ -272,6 +287,7 @@ __device__ __forceinline__ void tc_nn(const moe_bf16* a, const unsigned int* a_i
                 }
             } else {
                 float w = (ep.mode == 2 && ep.row_w) ? ep.row_w[ep.slot_of_row[r]] : 0.0f;
+                #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     int col = blockIdx.x * TC_BN + wn + j * 8 + (lane & 3) * 2 + (q & 1);
                     if (col >= ndim) continue;
@@ -326,8 +342,11 @@ extern "C" __global__ void __launch_bounds__(256)
                                            kdim, blockIdx.x, ndim, 0, vec16);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+    #pragma unroll
     for (int i = 0; i < 4; ++i)
+        #pragma unroll
         for (int j = 0; j < 4; ++j)
+            #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int r = row0 + wm + i * 16 + (lane >> 2) + (q >> 1) * 8;
                 int col = blockIdx.x * TC_BN + wn + j * 8 + (lane & 3) * 2 + (q & 1);
@@ -350,8 +369,11 @@ extern "C" __global__ void __launch_bounds__(256)
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
     float* ce = c + (long long)e * mdim * ndim;
+    #pragma unroll
     for (int i = 0; i < 4; ++i)
+        #pragma unroll
         for (int j = 0; j < 4; ++j)
+            #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 int m = m0 + wm + i * 16 + (lane >> 2) + (q >> 1) * 8;
                 int col = blockIdx.x * TC_BN + wn + j * 8 + (lane & 3) * 2 + (q & 1);
