@@ -81,48 +81,57 @@ pub fn grouped_matmul<'w, W>(
 where
     W: Fn(usize) -> ArrayView2<'w, f32> + Sync,
 {
-    run_grouped(dst, Rows::Dense(a), offsets, &weight, None, &|_, _, _| {})
+    run_grouped(
+        dst,
+        Rows::Dense(a),
+        offsets,
+        &weight,
+        &mut [],
+        &|_, _, _, _| Ok(()),
+    )
 }
 
-/// [`grouped_matmul`] on [`Rows`] with an epilogue: after each task's GEMM, `then(r0,
-/// dst_block, side_block)` runs on the same thread with the task's rows `r0..r0 + len` of `dst`
-/// (still in cache; the epilogue may update them, e.g. add a bias) and of `side` (`[N, C]`),
-/// e.g. the GLU activation of the gate/up projection into `h`.
+/// [`grouped_matmul`] on [`Rows`] with an epilogue: after each task's GEMM,
+/// `then(e, r0, dst_block, side_blocks)` runs on the same thread with the task's expert `e`,
+/// its rows `r0..r0 + len` of `dst` (still in cache; the epilogue may update them, e.g. add a
+/// bias) and the same rows of every array of `sides` (each `[N, C_i]`), e.g. the GLU activation
+/// into `h` and the down projection of those rows into `y` while `h` is in cache.
 ///
 /// # Errors
-/// [`crate::KernelError::ShapeMismatch`] naming `side` when it does not have `N` rows, or when
-/// `a`, `weight(e)` and `dst` do not chain.
+/// [`crate::KernelError::ShapeMismatch`] naming `side` when one does not have `N` rows, or
+/// when `a`, `weight(e)` and `dst` do not chain; the first error an epilogue returns.
 pub fn grouped_matmul_then<'w, W, F>(
     dst: &mut Array2<f32>,
     a: Rows,
     offsets: &[usize],
     weight: W,
-    side: &mut Array2<f32>,
+    sides: &mut [&mut Array2<f32>],
     then: F,
 ) -> Result<()>
 where
     W: Fn(usize) -> ArrayView2<'w, f32> + Sync,
-    F: Fn(usize, ArrayViewMut2<f32>, ArrayViewMut2<f32>) + Sync,
+    F: Fn(usize, usize, ArrayViewMut2<f32>, &mut [ArrayViewMut2<f32>]) -> Result<()> + Sync,
 {
-    if side.nrows() != dst.nrows() {
+    if let Some(bad) = sides.iter().find(|s| s.nrows() != dst.nrows()) {
         return Err(crate::KernelError::ShapeMismatch {
             tensor: "side",
             expected: format!("[N={}, C]", dst.nrows()),
-            got: side.shape().to_vec(),
+            got: bad.shape().to_vec(),
         });
     }
-    run_grouped(dst, a, offsets, &weight, Some(side), &then)
+    run_grouped(dst, a, offsets, &weight, sides, &then)
 }
 
-/// Epilogue of [`grouped_matmul_then`]: `(first row, dst rows, side rows)`.
-type Epilogue<'f> = dyn Fn(usize, ArrayViewMut2<f32>, ArrayViewMut2<f32>) + Sync + 'f;
+/// Epilogue of [`grouped_matmul_then`]: `(expert, first row, dst rows, side rows)`.
+type Epilogue<'f> =
+    dyn Fn(usize, usize, ArrayViewMut2<f32>, &mut [ArrayViewMut2<f32>]) -> Result<()> + Sync + 'f;
 
-/// One task of an M-grouped GEMM: expert, first row, its `dst` rows and `side` rows.
+/// One task of an M-grouped GEMM: expert, first row, its `dst` rows and side rows.
 type Task<'d> = (
     usize,
     usize,
     ArrayViewMut2<'d, f32>,
-    Option<ArrayViewMut2<'d, f32>>,
+    Vec<ArrayViewMut2<'d, f32>>,
 );
 
 /// The shared driver of [`grouped_matmul`] / [`grouped_matmul_then`]: (expert, row block)
@@ -132,7 +141,7 @@ fn run_grouped<'w>(
     a: Rows,
     offsets: &[usize],
     weight: &(dyn Fn(usize) -> ArrayView2<'w, f32> + Sync),
-    side: Option<&mut Array2<f32>>,
+    sides: &mut [&mut Array2<f32>],
     then: &Epilogue,
 ) -> Result<()> {
     let rows = dst.nrows();
@@ -154,22 +163,26 @@ fn run_grouped<'w>(
     }
     let mut tasks: Vec<Task> = Vec::new();
     let mut rest = dst.view_mut();
-    let mut side_rest = side.map(|s| s.view_mut());
+    let mut side_rest: Vec<ArrayViewMut2<f32>> = sides.iter_mut().map(|s| s.view_mut()).collect();
     for (e, w) in offsets.windows(2).enumerate() {
         for (r, len) in row_blocks(w[0], w[1]) {
             let (head, tail) = rest.split_at(Axis(0), len);
             rest = tail;
-            let side_head = side_rest.take().map(|s| {
-                let (h, t) = s.split_at(Axis(0), len);
-                side_rest = Some(t);
-                h
-            });
-            tasks.push((e, r, head, side_head));
+            let mut side_heads = Vec::with_capacity(side_rest.len());
+            side_rest = side_rest
+                .into_iter()
+                .map(|v| {
+                    let (h, t) = v.split_at(Axis(0), len);
+                    side_heads.push(h);
+                    t
+                })
+                .collect();
+            tasks.push((e, r, head, side_heads));
         }
     }
     tasks
         .into_par_iter()
-        .try_for_each(|(e, r, mut view, side)| {
+        .try_for_each(|(e, r, mut view, mut sides)| {
             let len = view.nrows();
             match a {
                 Rows::Dense(a) => matmul(
@@ -197,10 +210,7 @@ fn run_grouped<'w>(
                     matmul(view.view_mut(), block, weight(e), false, Parallelism::None)
                 })?,
             }
-            if let Some(side) = side {
-                then(r, view, side);
-            }
-            Ok(())
+            then(e, r, view, &mut sides)
         })
 }
 

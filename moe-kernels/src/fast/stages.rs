@@ -175,24 +175,6 @@ fn check_experts(
     Ok((experts, inter))
 }
 
-/// Local expert of every row (`e` for `offsets[e]..offsets[e + 1]`).
-fn expert_of_rows(offsets: &[usize]) -> Vec<usize> {
-    let mut out = Vec::with_capacity(offsets.last().copied().unwrap_or(0));
-    for (e, p) in offsets.windows(2).enumerate() {
-        out.extend(std::iter::repeat(e).take(p[1] - p[0]));
-    }
-    out
-}
-
-/// Adds `bias[expert_of_row[r]]` to every row `r` of `dst`.
-fn add_row_bias(dst: &mut Array2<f32>, bias: ArrayView2<f32>, expert_of_row: &[usize]) {
-    par_rows(dst, |r, row| {
-        row.iter_mut()
-            .zip(bias.row(expert_of_row[r]))
-            .for_each(|(v, &b)| *v += b)
-    });
-}
-
 /// Grouped expert MLP forward on rows grouped by local expert:
 /// `a = xp W_gu[e] (+ b_gu[e])`, `h = act(a[.., ..I_l], a[.., I_l..])`,
 /// `y = h W_d[e] (+ b_d[e])` for the rows `offsets[e]..offsets[e + 1]` of expert `e`
@@ -220,8 +202,8 @@ pub fn experts_forward(
 /// [`experts_forward`] on [`Rows`]: with [`Rows::Gather`] (`x` `[T, H]` and the permutation's
 /// `token_of_row` `[N]`) the dispatch gather is folded into the gate/up GEMM and `xp` is never
 /// stored; the result is bitwise the one of [`experts_forward`] on [`permute_forward`]'s `xp`.
-/// The GLU activation runs in the gate/up GEMM's epilogue, on each task's rows while they are
-/// in cache.
+/// The GLU activation and the down projection run in the gate/up GEMM's epilogue, on each
+/// task's rows while they are in cache.
 ///
 /// # Errors
 /// Those of [`experts_forward`]; [`KernelError::ShapeMismatch`] naming `token_of_row` when an
@@ -235,21 +217,26 @@ pub fn experts_forward_rows(
     let (n, hidden) = (xp.nrows(), xp.ncols());
     let (_, inter) = check_experts((n, hidden), offsets, w)?;
     check_activation(act)?;
-    let expert = expert_of_rows(offsets);
 
     let mut a = scratch2(n, 2 * inter);
     let mut h = scratch2(n, inter);
-    let gate_up_bias = w.gate_up_bias;
+    let mut y = scratch2(n, hidden);
+    let (gate_up_bias, down_bias) = (w.gate_up_bias, w.down_bias);
+    // Each task: gate/up GEMM, bias, GLU into h, then the down GEMM of the same rows (h still in
+    // cache) and its bias; the bits are those of the three separate grouped passes.
     grouped_matmul_then(
         &mut a,
         xp,
         offsets,
         |e| w.gate_and_up_projs.index_axis(Axis(0), e),
-        &mut h,
-        |r0, mut a_blk, mut h_blk| {
+        &mut [&mut h, &mut y],
+        |e, _r0, mut a_blk, sides| {
+            let [h_blk, y_blk] = sides else {
+                return Err(mismatch("side", "[h, y]".to_string(), &[sides.len()]));
+            };
             if let Some(b) = gate_up_bias {
-                for (i, mut row) in a_blk.rows_mut().into_iter().enumerate() {
-                    row += &b.row(expert[r0 + i]);
+                for mut row in a_blk.rows_mut() {
+                    row += &b.row(e);
                 }
             }
             for (ar, mut hr) in a_blk.rows().into_iter().zip(h_blk.rows_mut()) {
@@ -257,15 +244,21 @@ pub fn experts_forward_rows(
                     *v = glu_forward(act, ar[i], ar[inter + i]);
                 }
             }
+            matmul(
+                y_blk.view_mut(),
+                h_blk.view(),
+                w.down_projs.index_axis(Axis(0), e),
+                false,
+                Parallelism::None,
+            )?;
+            if let Some(b) = down_bias {
+                for mut row in y_blk.rows_mut() {
+                    row += &b.row(e);
+                }
+            }
+            Ok(())
         },
     )?;
-    let mut y = scratch2(n, hidden);
-    grouped_matmul(&mut y, h.view(), offsets, |e| {
-        w.down_projs.index_axis(Axis(0), e)
-    })?;
-    if let Some(b) = w.down_bias {
-        add_row_bias(&mut y, b, &expert);
-    }
     Ok(ExpertActs { a, h, y })
 }
 
