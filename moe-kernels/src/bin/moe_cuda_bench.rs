@@ -44,14 +44,6 @@ extern "C" __global__ void fill_uniform_f32(float* y, long long n, unsigned int 
         y[i] = (2.0f * u - 1.0f) * scale;
     }
 }
-extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        unsigned int u = __float_as_uint(x[i]);
-        u += 0x7fffu + ((u >> 16) & 1u);
-        y[i] = (unsigned short)(u >> 16);
-    }
-}
 "#;
 
 struct Shape {
@@ -165,13 +157,13 @@ fn e<E: std::fmt::Debug>(what: &'static str) -> impl Fn(E) -> String {
     move |err| format!("{what}: {err:?}")
 }
 
-struct Util {
+struct Util<'a> {
+    moe: &'a CudaMoe,
     stream: Arc<CudaStream>,
     fill: CudaFunction,
-    cast: CudaFunction,
 }
 
-impl Util {
+impl Util<'_> {
     fn grid(n: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
@@ -187,13 +179,9 @@ impl Util {
         unsafe { b.launch(Self::grid(n)) }.map_err(e("fill_uniform_f32"))?;
         Ok(y)
     }
+    /// f32 -> bf16 (round to nearest even), the library's `to_bf16`.
     fn cast(&self, x: &CudaSlice<f32>, n: usize) -> R<CudaSlice<u16>> {
-        let mut y = unsafe { self.stream.alloc::<u16>(n.max(1)) }.map_err(e("alloc"))?;
-        let n_i = n as i64;
-        let mut b = self.stream.launch_builder(&self.cast);
-        b.arg(x).arg(&n_i).arg(&mut y);
-        unsafe { b.launch(Self::grid(n)) }.map_err(e("f32_to_bf16"))?;
-        Ok(y)
+        self.moe.to_bf16(x, n).map_err(|x| x.to_string())
     }
     fn rand_bf16(&self, n: usize, seed: u32, scale: f32) -> R<CudaSlice<u16>> {
         let f = self.rand_f32(n, seed, scale)?;
@@ -306,21 +294,15 @@ fn run(args: &Args) -> R<()> {
     let stream = moe.stream().clone();
     let ctx = stream.context().clone();
     ctx.bind_to_thread().map_err(e("bind_to_thread"))?;
-    let sm: u32 = moe
-        .arch()
-        .trim_start_matches("sm_")
-        .trim_end_matches('a')
-        .parse()
-        .unwrap_or(0);
-    let use_mma = sm >= 80;
+    let use_mma = moe.sm() >= 80;
     let ptx = cudarc::nvrtc::compile_ptx(UTIL_SRC).map_err(e("nvrtc util kernels"))?;
     let module = ctx.load_module(ptx).map_err(e("load_module"))?;
     let util = Util {
+        moe: &moe,
         stream: stream.clone(),
         fill: module
             .load_function("fill_uniform_f32")
             .map_err(e("fill"))?,
-        cast: module.load_function("f32_to_bf16").map_err(e("cast"))?,
     };
     let blas = CudaBlas::new(stream.clone()).map_err(e("CudaBlas::new"))?;
     let (_, total) = cudarc::driver::result::mem_get_info().map_err(e("mem_get_info"))?;
@@ -398,7 +380,7 @@ fn run(args: &Args) -> R<()> {
 fn bench_one(
     args: &Args,
     moe: &CudaMoe,
-    util: &Util,
+    util: &Util<'_>,
     blas: &CudaBlas,
     use_mma: bool,
     s: &Shape,
@@ -514,17 +496,12 @@ fn bench_one(
         Ok(())
     };
 
-    // Routing statistics (and the per-expert counts for the cuBLAS loop).
-    let f0 = forward()?;
-    let offs = stream.clone_dtoh(&f0.perm.offsets).map_err(e("dtoh"))?;
-    drop(f0);
-    let counts: Vec<usize> = offs.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
-    let maxld = *counts.iter().max().unwrap_or(&0) as f64 / (n as f64 / ne as f64);
-
     // The fused layer (sm_80+: tensor cores, no host sync in the forward) or the pre-sm_80
     // kernel chain above. Skewed routing on the fused layer: a GPT-OSS-style router (top-k then
     // softmax) whose bias is the skew.
-    let (fwd_ms, fb_ms, gg_ms) = if use_mma {
+    // Returns the timings and the measured path's per-expert offsets (routing statistics and the
+    // cuBLAS loop's row counts come from the routing that was timed).
+    let (fwd_ms, fb_ms, gg_ms, offs) = if use_mma {
         let w_r_f = util.rand_f32(ne * h, 2, ws * 3.0f32.sqrt())?;
         let cfg = MoeConfig {
             router: if skewed {
@@ -597,15 +574,21 @@ fn bench_one(
             .map(|_| ())
             .map_err(m)
         })?;
-        (fwd_ms, fb_ms, gg_ms)
+        let offs = stream.clone_dtoh(&p.offsets).map_err(e("dtoh"))?;
+        (fwd_ms, fb_ms, gg_ms, offs)
     } else {
+        let f0 = forward()?;
+        let offs = stream.clone_dtoh(&f0.perm.offsets).map_err(e("dtoh"))?;
+        drop(f0);
         let fwd_ms = time_ms(stream, args.warmup, args.iters, || forward().map(|_| ()))?;
         let fb_ms = time_ms(stream, args.warmup, args.iters, || {
             let f = forward()?;
             backward(&f)
         })?;
-        (fwd_ms, fb_ms, f64::NAN)
+        (fwd_ms, fb_ms, f64::NAN, offs)
     };
+    let counts: Vec<usize> = offs.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    let maxld = *counts.iter().max().unwrap_or(&0) as f64 / (n as f64 / ne as f64);
 
     // cuBLAS baselines (bf16 buffers; gradients reuse the forward's buffers as inputs).
     let xp_b = util.rand_bf16(n * h, 6, 1.0)?;

@@ -129,18 +129,7 @@ impl CudaMoe {
         nout: usize,
         offsets: &CudaSlice<u32>,
     ) -> Result<CudaSlice<f32>> {
-        let sm: u32 = self
-            .arch
-            .trim_start_matches("sm_")
-            .trim_end_matches('a')
-            .parse()
-            .unwrap_or(0);
-        if sm < 80 {
-            return Err(KernelError::Cuda(format!(
-                "grouped_gemm_bf16_mma needs sm_80 or newer, device is {}",
-                self.arch
-            )));
-        }
+        self.require_sm80("grouped_gemm_bf16_mma")?;
         if experts == 0 {
             return Err(KernelError::InvalidConfig("E must be at least 1".into()));
         }

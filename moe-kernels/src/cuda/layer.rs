@@ -222,7 +222,8 @@ impl CudaMoe {
             Some((&routing.top_k_weights, &perm.slot_of_row)),
         )?;
         let yw = yw.ok_or_else(|| KernelError::Cuda("down projection returned no yw".into()))?;
-        let output = self.gather_sum(&yw, n, h, &perm.row_of_slot, t, k)?;
+        // Combine of the weighted rows: the per-token sum over slots (permute_backward's kernel).
+        let output = self.permute_backward(&yw, n, h, &perm.row_of_slot, t, k)?;
         Ok(GpuMoeForward {
             output,
             router_logits,

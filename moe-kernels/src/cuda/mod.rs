@@ -110,12 +110,7 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "activation_combine.cu",
         src: include_str!("kernels/activation_combine.cu"),
-        kernels: &[
-            "swiglu_f32",
-            "combine_f32",
-            "gather_sum_f32",
-            "add_inplace_f32",
-        ],
+        kernels: &["swiglu_f32", "combine_f32", "add_inplace_f32"],
     },
     KernelSource {
         name: "expert_ops.cu",
@@ -436,6 +431,26 @@ impl CudaMoe {
     /// The architecture kernels are compiled for, e.g. `"sm_80"`.
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// The compute capability as one number (`sm_90a` -> 90, `sm_80` -> 80).
+    pub fn sm(&self) -> u32 {
+        self.arch
+            .trim_start_matches("sm_")
+            .trim_end_matches('a')
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Errors unless the device is sm_80 or newer (tensor-core `mma.sync` kernels).
+    fn require_sm80(&self, kernel: &str) -> Result<()> {
+        if self.sm() < 80 {
+            return Err(KernelError::Cuda(format!(
+                "{kernel} needs sm_80 or newer, device is {}",
+                self.arch
+            )));
+        }
+        Ok(())
     }
 
     /// Kernel `kernel` of the source file `source` (a name in [`SOURCES`]), compiled and loaded

@@ -162,6 +162,22 @@ impl CudaMoe {
         token_of_row: &CudaSlice<u32>,
         rows: usize,
     ) -> Result<CudaSlice<f32>> {
+        self.gather_impl(x, tokens, hidden, token_of_row, rows, "gather_rows_f32")
+    }
+
+    /// The gather wrappers: `kernel` of `permute.cu` from `T` rows into `U` rows.
+    fn gather_impl<T, U>(
+        &self,
+        x: &CudaSlice<T>,
+        tokens: usize,
+        hidden: usize,
+        token_of_row: &CudaSlice<u32>,
+        rows: usize,
+        kernel: &str,
+    ) -> Result<CudaSlice<U>>
+    where
+        U: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
         check_len(
             "x",
             x.len(),
@@ -175,13 +191,13 @@ impl CudaMoe {
             format!("[N={rows}]"),
         )?;
         let (h_i, r_i) = (to_i32("hidden", hidden)?, to_i32("rows", rows)?);
-        let mut xp = self.alloc_zeros::<f32>(rows * hidden)?;
+        let mut xp = self.alloc_zeros::<U>(rows * hidden)?;
         if rows * hidden > 0 {
-            let f = self.function("permute.cu", "gather_rows_f32")?;
+            let f = self.function("permute.cu", kernel)?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(x).arg(&h_i).arg(token_of_row).arg(&r_i).arg(&mut xp);
-            // SAFETY: lengths checked above.
-            unsafe { b.launch(grid_for(rows * hidden)) }.map_err(|e| cuda_err("gather_rows", e))?;
+            // SAFETY: lengths checked above; token ids come from a permutation of T tokens.
+            unsafe { b.launch(grid_for(rows * hidden)) }.map_err(|e| cuda_err(kernel, e))?;
         }
         Ok(xp)
     }
@@ -589,77 +605,7 @@ impl CudaMoe {
         token_of_row: &CudaSlice<u32>,
         rows: usize,
     ) -> Result<CudaSlice<u16>> {
-        check_len(
-            "x",
-            x.len(),
-            tokens * hidden,
-            format!("[T={tokens}, H={hidden}]"),
-        )?;
-        check_len(
-            "token_of_row",
-            token_of_row.len(),
-            rows,
-            format!("[N={rows}]"),
-        )?;
-        let (h_i, r_i) = (to_i32("hidden", hidden)?, to_i32("rows", rows)?);
-        let mut xp = self.alloc_zeros::<u16>(rows * hidden)?;
-        if rows * hidden > 0 {
-            let f = self.function("permute.cu", "gather_rows_b16")?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(x).arg(&h_i).arg(token_of_row).arg(&r_i).arg(&mut xp);
-            // SAFETY: lengths checked above; token ids come from a permutation of T tokens.
-            unsafe { b.launch(grid_for(rows * hidden)) }
-                .map_err(|e| cuda_err("gather_rows_b16", e))?;
-        }
-        Ok(xp)
-    }
-
-    /// Combine of rows already scaled by their routing weight ([`CudaMoe::tc_down_proj`]'s
-    /// `yw`): `out[t] = sum_j yw[row_of_slot[t, j]]`, `j` ascending -> `[T, H]`.
-    ///
-    /// # Errors
-    /// [`KernelError::ShapeMismatch`] naming `yw` or `row_of_slot`; CUDA errors.
-    pub fn gather_sum(
-        &self,
-        yw: &CudaSlice<f32>,
-        rows: usize,
-        hidden: usize,
-        row_of_slot: &CudaSlice<u32>,
-        tokens: usize,
-        top_k: usize,
-    ) -> Result<CudaSlice<f32>> {
-        check_len(
-            "yw",
-            yw.len(),
-            rows * hidden,
-            format!("[N={rows}, H={hidden}]"),
-        )?;
-        check_len(
-            "row_of_slot",
-            row_of_slot.len(),
-            tokens * top_k,
-            format!("[T={tokens}, k={top_k}]"),
-        )?;
-        let (t_i, k_i, h_i) = (
-            to_i32("tokens", tokens)?,
-            to_i32("top_k", top_k)?,
-            to_i32("hidden", hidden)?,
-        );
-        let mut out = self.alloc_zeros::<f32>(tokens * hidden)?;
-        if tokens * hidden > 0 {
-            let f = self.function("activation_combine.cu", "gather_sum_f32")?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(yw)
-                .arg(row_of_slot)
-                .arg(&t_i)
-                .arg(&k_i)
-                .arg(&h_i)
-                .arg(&mut out);
-            // SAFETY: lengths checked above; row ids come from the permutation (< N).
-            unsafe { b.launch(grid_for(tokens * hidden)) }
-                .map_err(|e| cuda_err("gather_sum_f32", e))?;
-        }
-        Ok(out)
+        self.gather_impl(x, tokens, hidden, token_of_row, rows, "gather_rows_b16")
     }
 
     /// `dst += src`, both `[len]`.

@@ -9,7 +9,8 @@
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
 };
 
 use super::*;
@@ -70,6 +71,21 @@ fn m_grouped_grid(col_tiles: usize, rows: usize, experts: usize) -> Result<Launc
     })
 }
 
+/// Device address of an optional input (0 for none) and the stream guard to hold across the
+/// launch that reads it.
+fn opt_ptr<'a>(
+    s: Option<&'a CudaSlice<f32>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match s {
+        Some(v) => {
+            let (p, g) = v.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
 fn check_experts(experts: usize) -> Result<()> {
     if experts == 0 {
         return Err(KernelError::InvalidConfig("E must be at least 1".into()));
@@ -106,18 +122,7 @@ fn check_rows(
 impl CudaMoe {
     /// A tensor-core kernel, with its dynamic shared memory limit raised to [`TC_SMEM`].
     fn tc_function(&self, kernel: &str) -> Result<CudaFunction> {
-        let sm: u32 = self
-            .arch
-            .trim_start_matches("sm_")
-            .trim_end_matches('a')
-            .parse()
-            .unwrap_or(0);
-        if sm < 80 {
-            return Err(KernelError::Cuda(format!(
-                "{kernel} needs sm_80 or newer, device is {}",
-                self.arch
-            )));
-        }
+        self.require_sm80(kernel)?;
         let f = self.function(TC_SOURCE, kernel)?;
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -239,13 +244,7 @@ impl CudaMoe {
         if rows == 0 || nout == 0 {
             return Ok(c);
         }
-        let (bias_ptr, _g) = match bias {
-            Some(bv) => {
-                let (p, g) = bv.device_ptr(&self.stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        };
+        let (bias_ptr, _g) = opt_ptr(bias, &self.stream);
         let ep = TcEpilogue {
             mode: 0,
             bias: bias_ptr,
@@ -310,13 +309,7 @@ impl CudaMoe {
         let mut h_bf16 = self.alloc_zeros::<u16>(rows * inter)?;
         if rows > 0 && inter > 0 {
             let (kind, limit, alpha) = act_params(act);
-            let (bias_ptr, _gb) = match bias {
-                Some(bv) => {
-                    let (p, g) = bv.device_ptr(&self.stream);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
+            let (bias_ptr, _gb) = opt_ptr(bias, &self.stream);
             let (h_ptr, _gh) = h.device_ptr_mut(&self.stream);
             let (hb_ptr, _ghb) = h_bf16.device_ptr_mut(&self.stream);
             let ep = TcEpilogue {
@@ -353,7 +346,7 @@ impl CudaMoe {
     /// Down projection (tensor cores): `y[r] = h[r] @ w_d[e(r)] (+ b_d[e(r)])` `[rows, H]` f32,
     /// and with `routing = Some((top_k_weights [T k], slot_of_row [rows]))` also the
     /// routing-weighted `yw[r] = top_k_weights[slot_of_row[r]] * y[r]` (the routing weight in the
-    /// epilogue; [`CudaMoe::gather_sum`] then combines without weights). `h` `[rows, I]` bf16,
+    /// epilogue; [`CudaMoe::permute_backward`], the per-token sum over slots, then combines without weights). `h` `[rows, I]` bf16,
     /// `w_d` `[E, I, H]` bf16, `bias` `[E, H]` f32. Returns `(y, yw)`.
     ///
     /// # Errors
@@ -400,13 +393,7 @@ impl CudaMoe {
             return Ok((y, yw));
         }
         {
-            let (bias_ptr, _gb) = match bias {
-                Some(bv) => {
-                    let (p, g) = bv.device_ptr(&self.stream);
-                    (p, Some(g))
-                }
-                None => (0, None),
-            };
+            let (bias_ptr, _gb) = opt_ptr(bias, &self.stream);
             let (w_ptr, _gw, s_ptr, _gs) = match routing {
                 Some((w, s)) => {
                     let (wp, gw) = w.device_ptr(&self.stream);

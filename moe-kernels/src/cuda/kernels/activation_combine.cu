@@ -29,21 +29,6 @@ extern "C" __global__ void combine_f32(const float* y, const float* w,
     }
 }
 
-// Combine of rows already scaled by their routing weight (the down projection's epilogue):
-// out[t, c] = sum_{j = 0..k-1} yw[row_of_slot[t, j], c], j ascending (deterministic).
-extern "C" __global__ void gather_sum_f32(const float* yw, const unsigned int* row_of_slot,
-                                          int tokens, int k, int hidden, float* out) {
-    long long n = (long long)tokens * hidden;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long t = i / hidden;
-        int c = (int)(i - t * hidden);
-        float acc = 0.0f;
-        for (int j = 0; j < k; ++j) acc += yw[(long long)row_of_slot[t * k + j] * hidden + c];
-        out[i] = acc;
-    }
-}
-
 // dst[i] += src[i], n elements.
 extern "C" __global__ void add_inplace_f32(float* dst, const float* src, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
