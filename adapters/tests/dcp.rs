@@ -1,10 +1,13 @@
-//! Distributed checkpoint (`adapters::dcp`): save at one mesh/placements, load at another, compare
-//! bit for bit with the direct slice of the original tensor (`HostTensor::gather` of the index
-//! sets `placement::local_shard` gives). Ranks are simulated by calling `save_rank` in a loop.
+//! Distributed checkpoint writer (`adapters::dcp::save_rank` + `commit`, torch's FileSystemWriter
+//! layout): save at one mesh/placements, load at another, compare bit for bit with the direct slice
+//! of the original tensor (`HostTensor::gather` of the index sets `placement::local_shard` gives).
+//! Ranks are simulated by calling `save_rank` in a loop. That stock torch loads these files is
+//! checked by `conformance/fixtures/generate_dcp.py verify-ours` (README).
 mod common;
 
+use adapters::dcp::metadata::{parse_metadata, write_metadata, Item as MdItem};
 use adapters::dcp::{
-    self, commit, list_steps, save_rank, step_dir, DcpCheckpoint, RankManifest, ShardToSave,
+    self, commit, list_steps, rank_metadata_name, save_rank, step_dir, DcpCheckpoint, ShardToSave,
 };
 use adapters::{Dtype, HostTensor};
 use common::rand_tensor;
@@ -46,10 +49,9 @@ struct Item {
 }
 
 /// Every rank of `mesh` saves its local shards of `items` (a loop stands for the ranks).
-fn save_ranks(dir: &Path, mesh: &DeviceMesh, items: &[Item], ranks: &[usize]) -> Vec<RankManifest> {
-    ranks
-        .iter()
-        .map(|&r| {
+fn save_ranks(dir: &Path, mesh: &DeviceMesh, items: &[Item], ranks: &[usize]) {
+    for &r in ranks {
+        {
             let locals: Vec<HostTensor> = items
                 .iter()
                 .map(|it| direct(&it.global, mesh, &it.placements, r))
@@ -65,11 +67,37 @@ fn save_ranks(dir: &Path, mesh: &DeviceMesh, items: &[Item], ranks: &[usize]) ->
                 })
                 .collect();
             save_rank(dir, mesh, r, &shards).unwrap()
-        })
+        }
+    }
+}
+
+/// (file, offsets) of every chunk of `key`, in metadata order.
+fn chunk_files(ck: &DcpCheckpoint, key: &str) -> Vec<(String, Vec<usize>)> {
+    ck.chunks(key)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.file, c.offsets))
         .collect()
 }
 
-fn save_all(dir: &Path, mesh: &DeviceMesh, items: &[Item]) -> Vec<RankManifest> {
+/// Rewrites the pickled metadata file `path` through `edit` (as a torch user editing it would).
+fn edit_metadata(path: &Path, edit: impl FnOnce(&mut adapters::dcp::metadata::TorchMetadata)) {
+    let mut m = parse_metadata(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(path, write_metadata(&m).unwrap()).unwrap();
+}
+
+fn chunks_mut<'a>(
+    m: &'a mut adapters::dcp::metadata::TorchMetadata,
+    key: &str,
+) -> &'a mut Vec<placement::chunks::ChunkBox> {
+    match m.items.get_mut(key) {
+        Some(MdItem::Tensor(t)) => &mut t.chunks,
+        _ => panic!("no tensor {key}"),
+    }
+}
+
+fn save_all(dir: &Path, mesh: &DeviceMesh, items: &[Item]) {
     let ranks: Vec<usize> = (0..mesh.size()).collect();
     save_ranks(dir, mesh, items, &ranks)
 }
@@ -148,19 +176,25 @@ fn reshard_from_mesh4_s0_s1_r() {
     let dir = tmp.path().join("ck");
     let m = mesh(&[4]);
     let items = items_mesh4();
-    let mans = save_all(&dir, &m, &items);
-    // The empty shard is saved as a zero-element tensor with no runs on dim 0.
-    let q = &mans[3].tensors["layers.0.attn.q_proj.weight"];
-    assert!(q.runs[0].is_empty());
-    assert_eq!(q.placements, pl("[S(0)]"));
+    save_all(&dir, &m, &items);
     commit(&dir, 4, json!({"step": 7, "rng": [1, 2, 3]})).unwrap();
     let ck = dcp::open(&dir).unwrap();
+    assert_eq!(ck.format(), dcp::StorageFormat::TorchSave);
     assert_eq!(ck.extra(), &json!({"step": 7, "rng": [1, 2, 3]}));
+    assert_eq!(
+        ck.bytes_items().keys().collect::<Vec<_>>(),
+        [dcp::EXTRA_KEY]
+    );
     let mut keys: Vec<String> = items.iter().map(|i| i.key.to_string()).collect();
     keys.sort();
     assert_eq!(ck.keys(), keys);
     assert_eq!(ck.world_size(), 4);
-    assert_eq!(ck.mesh_shape(), &[4]);
+    // 3 rows on 4 ranks: rank 3's shard is empty and writes no chunk.
+    let q = chunk_files(&ck, "layers.0.attn.q_proj.weight");
+    assert_eq!(
+        q.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(),
+        ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    );
     check_all_loads(&ck, &items);
 }
 
@@ -192,16 +226,29 @@ fn reshard_from_mesh2x2_packed_tp_strided() {
             placements: pl("[S(0), R]"),
         },
     ];
-    let mans = save_all(&dir, &m, &items);
-    // _S(2, 2) on 10 columns: rank (0, 1) holds columns 3..5 and 8..10 (non-contiguous).
-    let g = &mans[1].tensors["layers.1.mlp.experts.gate_and_up_projs"];
-    assert_eq!(g.runs[2], vec![[3, 5], [8, 10]]);
-    assert_eq!(g.runs[0], vec![[0, 2]]);
+    save_all(&dir, &m, &items);
     commit(&dir, 4, json!(null)).unwrap();
     let ck = dcp::open(&dir).unwrap();
+    // _S(2, 2) on 10 columns: rank (0, 1) holds columns 3..5 and 8..10, saved as two exact boxes.
+    let g: Vec<_> = ck
+        .chunks("layers.1.mlp.experts.gate_and_up_projs")
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.file == "__1_0.distcp")
+        .map(|c| (c.offsets, c.sizes))
+        .collect();
     assert_eq!(
-        ck.chunks("layers.1.mlp.experts.gate_and_up_projs").unwrap()[1].runs[2],
-        vec![[3, 5], [8, 10]]
+        g,
+        vec![
+            (vec![0, 0, 3], vec![2, 6, 2]),
+            (vec![0, 0, 8], vec![2, 6, 2])
+        ]
+    );
+    assert_eq!(
+        ck.chunks("layers.1.mlp.experts.gate_and_up_projs")
+            .unwrap()
+            .len(),
+        8
     );
     check_all_loads(&ck, &items);
     // And back into the save layout itself.
@@ -309,38 +356,34 @@ fn incomplete_missing_or_truncated_files_are_errors() {
     commit(&dir, 4, json!({"step": 3})).unwrap();
     dcp::open(&dir).unwrap();
 
-    // Truncated rank file: the size recorded in .metadata no longer matches.
-    let f2 = dir.join("__2_0.distcp.safetensors");
+    // Truncated rank file: the items past the cut are named.
+    let f2 = dir.join("__2_0.distcp");
     let bytes = std::fs::read(&f2).unwrap();
-    std::fs::write(&f2, &bytes[..bytes.len() / 2]).unwrap();
+    for cut in [0usize, 5, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&f2, &bytes[..cut]).unwrap();
+        let e = dcp::open(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("__2_0.distcp") && !e.contains('\n'),
+            "cut {cut}: {e}"
+        );
+    }
+    // A flipped byte in a zip header: the item no longer decodes.
+    let mut flipped = bytes.clone();
+    flipped[2] ^= 0xff;
+    std::fs::write(&f2, &flipped).unwrap();
     let e = dcp::open(&dir).unwrap_err().to_string();
     assert!(
-        e.contains("__2_0.distcp.safetensors") && e.contains("truncated"),
+        e.contains("__2_0.distcp") && e.contains("not a torch.save archive"),
         "{e}"
     );
-    assert!(!e.contains('\n'));
-    // Truncated to a size .metadata agrees with (edited): the header checks still catch it.
-    for cut in [0usize, 5, 8, 20, bytes.len() - 1] {
-        std::fs::write(&f2, &bytes[..cut]).unwrap();
-        let md = dir.join(".metadata");
-        let mut meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&md).unwrap()).unwrap();
-        meta["files"][2]["bytes"] = json!(cut);
-        std::fs::write(&md, serde_json::to_string(&meta).unwrap()).unwrap();
-        let e = dcp::open(&dir).unwrap_err().to_string();
-        assert!(e.contains("__2_0.distcp.safetensors"), "cut {cut}: {e}");
-    }
 
     // Deleted rank file: named.
     std::fs::remove_file(&f2).unwrap();
     let e = dcp::open(&dir).unwrap_err().to_string();
-    assert!(
-        e.contains("__2_0.distcp.safetensors") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("__2_0.distcp") && e.contains("missing"), "{e}");
 
     // Malformed .metadata.
-    std::fs::write(dir.join(".metadata"), b"{not json").unwrap();
+    std::fs::write(dir.join(".metadata"), b"{not a pickle").unwrap();
     let e = dcp::open(&dir).unwrap_err().to_string();
     assert!(e.contains(".metadata"), "{e}");
 
@@ -354,14 +397,6 @@ fn incomplete_missing_or_truncated_files_are_errors() {
     check_all_loads(&dcp::open(&dir).unwrap(), &items);
 }
 
-fn tensor_names(path: &Path) -> Vec<String> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    n.sort();
-    n
-}
-
 #[test]
 fn replicas_are_written_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -371,28 +406,24 @@ fn replicas_are_written_once() {
         global: rand_tensor(4, Dtype::BF16, &[6, 3]),
         placements: pl("[R]"),
     }];
-    let mans = save_all(tmp.path(), &m, &items);
-    assert!(mans[0].tensors.contains_key("embed.weight"));
-    for man in &mans[1..] {
-        assert!(man.tensors.is_empty(), "rank {}", man.rank);
-    }
-    assert_eq!(
-        tensor_names(&tmp.path().join("__0_0.distcp.safetensors")),
-        vec!["embed.weight"]
-    );
+    save_all(tmp.path(), &m, &items);
     for r in 1..4 {
-        let p = tmp.path().join(format!("__{r}_0.distcp.safetensors"));
-        assert!(tensor_names(&p).is_empty(), "rank {r}");
+        let f = tmp.path().join(format!("__{r}_0.distcp"));
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().len(),
+            0,
+            "rank {r} writes nothing"
+        );
+        let md = parse_metadata(&std::fs::read(tmp.path().join(rank_metadata_name(r))).unwrap())
+            .unwrap();
+        assert!(md.items.is_empty(), "rank {r}");
     }
     commit(tmp.path(), 4, json!({})).unwrap();
     let ck = dcp::open(tmp.path()).unwrap();
-    let files: Vec<&str> = ck
-        .chunks("embed.weight")
-        .unwrap()
-        .iter()
-        .map(|c| c.file.as_str())
-        .collect();
-    assert_eq!(files, vec!["__0_0.distcp.safetensors"]);
+    assert_eq!(
+        chunk_files(&ck, "embed.weight"),
+        vec![("__0_0.distcp".to_string(), vec![0, 0])]
+    );
     check_all_loads(&ck, &items);
 
     // [R, S(0)] on [2, 2]: only the ranks with coordinate 0 on mesh dim 0 (ranks 0, 1) write.
@@ -403,15 +434,12 @@ fn replicas_are_written_once() {
         global: rand_tensor(5, Dtype::F32, &[5, 2]),
         placements: pl("[R, S(0)]"),
     }];
-    let mans2 = save_all(tmp2.path(), &m2, &items2);
-    let writers: Vec<usize> = mans2
-        .iter()
-        .filter(|m| m.tensors.contains_key("w"))
-        .map(|m| m.rank)
-        .collect();
-    assert_eq!(writers, vec![0, 1]);
+    save_all(tmp2.path(), &m2, &items2);
     commit(tmp2.path(), 4, json!({})).unwrap();
-    check_all_loads(&dcp::open(tmp2.path()).unwrap(), &items2);
+    let ck2 = dcp::open(tmp2.path()).unwrap();
+    let files: Vec<String> = chunk_files(&ck2, "w").into_iter().map(|c| c.0).collect();
+    assert_eq!(files, ["__0_0.distcp", "__1_0.distcp"]);
+    check_all_loads(&ck2, &items2);
 }
 
 #[test]
@@ -451,21 +479,20 @@ fn list_steps_marks_complete_and_incomplete() {
 }
 
 #[test]
-fn commit_refuses_uncovered_or_inconsistent_manifests() {
-    // Rank 2's manifest is missing: the S(0) tensor is not covered; the error names the key and
-    // the missing manifest.
+fn commit_refuses_uncovered_or_inconsistent_saves() {
+    // Rank 2 did not save: the S(0) tensors are not covered; the error names a key and the file.
     let tmp = tempfile::tempdir().unwrap();
     let m = mesh(&[4]);
     let items = items_mesh4();
     save_ranks(tmp.path(), &m, &items, &[0, 1, 3]);
     let e = commit(tmp.path(), 4, json!({})).unwrap_err().to_string();
     assert!(
-        e.contains("'layers.0.") && e.contains("__2_0.manifest.json"),
+        e.contains("'layers.0.") && e.contains("__2.metadata") && e.contains("gap"),
         "{e}"
     );
     assert!(!tmp.path().join(".metadata").exists());
 
-    // Only replicated tensors: covered, but the missing manifest is still an error.
+    // Only replicated tensors: covered, but the missing rank is still an error.
     let tmp = tempfile::tempdir().unwrap();
     let rep = vec![Item {
         key: "r",
@@ -474,7 +501,7 @@ fn commit_refuses_uncovered_or_inconsistent_manifests() {
     }];
     save_ranks(tmp.path(), &m, &rep, &[0, 1, 2]);
     let e = commit(tmp.path(), 4, json!({})).unwrap_err().to_string();
-    assert!(e.contains("__3_0.manifest.json"), "{e}");
+    assert!(e.contains("__3.metadata"), "{e}");
 
     // Ranks disagree on a global shape.
     let tmp = tempfile::tempdir().unwrap();
@@ -502,7 +529,7 @@ fn commit_refuses_uncovered_or_inconsistent_manifests() {
         "{e}"
     );
 
-    // A hand-edited manifest whose runs overlap another rank's chunk.
+    // A rank's metadata edited so its chunk overlaps the other rank's.
     let tmp = tempfile::tempdir().unwrap();
     let items = vec![Item {
         key: "y",
@@ -510,40 +537,32 @@ fn commit_refuses_uncovered_or_inconsistent_manifests() {
         placements: pl("[S(0)]"),
     }];
     save_all(tmp.path(), &m2, &items);
-    let mp = tmp.path().join("__1_0.manifest.json");
-    let mut man: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&mp).unwrap()).unwrap();
-    man["tensors"]["y"]["runs"] = json!([[[2, 6]]]);
-    std::fs::write(&mp, man.to_string()).unwrap();
+    edit_metadata(&tmp.path().join(rank_metadata_name(1)), |md| {
+        chunks_mut(md, "y")[0].offsets = vec![2];
+    });
     let e = commit(tmp.path(), 2, json!({})).unwrap_err().to_string();
-    assert!(
-        e.contains("'y'") && e.contains("__1_0.manifest.json"),
-        "{e}"
-    );
+    assert!(e.contains("'y'") && e.contains("overlaps"), "{e}");
 
-    // .metadata edited so two chunks overlap: open names both files.
+    // .metadata edited so two chunks overlap: open names the tensor and both chunks.
     save_all(tmp.path(), &m2, &items);
     commit(tmp.path(), 2, json!({})).unwrap();
-    let md = tmp.path().join(".metadata");
-    let mut meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&md).unwrap()).unwrap();
-    meta["tensors"]["y"]["chunks"][1]["runs"] = json!([[[2, 6]]]);
-    std::fs::write(&md, meta.to_string()).unwrap();
+    edit_metadata(&tmp.path().join(".metadata"), |md| {
+        chunks_mut(md, "y")[1].offsets = vec![2];
+    });
     let e = dcp::open(tmp.path()).unwrap_err().to_string();
     assert!(
-        e.contains("'y'")
-            && e.contains("overlap")
-            && e.contains("__0_0.distcp.safetensors")
-            && e.contains("__1_0.distcp.safetensors"),
+        e.contains("'y'") && e.contains("overlaps") && e.contains("chunk 0") && e.contains("[2]"),
         "{e}"
     );
 
-    // Wrong world size.
+    // A world size larger than the save's: the ranks beyond it are named.
+    save_all(tmp.path(), &m2, &items);
     let e = commit(tmp.path(), 3, json!({})).unwrap_err().to_string();
-    assert!(
-        e.contains("world_size") || e.contains("__2_0.manifest.json"),
-        "{e}"
-    );
+    assert!(e.contains("__2.metadata"), "{e}");
+    assert!(commit(tmp.path(), 0, json!({}))
+        .unwrap_err()
+        .to_string()
+        .contains("world_size is 0"));
 }
 
 /// A random placement for an `ndim`-d tensor (no Partial).

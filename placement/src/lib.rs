@@ -19,6 +19,7 @@
 
 pub mod cases;
 mod checked;
+pub mod chunks;
 mod error;
 mod index_set;
 mod local;
