@@ -14,6 +14,7 @@ pub mod family;
 pub mod family_adapter;
 pub mod layout;
 pub mod local;
+pub mod model_shapes;
 pub mod tensor;
 pub mod transpose;
 pub mod writer;

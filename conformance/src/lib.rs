@@ -5,11 +5,13 @@
 //! gathered bit-exact, both directions), `collectives` (the communicator against naive references), `placement` (PyTorch-generated
 //! placement cases), `parallel` (distributed MoE blocks per EP / TP / SP / FSDP plan vs the
 //! single-device reference, [`parallel`]), `checkpoint` (distributed save, reshard on load,
-//! consolidation, [`checkpoint`]); and [`train`] (AdamW save / resume of a small MoE model).
+//! consolidation, [`checkpoint`]); [`train`] (AdamW save / resume of a small MoE model); and [`dcp`]
+//! (a torch distributed checkpoint on disk, against its own metadata and a model's shapes).
 //! The `conformance` binary runs them under the threads backend or under `mpirun`; `cargo xtask
 //! conformance` runs the matrix and writes the reports.
 
 pub mod checkpoint;
+pub mod dcp;
 pub mod family;
 pub mod gather;
 pub mod golden;

@@ -5,6 +5,7 @@
 //! - `conformance placement --cases FILE`: PyTorch-generated placement cases.
 //! - `conformance roundtrip --checkpoint DIR`, `conformance golden --fixture DIR`,
 //!   `conformance sharded --checkpoint DIR --world N`: one suite.
+//! - `conformance dcp --checkpoint DIR [--model HF_DIR]`: a torch distributed checkpoint on disk.
 //!
 //! Exit status: 0 when every check passed, 1 when a check failed, 2 when the input could not be
 //! used (the error is one line on stderr naming the file and key).
@@ -151,6 +152,24 @@ enum Cmd {
         atol: Option<f64>,
         #[arg(long)]
         rtol: Option<f64>,
+    },
+    /// Check a torch distributed checkpoint (DCP) on disk: chunk layout, items, model shapes.
+    Dcp {
+        /// The checkpoint directory (`.metadata` + `.distcp`, or DCP safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// An HF model directory whose config.json gives the expected MoE shapes.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The save mesh shape (e.g. `2,2`); default: every mesh of the world size is tried.
+        #[arg(long, value_delimiter = ',')]
+        mesh: Option<Vec<usize>>,
+        /// Do not verify the CRC-32 of every item's storage.
+        #[arg(long)]
+        no_crc: bool,
+        /// Write the result file read by `cargo xtask conformance`.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Local shards of the expert tensors per parallel plan, on `world` thread ranks.
     Sharded {
@@ -453,6 +472,51 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
                 Err(Err(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Dcp {
+            checkpoint,
+            model,
+            mesh,
+            no_crc,
+            json,
+        } => {
+            let args = conformance::dcp::DcpArgs {
+                model,
+                mesh,
+                no_crc,
+            };
+            match conformance::dcp::run(&checkpoint, &args) {
+                Ok((header, checks)) => {
+                    println!("{header}");
+                    let report = SuiteReport {
+                        suite: "dcp".into(),
+                        seconds: start.elapsed().as_secs_f64(),
+                        checks,
+                    };
+                    if let Some(path) = json {
+                        let run = RunJson::new("threads", 1, std::slice::from_ref(&report));
+                        let written = serde_json::to_string_pretty(&run)
+                            .map_err(|e| e.to_string())
+                            .and_then(|t| {
+                                std::fs::write(&path, t)
+                                    .map_err(|e| format!("{}: {e}", path.display()))
+                            });
+                        if let Err(e) = written {
+                            eprintln!("error: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                    if print_reports(&[report], true) == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)
                 }

@@ -241,3 +241,71 @@ fn run_on_a_corrupted_fixture_reports_it_on_every_rank_and_fails() {
     );
     assert!(stdout.contains("sharded setup"), "{stdout}");
 }
+
+/// `conformance dcp` on every torch-written fixture: exit 0 with the model check, except the
+/// seed-bug checkpoint, which fails exactly its down_proj model-shape check with the message
+/// naming both shapes and the placement its chunks fit.
+#[test]
+fn dcp_checks_torch_checkpoints_and_names_the_seed_bug() {
+    let model = fixture("dcp/model");
+    let model = model.to_str().unwrap();
+    for name in [
+        "fsdp2_w2",
+        "fsdp2_w4",
+        "ep_fsdp_w4",
+        "tp_w2",
+        "tp_w4",
+        "fsdp_tp_w4",
+        "views_w1",
+        "hf_sharded_w2",
+        "hf_consolidated_w2",
+    ] {
+        let dir = fixture(&format!("dcp/{name}/ckpt"));
+        let out = conformance(&[
+            "dcp",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+            "--model",
+            model,
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {stdout}");
+        assert!(
+            stdout
+                .trim_end()
+                .lines()
+                .last()
+                .unwrap()
+                .ends_with(" 0 failed, 0 skipped"),
+            "{stdout}"
+        );
+    }
+    let dir = fixture("dcp/seed_bug_w2/ckpt");
+    let out = conformance(&[
+        "dcp",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--model",
+        model,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let fails: Vec<&str> = stdout.lines().filter(|l| l.contains("FAIL")).collect();
+    assert_eq!(fails, ["  [dcp] FAIL model.layers.0.mlp.experts.down_proj: model shape: chunks of model.layers.0.mlp.experts.down_proj imply [8, 130, 12]; the model expects [8, 65, 24] ([E, H, I]); each chunk [8, 65, 12] is consistent with S(2), not S(1)"]);
+    assert!(
+        stdout.trim_end().ends_with("1 failed, 0 skipped"),
+        "{stdout}"
+    );
+    // Without the model the seed bug is a valid (if wrong) checkpoint: its layout is S(1).
+    let out = conformance(&["dcp", "--checkpoint", dir.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("BF16 [8, 130, 12], 2 chunks, [S(1)] on [2]")
+    );
+    // Unusable input: exit 2, one line.
+    let out = conformance(&["dcp", "--checkpoint", "/nonexistent/ckpt"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, &["/nonexistent/ckpt"]);
+    let out = conformance(&["dcp", "--checkpoint", dir.to_str().unwrap(), "--mesh", "3"]);
+    assert_one_line_error(&out, &["--mesh", "2"]);
+}

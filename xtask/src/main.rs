@@ -5,6 +5,7 @@
 //!
 //! xtask only orchestrates: every check lives in the `conformance` crate.
 
+mod dcp;
 mod html;
 mod report;
 mod results;
@@ -58,7 +59,8 @@ pub struct ConformanceArgs {
     /// Suites to run; default all. `conformance run` suites (collectives, placement, roundtrip,
     /// golden, sharded, parallel, checkpoint; any other name is passed on to it too) and the
     /// suites xtask drives itself: train (save/resume scenarios), faults (MPI fault scenarios),
-    /// nccl (NCCL selftest).
+    /// nccl (NCCL selftest), dcp (`conformance dcp` on the torch-written checkpoints of
+    /// conformance/fixtures/dcp).
     #[arg(long, value_delimiter = ',')]
     pub suites: Vec<String>,
     /// Parallel plans for `conformance run --plans` (single, ep, tp, tp-sp, fsdp, ep-tp, ep-fsdp);

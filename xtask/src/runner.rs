@@ -266,7 +266,7 @@ pub(crate) fn example_row(
 }
 
 /// Suites xtask drives itself (not `conformance run` suites).
-pub(crate) const XTASK_SUITES: [&str; 3] = ["train", "faults", "nccl"];
+pub(crate) const XTASK_SUITES: [&str; 4] = ["train", "faults", "nccl", "dcp"];
 
 /// What a `cargo xtask conformance` invocation runs, from its arguments.
 #[derive(Debug, Clone, PartialEq)]
@@ -283,6 +283,8 @@ pub(crate) struct Selection {
     /// The MPI fault scenarios and the NCCL selftest (when the mpi backend runs).
     pub faults: bool,
     pub nccl: bool,
+    /// `conformance dcp` on the committed torch checkpoints.
+    pub dcp: bool,
 }
 
 /// Splits `--suites` into `conformance run` suites and xtask's own, applies `--quick` and the
@@ -336,6 +338,7 @@ pub(crate) fn select(args: &ConformanceArgs) -> Result<Selection, String> {
         train_worlds,
         faults: wants("faults"),
         nccl: wants("nccl"),
+        dcp: wants("dcp"),
         world_sizes,
     })
 }
@@ -561,7 +564,8 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     };
     let nccl = run_mpi_examples && sel.nccl;
     let bar = ProgressBar::new(
-        (runs.len() + train_groups.len() + fault_worlds.len() + nccl as usize) as u64,
+        (runs.len() + train_groups.len() + fault_worlds.len() + nccl as usize + sel.dcp as usize)
+            as u64,
     );
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -582,6 +586,13 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
         let log = logs.join(format!("{name}.log"));
         let out = run_logged(cmd, &log, None, timeout)?;
         rows.extend(run_rows(backend, world, &json, &log, &out));
+        bar.inc(1);
+    }
+
+    // The torch-written DCP checkpoints under conformance/fixtures/dcp.
+    if sel.dcp {
+        bar.set_message("dcp: torch checkpoints");
+        rows.extend(crate::dcp::rows(&bin, &root, &out_dir, &logs, timeout)?);
         bar.inc(1);
     }
 
@@ -652,7 +663,7 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
         }
     };
     let header = format!(
-        "Fixtures: {}. Placement cases: {}. Backends: {}. World sizes: {:?}. Suites: {}. Plans: {}. Training scenarios at world sizes {:?}{}. Wall time: {:.1} s.",
+        "Fixtures: {}. Placement cases: {}. Backends: {}. World sizes: {:?}. Suites: {}. Plans: {}. Training scenarios at world sizes {:?}{}.{} Wall time: {:.1} s.",
         list(
             &fixtures.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
             "none"
@@ -667,6 +678,7 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
         list(&sel.plans, "all"),
         sel.train_worlds,
         if args.quick { " (quick)" } else { "" },
+        if sel.dcp { " Torch DCP checkpoints: conformance/fixtures/dcp." } else { "" },
         job_start.elapsed().as_secs_f64()
     );
     let md = report::markdown(&rows, &header);

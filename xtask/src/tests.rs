@@ -474,6 +474,10 @@ case $cmd in
 compare-train)
   [ -f "$2/train.json" ] && [ -f "$4/train.json" ] || { echo "unusable input" >&2; exit 2; }
   echo "equal"; exit 0;;
+dcp)
+  [ -f "$2/COMMITTED" ] || { echo "error: $2: incomplete checkpoint" >&2; exit 2; }
+  echo "  [dcp] PASS model.layers.0.mlp.experts.gate_and_up_projs (F32 [4, 8, 16], 4 chunks, [_S(2, 2)] on [2])"
+  echo "2 passed, 0 failed, 0 skipped"; exit 0;;
 train) ;;
 *) echo "error: unrecognized subcommand '$cmd'" >&2; exit 2;;
 esac
@@ -542,7 +546,8 @@ fn every_scenario_passes_against_a_conforming_fake() {
             crate::train::ROW_SAME_MESH,
             crate::train::ROW_OTHER_MESH,
             crate::train::ROW_KILL_SAVE,
-            crate::train::ROW_KILL_TRAIN
+            crate::train::ROW_KILL_TRAIN,
+            crate::train::ROW_DCP
         ]
     );
     for r in &rows {
@@ -554,6 +559,12 @@ fn every_scenario_passes_against_a_conforming_fake() {
     }
     assert!(rows[4].note.contains("failed in"), "{}", rows[4].note);
     assert!(rows[2].note.contains("single world 1"), "{}", rows[2].note);
+    assert!(
+        rows[5].note.starts_with("tp: G: 2 passed, 0 failed")
+            && rows[5].note.contains("[_S(2, 2)]"),
+        "{}",
+        rows[5].note
+    );
     let plot = plot.unwrap();
     assert_eq!(plot.series.len(), 3);
     let _ = std::fs::remove_dir_all(&d);
@@ -561,14 +572,14 @@ fn every_scenario_passes_against_a_conforming_fake() {
 
 #[test]
 fn scenarios_fail_with_clear_rows_when_train_is_missing_or_wrong() {
-    // A conformance binary without `train`: five failing rows naming the cause, no crash.
+    // A conformance binary without `train`: six failing rows naming the cause, no crash.
     let (g, d) = fake_group(
         "fake-missing",
         "#!/bin/sh\necho \"error: unrecognized subcommand '$1'\" >&2\nexit 2\n",
         false,
     );
     let (rows, plot) = g.run(&|_| {}).unwrap();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
     for r in &rows {
         assert_eq!((r.passed, r.failed), (0, 1), "{}", r.name);
         let m = &r.failures[0].message;
@@ -732,4 +743,103 @@ fn the_page_has_totals_matrix_failures_and_plots() {
     assert_eq!(html.matches("<svg").count(), 1);
     let md = report::markdown(&rows, "h");
     assert!(md.contains("| train: kill during training: error in bounded time | 4 | mpi | 1 | 0 | 0 | 2.00 | failed in 3.1 s |"), "{md}");
+}
+
+// ---- dcp suite ----
+
+fn dcp_run(failures: &[(&str, &str)], passed: usize) -> crate::results::RunResult {
+    let f: Vec<String> = failures
+        .iter()
+        .map(|(n, m)| format!(r#"{{"name": "{n}", "message": "{m}"}}"#))
+        .collect();
+    serde_json::from_str(&format!(
+        r#"{{"backend":"threads","world_size":1,"suites":[{{"suite":"dcp","passed":{passed},"failed":{},"skipped":0,"seconds":0.1,"failures":[{}]}}]}}"#,
+        failures.len(),
+        f.join(",")
+    ))
+    .unwrap()
+}
+
+#[test]
+fn dcp_rows_pass_clean_fixtures_and_require_the_expected_failure() {
+    use crate::dcp::{verdict, ExpectFailure, Info};
+    let plain = Info {
+        world_size: 2,
+        storage: "torch_save".into(),
+        torch_version: "2.15.0".into(),
+        expect_failure: None,
+    };
+    let r = verdict("tp_w2", &plain, Some(&dcp_run(&[], 17)), true, 0.1, "");
+    assert_eq!(
+        (r.passed, r.failed, r.suite.as_str(), r.world_size),
+        (17, 0, "dcp", 2)
+    );
+    let r = verdict(
+        "tp_w2",
+        &plain,
+        Some(&dcp_run(&[("k", "overlaps")], 16)),
+        false,
+        0.1,
+        "exit 1",
+    );
+    assert_eq!((r.passed, r.failed), (16, 1));
+    let r = verdict("tp_w2", &plain, None, false, 0.1, "exit 2; log: error: bad");
+    assert!(r.failed == 1 && r.failures[0].message.contains("error: bad"));
+    let bug = Info {
+        expect_failure: Some(ExpectFailure {
+            check: "d: model shape".into(),
+            message: "consistent with S(2), not S(1)".into(),
+        }),
+        ..plain.clone()
+    };
+    let seen = dcp_run(
+        &[(
+            "d: model shape",
+            "each chunk [8, 65, 12] is consistent with S(2), not S(1)",
+        )],
+        16,
+    );
+    let r = verdict("seed_bug_w2", &bug, Some(&seen), false, 0.1, "exit 1");
+    assert_eq!((r.passed, r.failed), (17, 0));
+    assert!(r.note.contains("detected as expected"));
+    // Not detected (the check passed), detected with another message, or with an extra failure.
+    for run in [
+        dcp_run(&[], 17),
+        dcp_run(&[("d: model shape", "something else")], 16),
+        dcp_run(
+            &[
+                ("d: model shape", "consistent with S(2), not S(1)"),
+                ("x", "overlaps"),
+            ],
+            15,
+        ),
+    ] {
+        let r = verdict(
+            "seed_bug_w2",
+            &bug,
+            Some(&run),
+            run.suites[0].failed == 0,
+            0.1,
+            "",
+        );
+        assert_eq!(r.failed, 1, "{:?}", r.failures);
+        assert!(r.failures[0]
+            .message
+            .contains("expected exactly 'd: model shape'"));
+    }
+}
+
+#[test]
+fn dcp_fixtures_are_found_with_their_info() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let f = crate::dcp::fixtures(root).unwrap();
+    assert!(f.len() >= 10, "{}", f.len());
+    let bug: Vec<&str> = f
+        .iter()
+        .filter(|x| x.2.expect_failure.is_some())
+        .map(|x| x.0.as_str())
+        .collect();
+    assert_eq!(bug, ["seed_bug_w2"]);
 }

@@ -12,6 +12,10 @@
 //!    incomplete step-4 dir, resume from step 2 and match `A` exactly;
 //! 5. `F`: rank 1 dies at the start of step 3: the job must fail within [`KILL_BOUND`] with an
 //!    error on stderr (or, under MPI, in the ranks' fault report files).
+//! 6. `G`: 2 steps of a plan with `_StridedShard` placements (packed gate|up `_S(2, 2)`: `tp` at
+//!    world 2, `ep-tp` at world 4) saved at step 2; `conformance dcp` must pass on that checkpoint
+//!    and on `C`'s step 4 (torch DCP layout, every item, placements named). `G/step_00000002` with
+//!    `G-out/weights.safetensors` is what `generate_dcp.py verify-ours` loads with stock torch.
 
 use crate::html::{Marker, Plot, Series};
 use crate::results::{Failure, Row};
@@ -41,6 +45,52 @@ pub const ROW_SAME_MESH: &str = "resume same mesh: bit-identical";
 pub const ROW_OTHER_MESH: &str = "resume other mesh: within tolerance";
 pub const ROW_KILL_SAVE: &str = "kill during save: resume skips the incomplete step";
 pub const ROW_KILL_TRAIN: &str = "kill during training: error in bounded time";
+pub const ROW_DCP: &str = "saved checkpoints (incl. _S placements) pass conformance dcp";
+
+/// The plan of scenario `G` (packed gate|up `_S(2, 2)` on the TP mesh dim) at `world` ranks.
+pub fn strided_plan(world: usize) -> &'static str {
+    if world >= 4 {
+        "ep-tp"
+    } else {
+        "tp"
+    }
+}
+
+/// Verdict of one `conformance dcp` run: its exit and its closing `N passed, 0 failed` line, with
+/// the line of the first `gate_and_up_projs` tensor (its chunk count and layout) as the note.
+pub fn dcp_verdict(out: &RunOutcome, stdout: &str) -> Result<String, String> {
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.contains(" passed, "))
+        .unwrap_or("");
+    if !out.ok || !last.contains(" 0 failed") {
+        let fails: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.contains("FAIL"))
+            .take(3)
+            .collect();
+        return Err(format!(
+            "conformance dcp: {} ({last}) {}",
+            out.note,
+            fails.join(" | ")
+        ));
+    }
+    let gu = stdout
+        .lines()
+        .find(|l| l.contains("gate_and_up_projs (") && l.contains("PASS"))
+        .map(|l| l.trim().trim_start_matches("[dcp] PASS ").to_string())
+        .unwrap_or_default();
+    Ok(format!(
+        "{}{}",
+        last.trim(),
+        if gu.is_empty() {
+            String::new()
+        } else {
+            format!("; {gu}")
+        }
+    ))
+}
 
 /// One loss of `train.json`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -758,6 +808,67 @@ impl Group {
             (_, v) => v.map_err(|e| format!("{e}; {}", f.tail())),
         };
         rows.push(row(b, w, ROW_KILL_TRAIN, f.out.seconds, verdict));
+
+        // 6. Save with _StridedShard placements; conformance dcp on that and on C's checkpoint.
+        let splan = strided_plan(w);
+        say(&format!("save on {splan}, conformance dcp"));
+        let (g_root, g_out) = (self.path("G"), self.path("G-out"));
+        let g = self.train(
+            "G",
+            splan,
+            w,
+            &[
+                "--steps",
+                "2",
+                "--ckpt-root",
+                &g_root,
+                "--save-every",
+                "2",
+                "--out-dir",
+                &g_out,
+            ],
+            &[],
+            self.timeout,
+        )?;
+        let mut secs = g.out.seconds;
+        let verdict = match self.finished(
+            &g,
+            &format!("save run G ({splan})"),
+            &g_out,
+            (splan, w, 0, 2),
+        ) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let mut notes = Vec::new();
+                let mut bad = None;
+                for (tag, dir) in [
+                    ("dcp-G", Path::new(&g_root).join(step_dir(2))),
+                    ("dcp-C", Path::new(&c_root).join(step_dir(4))),
+                ] {
+                    let mut cmd = Command::new(&self.bin);
+                    cmd.args(["dcp", "--checkpoint", &dir.display().to_string()]);
+                    let (log, err) = self.log_paths(tag);
+                    let out = run_logged(cmd, &log, Some(&err), self.timeout)?;
+                    secs += out.seconds;
+                    let text = fs::read_to_string(&log).unwrap_or_default();
+                    match dcp_verdict(&out, &text) {
+                        Ok(n) => notes.push(format!("{}: {n}", &tag[4..])),
+                        Err(e) => {
+                            bad = Some(format!(
+                                "{}: {e}; stderr {}",
+                                dir.display(),
+                                log_tail(&err, 2)
+                            ))
+                        }
+                    }
+                }
+                match bad {
+                    Some(e) => Err(e),
+                    None => Ok(format!("{splan}: {}", notes.join("; "))),
+                }
+            }
+        };
+        rows.push(row(b, w, ROW_DCP, secs, verdict));
 
         let title = format!("Loss, plan {PLAN}, {b} world {w}");
         let plot = loss_plot(
