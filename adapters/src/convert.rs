@@ -21,15 +21,15 @@
 //! No dtype change, no arithmetic: bytes move (crate rule).
 
 use crate::adapter::MoeAdapter;
-use crate::checkpoint::{HfCheckpoint, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{HfCheckpoint, CONFIG_FILE};
 use crate::direct_io::OutFile;
 use crate::error::{AdapterError, Result};
 use crate::family::{spec_for, FamilyConfig};
 use crate::family_adapter::{FamilyAdapter, LayoutChoice};
 use crate::layout::{DiskLayout, Group};
 use crate::local::LocalTensor;
+use crate::out_dir::{atomic_dir, write_json, write_tensors};
 use crate::tensor::{dtype_size, HostTensor};
-use crate::writer::shard_file_name;
 use placement::{IndexSet, Placement};
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -103,15 +103,6 @@ struct Item {
     source: Source,
 }
 
-impl Item {
-    fn bytes(&self) -> u64 {
-        self.outs
-            .iter()
-            .map(|(_, d, s)| (s.iter().product::<usize>() * (d.bitsize() / 8)) as u64)
-            .sum()
-    }
-}
-
 fn layout_name(l: DiskLayout) -> &'static str {
     match l {
         DiskLayout::PerExpert => "per_expert",
@@ -133,7 +124,7 @@ fn layout_from(name: &str) -> Option<DiskLayout> {
     })
 }
 
-fn sidecar_json(a: &FamilyAdapter) -> Value {
+pub(crate) fn sidecar_json(a: &FamilyAdapter) -> Value {
     let c = a.layout_choice();
     json!({
         "format": "adapters-native/1",
@@ -279,17 +270,17 @@ fn plan(a: &FamilyAdapter, src: &HfCheckpoint, dir: Direction) -> Result<Vec<Ite
     Ok(items)
 }
 
-/// Splits items (sorted) into files of at most `max` bytes (an item larger than `max` alone).
-fn plan_files(items: &[Item], max: u64) -> Vec<Vec<usize>> {
-    let total: u64 = items.iter().map(Item::bytes).sum();
+/// Splits items of `sizes` bytes (in output order) into files of at most `max` bytes (an item
+/// larger than `max` alone); one file when everything fits.
+pub(crate) fn plan_files(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
+    let total: u64 = sizes.iter().sum();
     if total <= max {
-        return vec![(0..items.len()).collect()];
+        return vec![(0..sizes.len()).collect()];
     }
     let mut files: Vec<Vec<usize>> = Vec::new();
     let mut cur = Vec::new();
     let mut cur_b = 0u64;
-    for (i, it) in items.iter().enumerate() {
-        let b = it.bytes();
+    for (i, &b) in sizes.iter().enumerate() {
         if !cur.is_empty() && cur_b + b > max {
             files.push(std::mem::take(&mut cur));
             cur_b = 0;
@@ -305,7 +296,7 @@ fn plan_files(items: &[Item], max: u64) -> Vec<Vec<usize>> {
 
 /// Largest piece of work (bytes of output): copies are split, expert tensors batched by experts
 /// up to this size (a single expert may be larger).
-const PIECE: usize = 1 << 20;
+pub(crate) const PIECE: usize = 1 << 20;
 /// Output bytes produced in parallel before they are handed to the file (plus at most one
 /// piece): at least this, and 8 MiB per worker thread (enough pieces for every worker when single
 /// experts exceed [`PIECE`], e.g. 6 MiB per expert in Qwen3-30B-A3B).
@@ -430,29 +421,37 @@ impl From<std::io::Error> for FillError {
     }
 }
 
-/// Writes one safetensors file: header (offsets from the plan) then the items' tensors, produced
-/// in windows of [`WINDOW`] bytes or 8 MiB per thread (pieces of a window in parallel), so memory
-/// is bounded by two windows plus one piece (a piece is at most one expert when an expert exceeds
-/// [`PIECE`]). Returns the bytes written.
-fn write_file(
+/// One output tensor: key, dtype, shape.
+pub(crate) type OutTensor = (String, Dtype, Vec<usize>);
+
+/// Writes one safetensors file: header (offsets of `outs`, in order) then the tensors' bytes,
+/// produced by `fill` from `ps` (the pieces in file order, each with its output size) in windows
+/// of [`WINDOW`] bytes or 8 MiB per thread (pieces of a window in parallel), so memory is bounded
+/// by two windows plus one piece. Returns the tensor bytes written.
+pub(crate) fn write_file<P: Sync>(
     path: &Path,
-    a: &FamilyAdapter,
-    src: &HfCheckpoint,
-    items: &[&Item],
+    outs: &[&OutTensor],
+    ps: &[(P, usize)],
+    fill: &(dyn Fn(&P, &mut [u8]) -> Result<()> + Sync),
     tick: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut off = 0u64;
-    for it in items {
-        for (k, d, s) in &it.outs {
-            let n = (s.iter().product::<usize>() * dtype_size(*d)?) as u64;
-            header.insert(
-                k.clone(),
-                json!({"dtype": d.to_string(), "shape": s, "data_offsets": [off, off + n]}),
-            );
-            off += n;
-        }
+    for (k, d, s) in outs {
+        let n = (s.iter().product::<usize>() * dtype_size(*d)?) as u64;
+        header.insert(
+            k.clone(),
+            json!({"dtype": d.to_string(), "shape": s, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    let planned: u64 = ps.iter().map(|p| p.1 as u64).sum();
+    if planned != off {
+        return Err(AdapterError::Tensor(format!(
+            "{}: {planned} bytes of pieces for {off} bytes of tensors",
+            path.display()
+        )));
     }
     let mut h = serde_json::to_vec(&Value::Object(header))
         .map_err(|e| AdapterError::Format(format!("{}: header: {e}", path.display())))?;
@@ -465,10 +464,6 @@ fn write_file(
     w.write_all(&h).map_err(io)?;
     // Pieces in file order, produced a window at a time: the pieces of a window in parallel
     // (rayon), each straight into its place in the output staging buffer.
-    let mut ps = Vec::new();
-    for it in items {
-        pieces(a, src, it, &mut ps)?;
-    }
     let window = WINDOW.max(rayon::current_num_threads() * (8 << 20));
     let mut i = 0;
     while i < ps.len() {
@@ -489,7 +484,7 @@ fn write_file(
             }
             win.par_iter()
                 .zip(parts)
-                .try_for_each(|((p, _), out)| p.fill(src, out))
+                .try_for_each(|((p, _), out)| fill(p, out))
                 .map_err(FillError::Adapter)
         })
         .map_err(|e| match e {
@@ -527,98 +522,40 @@ pub fn convert(
         Direction::NativeToHf => native_adapter(&src)?,
     };
     let items = plan(&a, &src, direction)?;
-    let files = plan_files(&items, opts.max_shard_bytes);
-    let n = files.len();
-    let name = dst_dir
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dst_dir.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| AdapterError::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| AdapterError::io(&tmp, e))?;
-    let result = (|| -> Result<ConvertReport> {
-        let names: Vec<String> = (0..n)
-            .map(|i| {
-                if n == 1 {
-                    SINGLE_FILE.to_string()
-                } else {
-                    shard_file_name(i + 1, n)
-                }
-            })
-            .collect();
-        let job = || -> Result<Vec<u64>> {
-            // One file at a time (memory stays bounded by two windows, whatever the number of
-            // files); the parallelism is inside each window.
-            files
-                .iter()
-                .zip(&names)
-                .map(|(f, fname)| {
-                    let its: Vec<&Item> = f.iter().map(|&i| &items[i]).collect();
-                    write_file(&tmp.join(fname), &a, &src, &its, tick)
-                })
-                .collect()
+    atomic_dir(dst_dir, |tmp| {
+        let units: Vec<Vec<OutTensor>> = items.iter().map(|i| i.outs.clone()).collect();
+        let pieces_of = |u: usize| -> Result<Vec<(Piece, usize)>> {
+            let mut ps = Vec::new();
+            pieces(&a, &src, &items[u], &mut ps)?;
+            Ok(ps)
         };
-        let sizes = match opts.threads {
-            Some(t) => rayon::ThreadPoolBuilder::new()
-                .num_threads(t.max(1))
-                .build()
-                .map_err(|e| AdapterError::Config(format!("thread pool: {e}")))?
-                .install(job)?,
-            None => job()?,
-        };
-        let write_small = |fname: &str, v: &Value| -> Result<()> {
-            let p = tmp.join(fname);
-            let s = serde_json::to_string_pretty(v)
-                .map_err(|e| AdapterError::Format(format!("{fname}: {e}")))?;
-            std::fs::write(&p, format!("{s}\n")).map_err(|e| AdapterError::io(&p, e))
-        };
-        write_small(CONFIG_FILE, src.config())?;
+        let fill = |p: &Piece, out: &mut [u8]| p.fill(&src, out);
+        let w = write_tensors(
+            tmp,
+            &units,
+            &pieces_of,
+            &fill,
+            opts.max_shard_bytes,
+            opts.threads,
+            tick,
+        )?;
+        write_json(tmp, CONFIG_FILE, src.config())?;
         if direction == Direction::HfToNative {
-            write_small(NATIVE_SIDECAR, &sidecar_json(&a))?;
-        }
-        if n > 1 {
-            let mut wm = serde_json::Map::new();
-            for (f, fname) in files.iter().zip(&names) {
-                for &i in f {
-                    for (k, _, _) in &items[i].outs {
-                        wm.insert(k.clone(), Value::String(fname.clone()));
-                    }
-                }
-            }
-            let total: u64 = sizes.iter().sum();
-            write_small(
-                INDEX_FILE,
-                &json!({"metadata": {"total_size": total}, "weight_map": wm}),
-            )?;
+            write_json(tmp, NATIVE_SIDECAR, &sidecar_json(&a))?;
         }
         let verified = if opts.verify {
-            verify(&a, &src, &tmp, direction)?;
+            verify(&a, &src, tmp, direction)?;
             true
         } else {
             false
         };
         Ok(ConvertReport {
             tensors: items.iter().map(|i| i.outs.len()).sum(),
-            bytes: sizes.iter().sum(),
-            files: n,
+            bytes: w.bytes,
+            files: w.files,
             verified,
         })
-    })();
-    match result {
-        Ok(r) => {
-            if let Ok(d) = std::fs::File::open(&tmp) {
-                let _ = d.sync_all();
-            }
-            std::fs::rename(&tmp, dst_dir).map_err(|e| AdapterError::io(dst_dir, e))?;
-            Ok(r)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Re-opens the output and checks it through the inverse conversion against the source.

@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod checkpoint;
 pub mod convert;
+pub mod convert_dcp;
 pub mod dcp;
 pub mod direct_io;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod family_adapter;
 pub mod layout;
 pub mod local;
 pub mod model_shapes;
+mod out_dir;
 pub mod tensor;
 pub mod transpose;
 pub mod writer;

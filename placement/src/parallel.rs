@@ -193,6 +193,164 @@ pub fn tp_local_shape(
     Ok(local_shard(global_shape, &mesh, &[p], &[rank])?.local_shape)
 }
 
+/// A tensor of an MoE block, as a named plan places it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoeParam {
+    /// Router `[E, H]`, router bias `[E]`, selection bias `[E]`, shared expert, shared gate, and
+    /// every tensor outside the MoE blocks.
+    Replicated,
+    /// `gate_and_up_projs` `[E, H, 2I]` (native layout, gate half first).
+    GateAndUp,
+    /// `down_projs` `[E, I, H]`.
+    Down,
+    /// `gate_up_proj_bias` `[E, 2I]`.
+    GateUpBias,
+    /// `down_proj_bias` `[E, H]`.
+    DownBias,
+    /// Hidden states / block output / their gradients `[T, H]`, routing weights `[T, k]`.
+    Tokens,
+}
+
+/// What a mesh dim of a named plan does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshRole {
+    /// Expert parallel: experts `S(0)`, tokens `S(0)`.
+    Ep,
+    /// Tensor parallel on the experts: packed gate|up `_S(2, 2)`, down `S(1)`.
+    Tp,
+    /// FSDP: expert weights `S(1)`, tokens `S(0)`.
+    Fsdp,
+    /// Data parallel: everything replicated, tokens `S(0)`.
+    Dp,
+}
+
+impl MeshRole {
+    /// The mesh dim name (`ep`, `tp`, `fsdp`, `dp`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MeshRole::Ep => "ep",
+            MeshRole::Tp => "tp",
+            MeshRole::Fsdp => "fsdp",
+            MeshRole::Dp => "dp",
+        }
+    }
+}
+
+/// The names of the named plans, in report order.
+pub const PLAN_NAMES: [&str; 7] = ["single", "ep", "tp", "tp-sp", "fsdp", "ep-tp", "ep-fsdp"];
+
+/// A named plan at a world size: mesh shape, the role of each mesh dim, sequence parallelism.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPlan {
+    /// One of [`PLAN_NAMES`].
+    pub name: &'static str,
+    /// Mesh shape (product = world size).
+    pub mesh_shape: Vec<usize>,
+    /// Role of each mesh dim.
+    pub roles: Vec<MeshRole>,
+    /// Sequence parallel on the `tp` dim (tokens `S(0)` there too).
+    pub sp: bool,
+}
+
+/// The named plan `name` at `world` ranks: `single` ([1], dp), `ep` / `tp` / `tp-sp` / `fsdp` (one
+/// mesh dim over the world), `ep-tp` / `ep-fsdp` (`[world / 2, 2]`; `[1, 1]` at world 1).
+///
+/// Sources: torchtitan `distributed/expert_parallel.py` (EP: experts `S(0)`), transformers
+/// `integrations/tensor_parallel.py` (`packed_colwise` gate_up = `_S(-1, 2)` in the native
+/// `x @ W` layout, rowwise down = `S(1)`), Megatron SP (tokens `S(0)` on the TP group), NeMo
+/// Automodel / FSDP2 (`S(1)` on expert weights when FSDP shards a dim other than E).
+///
+/// Errors ([`PlacementError::Parallelism`]): an unknown name (the known ones listed), `single` at
+/// world != 1, a 2-D plan at an odd world > 1, world 0.
+pub fn named_plan(name: &str, world: usize) -> Result<NamedPlan> {
+    let err = |m: String| Err(PlacementError::Parallelism(m));
+    if world == 0 {
+        return err("world size 0".into());
+    }
+    let Some(&name) = PLAN_NAMES.iter().find(|n| **n == name) else {
+        return err(format!(
+            "unknown plan '{name}' (known: {})",
+            PLAN_NAMES.join(", ")
+        ));
+    };
+    let one = |r: MeshRole| (vec![world], vec![r]);
+    let two = |a: MeshRole, b: MeshRole| -> Result<(Vec<usize>, Vec<MeshRole>)> {
+        if world > 1 && world % 2 != 0 {
+            return Err(PlacementError::Parallelism(format!(
+                "plan {name} needs an even world size, got {world}"
+            )));
+        }
+        let inner = world.min(2);
+        Ok((vec![world / inner, inner], vec![a, b]))
+    };
+    let ((mesh_shape, roles), sp) = match name {
+        "single" if world != 1 => return err(format!("plan single runs on 1 rank, not {world}")),
+        "single" => (one(MeshRole::Dp), false),
+        "ep" => (one(MeshRole::Ep), false),
+        "tp" => (one(MeshRole::Tp), false),
+        "tp-sp" => (one(MeshRole::Tp), true),
+        "fsdp" => (one(MeshRole::Fsdp), false),
+        "ep-tp" => (two(MeshRole::Ep, MeshRole::Tp)?, false),
+        _ => (two(MeshRole::Ep, MeshRole::Fsdp)?, false),
+    };
+    Ok(NamedPlan {
+        name,
+        mesh_shape,
+        roles,
+        sp,
+    })
+}
+
+/// The placement of `param` on a mesh dim of `role` (`sp`: sequence parallel on the TP dim).
+pub fn moe_placement(param: MoeParam, role: MeshRole, sp: bool) -> Placement {
+    use Placement::{Replicate, Shard, StridedShard};
+    match (param, role) {
+        (MoeParam::Replicated, _) => Replicate,
+        (MoeParam::Tokens, MeshRole::Tp) if !sp => Replicate,
+        (MoeParam::Tokens, _) => Shard(0),
+        (_, MeshRole::Ep) => Shard(0),
+        (MoeParam::GateAndUp, MeshRole::Tp) => StridedShard {
+            dim: 2,
+            split_factor: 2,
+        },
+        (MoeParam::GateUpBias, MeshRole::Tp) => StridedShard {
+            dim: 1,
+            split_factor: 2,
+        },
+        (MoeParam::Down, MeshRole::Tp) => Shard(1),
+        (MoeParam::GateAndUp | MoeParam::Down, MeshRole::Fsdp) => Shard(1),
+        (MoeParam::DownBias, _) | (MoeParam::GateUpBias, _) => Replicate,
+        (_, MeshRole::Dp) => Replicate,
+    }
+}
+
+impl NamedPlan {
+    /// Placements of `param`, one per mesh dim.
+    pub fn placements(&self, param: MoeParam) -> Vec<Placement> {
+        self.roles
+            .iter()
+            .map(|&r| moe_placement(param, r, self.sp))
+            .collect()
+    }
+
+    /// The mesh dim names (`["ep", "tp"]`).
+    pub fn dim_names(&self) -> Vec<String> {
+        self.roles.iter().map(|r| r.name().to_string()).collect()
+    }
+
+    /// Which [`MoeParam`] a native key is (`...experts.gate_and_up_projs` -> `GateAndUp`, ...;
+    /// anything else `Replicated`).
+    pub fn param_of_native_key(key: &str) -> MoeParam {
+        match key.rsplit('.').next() {
+            Some("gate_and_up_projs") if key.contains("experts.") => MoeParam::GateAndUp,
+            Some("down_projs") if key.contains("experts.") => MoeParam::Down,
+            Some("gate_up_proj_bias") if key.contains("experts.") => MoeParam::GateUpBias,
+            Some("down_proj_bias") if key.contains("experts.") => MoeParam::DownBias,
+            _ => MoeParam::Replicated,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 //! native `x @ W` layout, rowwise down = `S(1)`), Megatron SP (sequence `S(0)` on the TP group),
 //! NeMo Automodel / FSDP2 (`S(1)` on expert weights when the FSDP dim shards a dim other than E).
 
+use placement::parallel::{named_plan, MeshRole, NamedPlan};
 use placement::{DeviceMesh, Placement};
 
 /// The plans the `parallel` suite checks (names as the CLI takes them).
@@ -86,22 +87,8 @@ impl Mutation {
     }
 }
 
-/// Which tensor of the block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Param {
-    /// Router `[E, H]`, router bias `[E]`, selection bias `[E]`, shared expert, shared gate.
-    Replicated,
-    /// `gate_and_up_projs` `[E, H, 2I]`.
-    GateAndUp,
-    /// `down_projs` `[E, I, H]`.
-    Down,
-    /// `gate_up_bias` `[E, 2I]`.
-    GateUpBias,
-    /// `down_bias` `[E, H]`.
-    DownBias,
-    /// Hidden states / block output / their gradients `[T, H]`, routing weights `[T, k]`.
-    Tokens,
-}
+/// Which tensor of the block (`placement::parallel::MoeParam`: the rules live in `placement`).
+pub use placement::parallel::MoeParam as Param;
 
 /// A plan instantiated for a world size.
 #[derive(Debug, Clone)]
@@ -114,6 +101,8 @@ pub struct ParallelPlan {
     pub fsdp: Option<usize>,
     /// Sequence parallel on the `tp` dim.
     pub sp: bool,
+    /// The plan as `placement::parallel` defines it (mesh dims' roles).
+    pub named: NamedPlan,
 }
 
 impl ParallelPlan {
@@ -121,40 +110,18 @@ impl ParallelPlan {
     ///
     /// Errors: a 2-D plan at an odd world size > 1 (the suite reports it as skipped).
     pub fn new(kind: PlanKind, world: usize) -> Result<Self, String> {
-        let one = |name: &str| DeviceMesh::with_dim_names(vec![world], vec![name.into()]);
-        let two = |a: &str, b: &str| {
-            if world > 1 && world % 2 != 0 {
-                return Err(format!(
-                    "plan {} needs an even world size, got {world}",
-                    kind.name()
-                ));
-            }
-            let inner = world.min(2);
-            DeviceMesh::with_dim_names(vec![world / inner, inner], vec![a.into(), b.into()])
-                .map_err(|e| e.to_string())
-        };
-        let e = |r: placement::Result<DeviceMesh>| r.map_err(|e| e.to_string());
-        let (mesh, ep, tp, fsdp, sp) = match kind {
-            PlanKind::Single => {
-                if world != 1 {
-                    return Err(format!("plan single runs on 1 rank, not {world}"));
-                }
-                (e(one("dp"))?, None, None, None, false)
-            }
-            PlanKind::Ep => (e(one("ep"))?, Some(0), None, None, false),
-            PlanKind::Tp => (e(one("tp"))?, None, Some(0), None, false),
-            PlanKind::TpSp => (e(one("tp"))?, None, Some(0), None, true),
-            PlanKind::Fsdp => (e(one("fsdp"))?, None, None, Some(0), false),
-            PlanKind::EpTp => (two("ep", "tp")?, Some(0), Some(1), None, false),
-            PlanKind::EpFsdp => (two("ep", "fsdp")?, Some(0), None, Some(1), false),
-        };
+        let np = named_plan(kind.name(), world).map_err(|e| e.to_string())?;
+        let mesh = DeviceMesh::with_dim_names(np.mesh_shape.clone(), np.dim_names())
+            .map_err(|e| e.to_string())?;
+        let pos = |r: MeshRole| np.roles.iter().position(|&x| x == r);
         Ok(ParallelPlan {
             kind,
             mesh,
-            ep,
-            tp,
-            fsdp,
-            sp,
+            ep: pos(MeshRole::Ep),
+            tp: pos(MeshRole::Tp),
+            fsdp: pos(MeshRole::Fsdp),
+            sp: np.sp,
+            named: np,
         })
     }
 
@@ -171,52 +138,10 @@ impl ParallelPlan {
         }
     }
 
-    /// Placements of `param` on the mesh, one per mesh dim.
+    /// Placements of `param` on the mesh, one per mesh dim
+    /// (`placement::parallel::moe_placement` of each dim's role).
     pub fn placements(&self, param: Param) -> Vec<Placement> {
-        (0..self.mesh.ndim())
-            .map(|d| {
-                let role = if Some(d) == self.ep {
-                    Role::Ep
-                } else if Some(d) == self.tp {
-                    Role::Tp
-                } else if Some(d) == self.fsdp {
-                    Role::Fsdp
-                } else {
-                    Role::Dp
-                };
-                placement_of(param, role, self.sp)
-            })
-            .collect()
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Role {
-    Ep,
-    Tp,
-    Fsdp,
-    Dp,
-}
-
-fn placement_of(param: Param, role: Role, sp: bool) -> Placement {
-    use Placement::{Replicate, Shard, StridedShard};
-    match (param, role) {
-        (Param::Replicated, _) => Replicate,
-        (Param::Tokens, Role::Tp) if !sp => Replicate,
-        (Param::Tokens, _) => Shard(0),
-        (_, Role::Ep) => Shard(0),
-        (Param::GateAndUp, Role::Tp) => StridedShard {
-            dim: 2,
-            split_factor: 2,
-        },
-        (Param::GateUpBias, Role::Tp) => StridedShard {
-            dim: 1,
-            split_factor: 2,
-        },
-        (Param::Down, Role::Tp) => Shard(1),
-        (Param::GateAndUp | Param::Down, Role::Fsdp) => Shard(1),
-        (Param::DownBias, _) | (Param::GateUpBias, _) => Replicate,
-        (_, Role::Dp) => Replicate,
+        self.named.placements(param)
     }
 }
 
