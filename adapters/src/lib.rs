@@ -30,3 +30,8 @@ pub use local::{LocalTensor, NativeTensorInfo};
 pub use safetensors::Dtype;
 pub use tensor::{assemble, HostTensor};
 pub use writer::write_hf_checkpoint;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -275,7 +275,7 @@ pub fn named_plan(name: &str, world: usize) -> Result<NamedPlan> {
     };
     let one = |r: MeshRole| (vec![world], vec![r]);
     let two = |a: MeshRole, b: MeshRole| -> Result<(Vec<usize>, Vec<MeshRole>)> {
-        if world > 1 && world % 2 != 0 {
+        if world > 1 && !world.is_multiple_of(2) {
             return Err(PlacementError::Parallelism(format!(
                 "plan {name} needs an even world size, got {world}"
             )));

@@ -169,7 +169,7 @@ pub fn decode_item(item: &[u8]) -> Result<ItemTensor, String> {
             ));
         }
         let es = dtype_size(dtype).map_err(|e| e.to_string())?;
-        if numel_field % es != 0 {
+        if !numel_field.is_multiple_of(es) {
             return Err(format!(
                 "data.pkl: {numel_field} storage bytes for {es}-byte elements"
             ));
