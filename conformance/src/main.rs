@@ -182,23 +182,42 @@ enum Cmd {
 
 /// Prints a single-suite result and maps it to the exit status.
 fn finish(suite: &str, start: Instant, result: Result<Vec<Check>, String>) -> ExitCode {
-    match result {
-        Ok(checks) => {
-            let report = SuiteReport {
-                suite: suite.into(),
-                seconds: start.elapsed().as_secs_f64(),
-                checks,
-            };
-            if print_reports(&[report], true) == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
+    finish_json(suite, start, result, None)
+}
+
+/// [`finish`], also writing the result file (`--json`) when given.
+fn finish_json(
+    suite: &str,
+    start: Instant,
+    result: Result<Vec<Check>, String>,
+    json: Option<&PathBuf>,
+) -> ExitCode {
+    let checks = match result {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+    let report = SuiteReport {
+        suite: suite.into(),
+        seconds: start.elapsed().as_secs_f64(),
+        checks,
+    };
+    if let Some(path) = json {
+        let run = RunJson::new("threads", 1, std::slice::from_ref(&report));
+        let written = serde_json::to_string_pretty(&run)
+            .map_err(|e| e.to_string())
+            .and_then(|t| std::fs::write(path, t).map_err(|e| format!("{}: {e}", path.display())));
+        if let Err(e) = written {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if print_reports(&[report], true) == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -489,38 +508,11 @@ fn main() -> ExitCode {
                 mesh,
                 no_crc,
             };
-            match conformance::dcp::run(&checkpoint, &args) {
-                Ok((header, checks)) => {
-                    println!("{header}");
-                    let report = SuiteReport {
-                        suite: "dcp".into(),
-                        seconds: start.elapsed().as_secs_f64(),
-                        checks,
-                    };
-                    if let Some(path) = json {
-                        let run = RunJson::new("threads", 1, std::slice::from_ref(&report));
-                        let written = serde_json::to_string_pretty(&run)
-                            .map_err(|e| e.to_string())
-                            .and_then(|t| {
-                                std::fs::write(&path, t)
-                                    .map_err(|e| format!("{}: {e}", path.display()))
-                            });
-                        if let Err(e) = written {
-                            eprintln!("error: {e}");
-                            return ExitCode::from(2);
-                        }
-                    }
-                    if print_reports(&[report], true) == 0 {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            let result = conformance::dcp::run(&checkpoint, &args).map(|(header, checks)| {
+                println!("{header}");
+                checks
+            });
+            finish_json("dcp", start, result, json.as_ref())
         }
         Cmd::Roundtrip { checkpoint } => finish(
             "roundtrip",

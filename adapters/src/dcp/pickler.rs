@@ -143,32 +143,28 @@ impl Pickler {
         })
     }
 
-    /// Pushes a list of what `f` pushes (`EMPTY_LIST MARK ... APPENDS`).
-    pub fn list(&mut self, f: impl FnOnce(&mut Self)) -> &mut Self {
-        self.out.push(b']');
+    /// `empty` (an empty container), then, when `f` pushes anything, `MARK ... fill`.
+    fn filled(&mut self, empty: u8, fill: u8, f: impl FnOnce(&mut Self)) -> &mut Self {
+        self.out.push(empty);
         let at = self.out.len();
         self.out.push(b'(');
         f(self);
         if self.out.len() == at + 1 {
             self.out.pop();
         } else {
-            self.out.push(b'e');
+            self.out.push(fill);
         }
         self
     }
 
+    /// Pushes a list of what `f` pushes (`EMPTY_LIST MARK ... APPENDS`).
+    pub fn list(&mut self, f: impl FnOnce(&mut Self)) -> &mut Self {
+        self.filled(b']', b'e', f)
+    }
+
     /// Pushes a dict of the key / value pairs `f` pushes (`EMPTY_DICT MARK ... SETITEMS`).
     pub fn dict(&mut self, f: impl FnOnce(&mut Self)) -> &mut Self {
-        self.out.push(b'}');
-        let at = self.out.len();
-        self.out.push(b'(');
-        f(self);
-        if self.out.len() == at + 1 {
-            self.out.pop();
-        } else {
-            self.out.push(b'u');
-        }
-        self
+        self.filled(b'}', b'u', f)
     }
 
     /// `REDUCE`: calls the callable below the argument tuple on the stack.
@@ -210,23 +206,25 @@ mod tests {
     use super::super::pickle::{parse, View};
     use super::*;
 
+    const INTS: [i64; 11] = [
+        0,
+        255,
+        256,
+        65535,
+        65536,
+        -1,
+        -129,
+        1 << 31,
+        -(1 << 40),
+        i64::MAX,
+        i64::MIN,
+    ];
+
     #[test]
     fn what_is_written_reads_back() {
         let mut p = Pickler::new(2);
         p.dict(|p| {
-            for v in [
-                0i64,
-                255,
-                256,
-                65535,
-                65536,
-                -1,
-                -129,
-                1 << 31,
-                -(1 << 40),
-                i64::MAX,
-                i64::MIN,
-            ] {
+            for v in INTS {
                 p.str(&format!("k{v}")).int(v);
             }
             p.str("t").int_tuple(&[]);
@@ -243,19 +241,7 @@ mod tests {
         let bytes = p.finish();
         let parsed = parse(&bytes, &|m, n| (m, n) == ("torch", "Size")).unwrap();
         let r = View::root(&parsed);
-        for v in [
-            0i64,
-            255,
-            256,
-            65535,
-            65536,
-            -1,
-            -129,
-            1 << 31,
-            -(1 << 40),
-            i64::MAX,
-            i64::MIN,
-        ] {
+        for v in INTS {
             assert_eq!(r.get(&format!("k{v}")).unwrap().unwrap().int().unwrap(), v);
         }
         assert!(r.get("t").unwrap().unwrap().seq().unwrap().is_empty());
