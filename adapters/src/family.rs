@@ -50,12 +50,48 @@ pub enum ExpertStyle {
     PerExpertOrFused {
         /// Per-expert file names of gate, up and down (e.g. `gate_proj.weight`, `w1.weight`).
         names: [&'static str; 3],
+        /// The orientations the family's fused pair is known to be written in (first: the one
+        /// its writers use today). A fused checkpoint in another orientation is refused, also
+        /// when its shapes could be read either way (`H == 2I` makes `gate_up_proj` square).
+        fused: &'static [FusedOrientation],
     },
     /// GPT-OSS: fused, interleaved gate_up [E, H, 2I] + biases.
     GptOss,
     /// Step3.5: stacked `moe.{gate,up}_proj.weight` [E, I, H], `moe.down_proj.weight` [E, H, I].
     Step35,
 }
+
+/// Orientation of a fused expert pair `experts.gate_up_proj` / `experts.down_proj` on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedOrientation {
+    /// transformers v5 (`save_pretrained`, published Qwen3.5): `[E, 2I, H]`, `[E, H, I]`.
+    Transposed,
+    /// The native orientation (published Qwen3-VL-MoE): `[E, H, 2I]`, `[E, I, H]`.
+    Native,
+}
+
+impl FusedOrientation {
+    /// `[gate_up_proj, down_proj]` shapes of this orientation for `E`, `H`, `I`.
+    pub fn shapes(self, e: usize, h: usize, i: usize) -> [[usize; 3]; 2] {
+        match self {
+            FusedOrientation::Transposed => [[e, 2 * i, h], [e, h, i]],
+            FusedOrientation::Native => [[e, h, 2 * i], [e, i, h]],
+        }
+    }
+
+    /// Display name (`transformers [E, 2I, H]` / `native [E, H, 2I]`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FusedOrientation::Transposed => "transformers [E, 2I, H] / [E, H, I]",
+            FusedOrientation::Native => "native [E, H, 2I] / [E, I, H]",
+        }
+    }
+}
+
+/// Fused orientation of transformers v5 writers (every family but Qwen3-VL-MoE).
+const TRANSFORMERS_FUSED: &[FusedOrientation] = &[FusedOrientation::Transposed];
+/// Qwen3-VL-MoE: published checkpoints native, transformers 5.23 `save_pretrained` transposed.
+const VL_FUSED: &[FusedOrientation] = &[FusedOrientation::Native, FusedOrientation::Transposed];
 
 /// Which layers have a routed-expert block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +138,10 @@ pub fn spec_for(model_type: &str) -> Result<FamilySpec> {
         model_type: "qwen3_moe",
         moe_modules: &["mlp"],
         router: "gate",
-        experts: ExpertStyle::PerExpertOrFused { names: QWEN_NAMES },
+        experts: ExpertStyle::PerExpertOrFused {
+            names: QWEN_NAMES,
+            fused: TRANSFORMERS_FUSED,
+        },
         e_bias: None,
         shared: None,
         shared_gate: None,
@@ -119,12 +158,16 @@ pub fn spec_for(model_type: &str) -> Result<FamilySpec> {
             shared_gate: Some("mlp.shared_expert_gate.weight"),
             ..qwen
         },
-        "qwen3_vl_moe" => FamilySpec {
-            model_type: "qwen3_vl_moe",
-            ..qwen
-        },
-        "qwen3_vl_moe_text" => FamilySpec {
-            model_type: "qwen3_vl_moe_text",
+        "qwen3_vl_moe" | "qwen3_vl_moe_text" => FamilySpec {
+            model_type: if model_type == "qwen3_vl_moe" {
+                "qwen3_vl_moe"
+            } else {
+                "qwen3_vl_moe_text"
+            },
+            experts: ExpertStyle::PerExpertOrFused {
+                names: QWEN_NAMES,
+                fused: VL_FUSED,
+            },
             ..qwen
         },
         "mixtral" => FamilySpec {
@@ -132,6 +175,7 @@ pub fn spec_for(model_type: &str) -> Result<FamilySpec> {
             moe_modules: &["block_sparse_moe", "mlp"],
             experts: ExpertStyle::PerExpertOrFused {
                 names: ["w1.weight", "w3.weight", "w2.weight"],
+                fused: TRANSFORMERS_FUSED,
             },
             ..qwen
         },

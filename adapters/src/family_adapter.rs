@@ -23,7 +23,7 @@
 use crate::adapter::{MoeAdapter, NativeMoeKeys};
 use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
-use crate::family::{spec_for, ExpertStyle, FamilyConfig, FamilySpec};
+use crate::family::{spec_for, ExpertStyle, FamilyConfig, FamilySpec, FusedOrientation};
 use crate::layout::{layer_groups, DiskLayout, Group, NativeKind};
 use crate::local::{shard_indices, LocalTensor, NativeTensorInfo};
 use crate::tensor::HostTensor;
@@ -174,7 +174,7 @@ impl FamilyAdapter {
 
     fn names(&self) -> [&'static str; 3] {
         match self.spec.experts {
-            ExpertStyle::PerExpertOrFused { names } => names,
+            ExpertStyle::PerExpertOrFused { names, .. } => names,
             _ => ["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
         }
     }
@@ -471,7 +471,8 @@ impl FamilyAdapter {
     }
 }
 
-/// Detects the expert layout from the keys (and, for fused tensors, the shapes).
+/// Detects the expert layout from the keys; a fused pair's orientation from both tensors' shapes
+/// against the family's known orientations ([`fused_orientation`]).
 fn detect_layout(
     spec: &FamilySpec,
     config: &FamilyConfig,
@@ -479,27 +480,24 @@ fn detect_layout(
     prefix: &str,
     m: &str,
 ) -> Result<DiskLayout> {
-    match spec.experts {
+    let known = match spec.experts {
         ExpertStyle::GptOss => return Ok(DiskLayout::GptOss),
         ExpertStyle::Step35 => return Ok(DiskLayout::Step35),
-        ExpertStyle::PerExpertOrFused { .. } => {}
-    }
+        ExpertStyle::PerExpertOrFused { fused, .. } => fused,
+    };
     let mut per: Option<&str> = None;
-    let mut fused: Option<&str> = None;
-    let mut fused_down: Option<&str> = None;
+    // layer -> (gate_up_proj key, down_proj key)
+    let mut fused: BTreeMap<usize, [Option<&str>; 2]> = BTreeMap::new();
     let pat = format!("{m}.experts.");
     for k in ckpt.keys() {
-        let Some((_, rest)) = split_layer(prefix, k) else {
+        let Some((layer, rest)) = split_layer(prefix, k) else {
             continue;
         };
         let Some(r) = rest.strip_prefix(&pat) else {
             continue;
         };
         if r == "gate_up_proj" || r == "down_proj" {
-            fused = fused.or(Some(k));
-            if r == "down_proj" {
-                fused_down = fused_down.or(Some(k));
-            }
+            fused.entry(layer).or_default()[usize::from(r == "down_proj")] = Some(k);
         } else if r
             .split_once('.')
             .is_some_and(|(e, _)| e.parse::<usize>().is_ok())
@@ -507,29 +505,83 @@ fn detect_layout(
             per = per.or(Some(k));
         }
     }
-    match (per, fused) {
+    match (per, fused.values().flatten().flatten().next()) {
         (Some(p), Some(f)) => Err(AdapterError::UnexpectedKeys(format!(
             "checkpoint mixes per-expert keys (e.g. '{p}') and fused expert keys (e.g. '{f}')"
         ))),
-        (None, Some(f)) => {
-            // Orientation from down_proj: [E, H, I] = transformers v5 fused, [E, I, H] = native.
-            let (h, i) = (config.hidden_size, config.moe_intermediate_size);
-            let probe = fused_down.unwrap_or(f);
-            let shape = ckpt.info(probe)?.shape;
-            let is_down = fused_down.is_some();
-            let native = if is_down {
-                h != i && shape.get(1..) == Some(&[i, h][..])
-            } else {
-                shape.get(1..) == Some(&[h, 2 * i][..]) && h != 2 * i
-            };
-            Ok(if native {
-                DiskLayout::FusedNative
-            } else {
-                DiskLayout::FusedTransposed
+        (None, Some(_)) => {
+            let mut chosen: Option<(usize, FusedOrientation)> = None;
+            for (&layer, pair) in &fused {
+                let o = fused_orientation(spec, config, ckpt, layer, pair, known)?;
+                match chosen {
+                    Some((l0, o0)) if o0 != o => {
+                        return Err(AdapterError::Shape(format!(
+                            "fused experts of layer {layer} are {} but those of layer {l0} are {}",
+                            o.name(),
+                            o0.name()
+                        )))
+                    }
+                    Some(_) => {}
+                    None => chosen = Some((layer, o)),
+                }
+            }
+            Ok(match chosen.map(|c| c.1) {
+                Some(FusedOrientation::Native) => DiskLayout::FusedNative,
+                _ => DiskLayout::FusedTransposed,
             })
         }
         _ => Ok(DiskLayout::PerExpert),
     }
+}
+
+/// The orientation of one layer's fused pair: the orientations each present tensor's shape fits
+/// (`gate_up_proj` fits both when `H == 2I`, `down_proj` both when `H == I`; never both tensors),
+/// intersected with the family's `known` ones, first known wins. Never a guess from one
+/// ambiguous shape: a shape that fits no orientation, or a pair whose only fitting orientation
+/// is not one the family writes (e.g. `H == 2I` with `down_proj` [E, I, H] in a transformers-only
+/// family), is an error naming the keys and shapes.
+fn fused_orientation(
+    spec: &FamilySpec,
+    config: &FamilyConfig,
+    ckpt: &HfCheckpoint,
+    layer: usize,
+    pair: &[Option<&str>; 2],
+    known: &[FusedOrientation],
+) -> Result<FusedOrientation> {
+    let (e, h, i) = (
+        config.num_experts,
+        config.hidden_size,
+        config.moe_intermediate_size,
+    );
+    const ALL: [FusedOrientation; 2] = [FusedOrientation::Transposed, FusedOrientation::Native];
+    let mut fits: Vec<FusedOrientation> = ALL.to_vec();
+    let mut seen = Vec::new();
+    for (idx, key) in pair.iter().enumerate() {
+        let Some(key) = key else { continue };
+        let shape = ckpt.info(key)?.shape;
+        seen.push(format!("'{key}' {shape:?}"));
+        fits.retain(|o| o.shapes(e, h, i)[idx][..] == shape[..]);
+    }
+    let seen = seen.join(", ");
+    if fits.is_empty() {
+        return Err(AdapterError::Shape(format!(
+            "layer {layer}: fused experts {seen} fit neither {} nor {} for E = {e}, H = {h}, I = {i}",
+            ALL[0].name(),
+            ALL[1].name()
+        )));
+    }
+    known
+        .iter()
+        .copied()
+        .find(|o| fits.contains(o))
+        .ok_or_else(|| {
+            AdapterError::Shape(format!(
+                "layer {layer}: fused experts {seen} are {}, which {} checkpoints are not written in (known: {}; E = {e}, H = {h}, I = {i})",
+                fits.iter().map(|o| o.name()).collect::<Vec<_>>().join(" or "),
+                spec.model_type,
+                known.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ")
+            ))
+        })
 }
 
 impl MoeAdapter for FamilyAdapter {

@@ -185,7 +185,7 @@ impl ModelShapes {
         }
         let (e, h, i) = self.dims();
         let names = match self.spec.experts {
-            ExpertStyle::PerExpertOrFused { names } => names,
+            ExpertStyle::PerExpertOrFused { names, .. } => names,
             _ => ["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
         };
         let disk_layouts: &[DiskLayout] = match self.spec.experts {

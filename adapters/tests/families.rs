@@ -641,6 +641,91 @@ fn vl_orientation_detected_from_shapes_even_when_2i_equals_h() {
     }
 }
 
+/// Writes a one-layer fused checkpoint of `model_type` with the given expert shapes.
+fn fused_ckpt(
+    model_type: &str,
+    h: usize,
+    i: usize,
+    gu: [usize; 3],
+    down: [usize; 3],
+) -> (tempfile::TempDir, BTreeMap<String, HostTensor>) {
+    let vl = model_type.starts_with("qwen3_vl");
+    let p = if vl {
+        "model.language_model.layers.0.mlp"
+    } else {
+        "model.layers.0.mlp"
+    };
+    let mut hf = BTreeMap::new();
+    hf.insert(
+        format!("{p}.gate.weight"),
+        rand_tensor(1, Dtype::F32, &[E, h]),
+    );
+    hf.insert(
+        format!("{p}.experts.gate_up_proj"),
+        rand_tensor(2, Dtype::F32, &gu),
+    );
+    hf.insert(
+        format!("{p}.experts.down_proj"),
+        rand_tensor(3, Dtype::F32, &down),
+    );
+    let text = json!({"num_hidden_layers": 1, "num_experts": E, "hidden_size": h,
+        "moe_intermediate_size": i});
+    let cfg = if vl {
+        json!({"model_type": model_type, "text_config": text})
+    } else {
+        let mut c = text;
+        c["model_type"] = json!(model_type);
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    common::write_ckpt(dir.path(), &cfg, &hf, 1);
+    (dir, hf)
+}
+
+#[test]
+fn fused_orientation_comes_from_the_family_never_from_an_ambiguous_shape() {
+    // H == 2I: gate_up_proj is [E, H, H] either way; down_proj decides, and it must be an
+    // orientation the family writes. transformers-only families: [E, 2I, H] / [E, H, I].
+    let (h, i) = (2 * E, E);
+    for mt in ["qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "mixtral", "deepseek_v3"] {
+        let (dir, hf) = fused_ckpt(mt, h, i, [E, 2 * i, h], [E, h, i]);
+        let ck = HfCheckpoint::open(dir.path()).unwrap();
+        let a = FamilyAdapter::from_checkpoint(&ck).unwrap();
+        assert_eq!(a.layout(), DiskLayout::FusedTransposed, "{mt}");
+        let native = a.from_hf(&ck);
+        if mt == "qwen3_moe" || mt == "mixtral" {
+            assert_eq!(a.to_hf(&native.unwrap()).unwrap(), hf, "{mt}");
+        }
+        // The same square gate_up with down_proj in native orientation contradicts the family.
+        let (dir, _) = fused_ckpt(mt, h, i, [E, h, 2 * i], [E, i, h]);
+        let ck = HfCheckpoint::open(dir.path()).unwrap();
+        let e = FamilyAdapter::from_checkpoint(&ck).unwrap_err().to_string();
+        assert!(
+            e.contains("layer 0: fused experts")
+                && e.contains("experts.down_proj' [4, 4, 8]")
+                && e.contains(&format!("which {mt} checkpoints are not written in")),
+            "{mt}: {e}"
+        );
+    }
+    // H == I: down_proj is square; gate_up_proj decides (VL knows both orientations).
+    let (h, i) = (E, E);
+    for (gu, down, layout) in [
+        ([E, h, 2 * i], [E, i, h], DiskLayout::FusedNative),
+        ([E, 2 * i, h], [E, h, i], DiskLayout::FusedTransposed),
+    ] {
+        let (dir, hf) = fused_ckpt("qwen3_vl_moe", h, i, gu, down);
+        let ck = HfCheckpoint::open(dir.path()).unwrap();
+        let a = FamilyAdapter::from_checkpoint(&ck).unwrap();
+        assert_eq!(a.layout(), layout);
+        assert_eq!(a.to_hf(&a.from_hf(&ck).unwrap()).unwrap(), hf);
+    }
+    // A pair that fits no orientation names both tensors.
+    let (dir, _) = fused_ckpt("qwen3_moe", 2 * E, E, [E, 2 * E, 2 * E], [E, 3, 2 * E]);
+    let ck = HfCheckpoint::open(dir.path()).unwrap();
+    let e = FamilyAdapter::from_checkpoint(&ck).unwrap_err().to_string();
+    assert!(e.contains("fit neither"), "{e}");
+}
+
 #[test]
 fn family_errors_name_keys() {
     // missing expert (Mixtral names), unexpected Step3.5 key, unknown model type
