@@ -687,7 +687,13 @@ fn fused_orientation_comes_from_the_family_never_from_an_ambiguous_shape() {
     // H == 2I: gate_up_proj is [E, H, H] either way; down_proj decides, and it must be an
     // orientation the family writes. transformers-only families: [E, 2I, H] / [E, H, I].
     let (h, i) = (2 * E, E);
-    for mt in ["qwen3_moe", "qwen3_5_moe_text", "qwen3_next", "mixtral", "deepseek_v3"] {
+    for mt in [
+        "qwen3_moe",
+        "qwen3_5_moe_text",
+        "qwen3_next",
+        "mixtral",
+        "deepseek_v3",
+    ] {
         let (dir, hf) = fused_ckpt(mt, h, i, [E, 2 * i, h], [E, h, i]);
         let ck = HfCheckpoint::open(dir.path()).unwrap();
         let a = FamilyAdapter::from_checkpoint(&ck).unwrap();

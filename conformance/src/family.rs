@@ -3,7 +3,9 @@
 //! `modeling_<family>.py` routers), and the parameters taken from the adapter's native layout.
 
 use adapters::{HostTensor, NativeMoeKeys};
-use moe_kernels::{Activation, MoeConfig, MoeGrads, MoeParams, RouterKind, SharedExpertParams};
+use moe_kernels::{
+    Activation, MoeConfig, MoeGrads, MoeParams, Real, RouterKind, SharedExpertParams,
+};
 use ndarray::{ArrayD, IxDyn};
 use std::collections::BTreeMap;
 
@@ -81,7 +83,9 @@ pub fn moe_config(model_type: &str, cfg: &serde_json::Value) -> Result<MoeConfig
             RouterKind::TopKSoftmax,
             Activation::GptOssGlu {
                 limit: f32_field(cfg, "swiglu_limit", 7.0),
-                alpha: f32_field(cfg, "swiglu_alpha", 1.702),
+                alpha: field(cfg, "swiglu_alpha")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1.702),
             },
         ),
         other => {
@@ -98,12 +102,27 @@ pub fn moe_config(model_type: &str, cfg: &serde_json::Value) -> Result<MoeConfig
     })
 }
 
-/// The f32 values of every native tensor the block uses, decoded once.
-pub struct BlockWeights {
-    arrays: BTreeMap<String, ArrayD<f32>>,
+/// The values of every native tensor the block uses, decoded once (f32 by default; [`BlockWeights::cast`]
+/// gives the exact f64 upcast for the float64 reference and the error bound).
+#[derive(Debug, Clone)]
+pub struct BlockWeights<F = f32> {
+    arrays: BTreeMap<String, ArrayD<F>>,
 }
 
-impl BlockWeights {
+impl<F: Real> BlockWeights<F> {
+    /// The same values in `G` (exact for f32 -> f64).
+    pub fn cast<G: Real>(&self) -> BlockWeights<G> {
+        BlockWeights {
+            arrays: self
+                .arrays
+                .iter()
+                .map(|(k, a)| (k.clone(), a.mapv(|v| G::from_f64(v.to_f64_lossless()))))
+                .collect(),
+        }
+    }
+}
+
+impl BlockWeights<f32> {
     /// Decodes the tensors `keys` names from `native` (bf16/f16/f32 -> f32, for computing only).
     pub fn load(
         native: &BTreeMap<String, HostTensor>,
@@ -131,11 +150,18 @@ impl BlockWeights {
         }
         Ok(BlockWeights { arrays })
     }
+}
+
+impl<F: Real> BlockWeights<F> {
+    /// The decoded tensor of native key `key`, for changing it in place (fault injection).
+    pub fn array_mut(&mut self, key: &str) -> Option<&mut ArrayD<F>> {
+        self.arrays.get_mut(key)
+    }
 
     fn get<D: ndarray::Dimension>(
         &self,
         key: &str,
-    ) -> Result<ndarray::ArrayView<'_, f32, D>, String> {
+    ) -> Result<ndarray::ArrayView<'_, F, D>, String> {
         let a = self
             .arrays
             .get(key)
@@ -148,12 +174,12 @@ impl BlockWeights {
     fn opt<D: ndarray::Dimension>(
         &self,
         key: &Option<String>,
-    ) -> Result<Option<ndarray::ArrayView<'_, f32, D>>, String> {
+    ) -> Result<Option<ndarray::ArrayView<'_, F, D>>, String> {
         key.as_deref().map(|k| self.get::<D>(k)).transpose()
     }
 
     /// The block's parameters as moe-kernels takes them.
-    pub fn params(&self, keys: &NativeMoeKeys) -> Result<MoeParams<'_>, String> {
+    pub fn params(&self, keys: &NativeMoeKeys) -> Result<MoeParams<'_, F>, String> {
         let shared = match &keys.shared {
             None => None,
             Some([g, u, d]) => Some(SharedExpertParams {
@@ -176,14 +202,30 @@ impl BlockWeights {
     }
 }
 
-fn f32_tensor<D: ndarray::Dimension>(a: &ndarray::Array<f32, D>) -> Result<HostTensor, String> {
-    let data = a.iter().flat_map(|v| v.to_le_bytes()).collect();
-    HostTensor::new(adapters::Dtype::F32, a.shape().to_vec(), data).map_err(|e| e.to_string())
+/// An f32 or f64 array as a host tensor of that dtype (bytes as they are).
+fn f32_tensor<F: Real, D: ndarray::Dimension>(
+    a: &ndarray::Array<F, D>,
+) -> Result<HostTensor, String> {
+    let (dtype, data): (adapters::Dtype, Vec<u8>) = if std::mem::size_of::<F>() == 4 {
+        let d = a
+            .iter()
+            .flat_map(|v| (v.to_f64_lossless() as f32).to_le_bytes())
+            .collect();
+        (adapters::Dtype::F32, d)
+    } else {
+        let d = a
+            .iter()
+            .flat_map(|v| v.to_f64_lossless().to_le_bytes())
+            .collect();
+        (adapters::Dtype::F64, d)
+    };
+    HostTensor::new(dtype, a.shape().to_vec(), data).map_err(|e| e.to_string())
 }
 
-/// The parameter gradients as a native-key map (F32), ready for the adapter's `to_hf`.
-pub fn grads_by_native_key(
-    g: &MoeGrads,
+/// The parameter gradients as a native-key map (F32 for f32 gradients, F64 for f64 ones: the
+/// values as they are), ready for the adapter's `to_hf`.
+pub fn grads_by_native_key<F: Real>(
+    g: &MoeGrads<F>,
     keys: &NativeMoeKeys,
 ) -> Result<BTreeMap<String, HostTensor>, String> {
     let mut out = BTreeMap::new();
@@ -194,55 +236,55 @@ pub fn grads_by_native_key(
     };
     put(
         &Some(keys.gate_weight.clone()),
-        Some(f32_tensor::<ndarray::Ix2>(&g.gate_weight)?),
+        Some(f32_tensor::<F, ndarray::Ix2>(&g.gate_weight)?),
     );
     put(
         &keys.gate_bias,
         g.gate_bias
             .as_ref()
-            .map(f32_tensor::<ndarray::Ix1>)
+            .map(f32_tensor::<F, ndarray::Ix1>)
             .transpose()?,
     );
     put(
         &Some(keys.gate_and_up_projs.clone()),
-        Some(f32_tensor::<ndarray::Ix3>(&g.gate_and_up_projs)?),
+        Some(f32_tensor::<F, ndarray::Ix3>(&g.gate_and_up_projs)?),
     );
     put(
         &Some(keys.down_projs.clone()),
-        Some(f32_tensor::<ndarray::Ix3>(&g.down_projs)?),
+        Some(f32_tensor::<F, ndarray::Ix3>(&g.down_projs)?),
     );
     put(
         &keys.gate_up_proj_bias,
         g.gate_up_bias
             .as_ref()
-            .map(f32_tensor::<ndarray::Ix2>)
+            .map(f32_tensor::<F, ndarray::Ix2>)
             .transpose()?,
     );
     put(
         &keys.down_proj_bias,
         g.down_bias
             .as_ref()
-            .map(f32_tensor::<ndarray::Ix2>)
+            .map(f32_tensor::<F, ndarray::Ix2>)
             .transpose()?,
     );
     if let (Some([gk, uk, dk]), Some(s)) = (&keys.shared, &g.shared) {
         put(
             &Some(gk.clone()),
-            Some(f32_tensor::<ndarray::Ix2>(&s.gate_proj)?),
+            Some(f32_tensor::<F, ndarray::Ix2>(&s.gate_proj)?),
         );
         put(
             &Some(uk.clone()),
-            Some(f32_tensor::<ndarray::Ix2>(&s.up_proj)?),
+            Some(f32_tensor::<F, ndarray::Ix2>(&s.up_proj)?),
         );
         put(
             &Some(dk.clone()),
-            Some(f32_tensor::<ndarray::Ix2>(&s.down_proj)?),
+            Some(f32_tensor::<F, ndarray::Ix2>(&s.down_proj)?),
         );
         put(
             &keys.shared_gate,
             s.gate
                 .as_ref()
-                .map(f32_tensor::<ndarray::Ix2>)
+                .map(f32_tensor::<F, ndarray::Ix2>)
                 .transpose()?,
         );
     }

@@ -10,6 +10,7 @@
 //! The `conformance` binary runs them under the threads backend or under `mpirun`; `cargo xtask
 //! conformance` runs the matrix and writes the reports.
 
+pub mod bar;
 pub mod checkpoint;
 pub mod dcp;
 pub mod family;

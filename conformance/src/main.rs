@@ -12,7 +12,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use collectives::Communicator;
-use conformance::golden::{self, Tolerance, F32_TOLERANCE};
+use conformance::golden;
 use conformance::parallel::{Mutation, PlanKind};
 use conformance::report::{print_reports, Check, RunJson, SuiteReport};
 use conformance::suites::{run_and_merge, RunConfig, Suite};
@@ -39,16 +39,6 @@ enum Backend {
     Threads,
     /// One rank per process, under mpirun.
     Mpi,
-}
-
-#[derive(clap::Args, Debug, Clone, Copy)]
-struct TolArgs {
-    /// Absolute tolerance of the golden comparison.
-    #[arg(long, default_value_t = F32_TOLERANCE.atol)]
-    atol: f32,
-    /// Relative tolerance of the golden comparison.
-    #[arg(long, default_value_t = F32_TOLERANCE.rtol)]
-    rtol: f32,
 }
 
 #[derive(Subcommand)]
@@ -82,8 +72,6 @@ enum Cmd {
         /// Print passing checks too.
         #[arg(long, short)]
         verbose: bool,
-        #[command(flatten)]
-        tol: TolArgs,
     },
     /// HF -> native -> HF must be bit-identical (every key, dtype, shape), also after writing back.
     Roundtrip {
@@ -94,8 +82,9 @@ enum Cmd {
     Golden {
         #[arg(long)]
         fixture: PathBuf,
-        #[command(flatten)]
-        tol: TolArgs,
+        /// Run the fast path with a deliberate fault (to show the float32 bar catches it).
+        #[arg(long, value_enum)]
+        mutate: Option<golden::Fault>,
     },
     /// Check every case of a placement-cases file (PyTorch DTensor as the oracle).
     Placement {
@@ -392,7 +381,6 @@ fn main() -> ExitCode {
             mutate,
             json,
             verbose,
-            tol,
         } => {
             let cfg = RunConfig {
                 fixtures,
@@ -401,10 +389,6 @@ fn main() -> ExitCode {
                     Suite::ALL.to_vec()
                 } else {
                     suites
-                },
-                tolerance: Tolerance {
-                    atol: tol.atol,
-                    rtol: tol.rtol,
                 },
                 plans,
                 mutation: mutate,
@@ -537,17 +521,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Golden { fixture, tol } => finish(
+        Cmd::Golden { fixture, mutate } => finish(
             "golden",
             start,
-            golden::run(
-                &fixture,
-                Tolerance {
-                    atol: tol.atol,
-                    rtol: tol.rtol,
-                },
-            )
-            .map_err(|e| e.to_string()),
+            golden::run_with(&fixture, mutate).map_err(|e| e.to_string()),
         ),
         Cmd::Sharded { checkpoint, world } => {
             if world == 0 {

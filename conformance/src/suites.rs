@@ -1,7 +1,7 @@
 //! Running the selected suites on one rank of a world, and merging every rank's outcomes.
 
 use crate::gather::all_gather_blobs;
-use crate::golden::{self, Tolerance};
+use crate::golden;
 use crate::parallel::{Mutation, PlanKind};
 use crate::report::{merge_ranks, Check, SuiteReport};
 use crate::{checkpoint, parallel, placement_cases, roundtrip, sharded};
@@ -58,7 +58,6 @@ pub struct RunConfig {
     /// Placement-cases files for the `placement` suite.
     pub cases: Vec<PathBuf>,
     pub suites: Vec<Suite>,
-    pub tolerance: Tolerance,
     /// Plans of the `parallel` suite (empty: all).
     pub plans: Vec<PlanKind>,
     /// A deliberately wrong plan variant (tests of the suite itself).
@@ -125,7 +124,7 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
                     ));
                     continue;
                 }
-                match golden::run(dir, cfg.tolerance) {
+                match golden::run(dir) {
                     Ok(c) => checks.extend(c),
                     Err(e) => checks.push(Check::error(format!("{}: golden", label(dir)), e)),
                 }
@@ -149,7 +148,7 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
                     continue;
                 }
                 let plans = cfg.plans();
-                match parallel::suite::run(comm, dir, &plans, cfg.mutation, cfg.tolerance) {
+                match parallel::suite::run(comm, dir, &plans, cfg.mutation) {
                     Ok(c) => checks.extend(c),
                     Err(e) => {
                         checks.push(Check::fail(format!("{}: parallel setup", label(dir)), e))

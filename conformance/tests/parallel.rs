@@ -2,7 +2,6 @@
 //! wrong plan (threads backend).
 
 use collectives::threads::spawn_world;
-use conformance::golden::F32_TOLERANCE;
 use conformance::parallel::suite;
 use conformance::parallel::{Mutation, PlanKind};
 use conformance::report::Check;
@@ -18,7 +17,7 @@ fn fixture(name: &str) -> PathBuf {
 fn run(world: usize, name: &str, plans: &[PlanKind], mutation: Option<Mutation>) -> Vec<Check> {
     let dir = fixture(name);
     let mut results = spawn_world(world, |comm| {
-        suite::run(comm.as_ref(), &dir, plans, mutation, F32_TOLERANCE)
+        suite::run(comm.as_ref(), &dir, plans, mutation)
     });
     results
         .remove(0)

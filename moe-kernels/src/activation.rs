@@ -50,7 +50,7 @@ pub fn glu_forward<F: Real>(act: &Activation, g: F, u: F) -> F {
             let l = F::from_f32(limit);
             let gc = g.min(l);
             let uc = u.max(-l).min(l);
-            (uc + F::one()) * gc * sigmoid(F::from_f32(alpha) * gc)
+            (uc + F::one()) * gc * sigmoid(F::from_f64(alpha) * gc)
         }
         Activation::ClampedSwiGlu { limit } => {
             let l = F::from_f32(limit);
@@ -67,7 +67,7 @@ pub fn glu_backward<F: Real>(act: &Activation, g: F, u: F, dh: F) -> (F, F) {
         Activation::SwiGlu => (dh * u * silu_grad(g), dh * g * sigmoid(g)),
         Activation::GptOssGlu { limit, alpha } => {
             let l = F::from_f32(limit);
-            let a = F::from_f32(alpha);
+            let a = F::from_f64(alpha);
             let (gc, g_pass) = clamp_with_mask(g, F::neg_infinity(), l);
             let (uc, u_pass) = clamp_with_mask(u, -l, l);
             let sg = sigmoid(a * gc);

@@ -63,7 +63,7 @@ pub enum Activation {
         /// Clamp bound (`swiglu_limit`).
         limit: f32,
         /// Sigmoid slope (1.702).
-        alpha: f32,
+        alpha: f64,
     },
     /// Step3.5 / Step3.7 clamped SwiGLU (`Step3p7Experts._apply_gate`):
     /// `h = min(silu(g), limit) * clamp(u, -limit, limit)` (layers with a `swiglu_limits` entry).
@@ -372,7 +372,7 @@ pub(crate) fn check_activation(act: &Activation) -> Result<()> {
     let limit = match *act {
         Activation::SwiGlu => return Ok(()),
         Activation::GptOssGlu { limit, alpha } => {
-            check_finite("alpha", alpha)?;
+            check_finite("alpha", alpha as f32)?;
             limit
         }
         Activation::ClampedSwiGlu { limit } => limit,

@@ -11,6 +11,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod activation;
+pub mod bound;
 pub mod config;
 pub mod cuda;
 pub mod error;

@@ -27,6 +27,8 @@ pub trait Real:
     fn from_f32(v: f32) -> Self;
     /// Conversion to `f64`, for error messages.
     fn to_f64_lossless(self) -> f64;
+    /// The nearest value to `v` (exact for f64; round to nearest for f32).
+    fn from_f64(v: f64) -> Self;
 }
 
 impl Real for f32 {
@@ -36,6 +38,9 @@ impl Real for f32 {
     fn to_f64_lossless(self) -> f64 {
         f64::from(self)
     }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
 }
 
 impl Real for f64 {
@@ -44,5 +49,8 @@ impl Real for f64 {
     }
     fn to_f64_lossless(self) -> f64 {
         self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
     }
 }

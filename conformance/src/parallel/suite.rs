@@ -5,21 +5,23 @@
 //! - sharded shapes: the expert shards loaded from the checkpoint by `from_hf_local`, the output
 //!   and input-gradient rows and every parameter-gradient shard have the local shape `placement`
 //!   gives; `down_projs` transposed to `[E, H, I]` keeps a consistent placement (`S(1)` -> `S(2)`);
-//! - output and grad_input gathered to full equal the reference's;
-//! - every parameter gradient gathered to full equals the reference's, in the native layout and,
-//!   converted shard by shard with `to_hf_local`, in the HF layout (f32, atol = rtol = 1e-5).
+//! - output and grad_input gathered to full are within the float32 bar ([`crate::bar`]) of the
+//!   single-device reference run in float64 (which `golden` holds to transformers' float64 truth);
+//! - every parameter gradient gathered to full is within that bar, in the native layout and,
+//!   converted shard by shard with `to_hf_local`, in the HF layout.
 
 use super::block::DistBlock;
 use super::comms::PlanComms;
 use super::plan::{Mutation, ParallelPlan, Param, PlanKind};
 use super::shards::{host, indices, is_extra_replica, take, BlockTensors, FullShapes};
+use crate::bar::{self, Truth};
 use crate::family::{grads_by_native_key, moe_config, BlockWeights};
 use crate::gather::gather_full;
-use crate::golden::{compare, GoldenFile, Tolerance};
+use crate::golden::{host_f64, GoldenFile};
 use crate::report::Check;
 use adapters::{adapter_for, HfCheckpoint, HostTensor, LocalTensor, MoeAdapter, NativeMoeKeys};
 use collectives::Communicator;
-use moe_kernels::{MoeConfig, MoeGrads};
+use moe_kernels::{bound, MoeConfig, MoeGrads};
 use ndarray::{Array2, ArrayView2};
 use placement::{local_shard, transpose_placements, validate_global_shape};
 use std::collections::BTreeMap;
@@ -33,9 +35,11 @@ pub struct Fixture {
     pub cfg: MoeConfig,
     pub keys: NativeMoeKeys,
     pub weights: BlockWeights,
-    /// `[T, H]` golden input and output gradient.
+    /// `[T, H]` golden input and output gradient (float32-representable; f64 copies below).
     pub input: Array2<f32>,
     pub grad_output: Array2<f32>,
+    pub input64: Array2<f64>,
+    pub grad_output64: Array2<f64>,
 }
 
 impl Fixture {
@@ -59,8 +63,8 @@ impl Fixture {
         let keys = adapter.native_moe_keys(layer).map_err(|e| e.to_string())?;
         let native = adapter.from_hf(&ckpt).map_err(|e| e.to_string())?;
         let weights = BlockWeights::load(&native, &keys)?;
-        let input = golden.matrix("input").map_err(|e| e.to_string())?;
-        let grad_output = golden.matrix("grad_output").map_err(|e| e.to_string())?;
+        let input64 = golden.matrix("input").map_err(|e| e.to_string())?;
+        let grad_output64 = golden.matrix("grad_output").map_err(|e| e.to_string())?;
         Ok(Fixture {
             label,
             ckpt,
@@ -68,34 +72,51 @@ impl Fixture {
             cfg,
             keys,
             weights,
-            input,
-            grad_output,
+            input: input64.mapv(|v| v as f32),
+            grad_output: grad_output64.mapv(|v| v as f32),
+            input64,
+            grad_output64,
         })
     }
 }
 
-/// Single-device reference of the fixture's block (the per-expert loop of `moe_kernels::reference`).
+/// Single-device reference of the fixture's block in float64 (the per-expert loop of
+/// `moe_kernels::reference`), with the error coefficients of every result
+/// ([`moe_kernels::bound`]).
 pub struct Reference {
-    pub output: Array2<f32>,
-    pub grads: MoeGrads,
+    /// The float64 truth.
+    pub output: Array2<f64>,
+    pub grads: MoeGrads<f64>,
+    /// Its float32 error coefficients (bar 1).
+    pub mags: bound::BlockMagnitudes,
+    /// The single-device float32 reference loop on the same values: the independent float32
+    /// evaluation of bar 2 (`crate::bar`).
+    pub output32: Array2<f32>,
+    pub grads32: MoeGrads<f32>,
 }
 
 impl Reference {
     pub fn compute(fx: &Fixture) -> Result<Self, String> {
-        let p = fx.weights.params(&fx.keys)?;
-        let fwd = moe_kernels::reference::moe_forward::<f32>(fx.input.view(), &p, &fx.cfg)
+        let w64: BlockWeights<f64> = fx.weights.cast();
+        let p = w64.params(&fx.keys)?;
+        let (x, go) = (fx.input64.view(), fx.grad_output64.view());
+        let fwd = moe_kernels::reference::moe_forward::<f64>(x, &p, &fx.cfg)
             .map_err(|e| e.to_string())?;
-        let grads = moe_kernels::reference::moe_backward::<f32>(
-            fx.input.view(),
-            &p,
-            &fx.cfg,
-            &fwd,
-            fx.grad_output.view(),
-        )
-        .map_err(|e| e.to_string())?;
+        let grads = moe_kernels::reference::moe_backward::<f64>(x, &p, &fx.cfg, &fwd, go)
+            .map_err(|e| e.to_string())?;
+        let mags = bound::block_magnitudes(x, &p, &fx.cfg, go).map_err(|e| e.to_string())?;
+        let p32 = fx.weights.params(&fx.keys)?;
+        let (x32, go32) = (fx.input.view(), fx.grad_output.view());
+        let fwd32 = moe_kernels::reference::moe_forward::<f32>(x32, &p32, &fx.cfg)
+            .map_err(|e| e.to_string())?;
+        let grads32 = moe_kernels::reference::moe_backward::<f32>(x32, &p32, &fx.cfg, &fwd32, go32)
+            .map_err(|e| e.to_string())?;
         Ok(Reference {
             output: fwd.output,
             grads,
+            mags,
+            output32: fwd32.output,
+            grads32,
         })
     }
 }
@@ -106,7 +127,6 @@ pub fn run(
     dir: &Path,
     plans: &[PlanKind],
     mutation: Option<Mutation>,
-    tol: Tolerance,
 ) -> Result<Vec<Check>, String> {
     let fx = Fixture::load(dir)?;
     let reference = Reference::compute(&fx)?;
@@ -119,7 +139,7 @@ pub fn run(
                 continue;
             }
         };
-        checks.extend(run_plan(comm, &fx, &reference, &plan, mutation, tol));
+        checks.extend(run_plan(comm, &fx, &reference, &plan, mutation));
     }
     Ok(checks)
 }
@@ -306,45 +326,40 @@ fn check_transposed(
         })
 }
 
-fn compare_check(
-    name: String,
-    got: Option<&HostTensor>,
-    want: &HostTensor,
-    tol: Tolerance,
-) -> Check {
+/// A truth tensor of the comparison: values, error coefficients, the float32 reference's values.
+struct Expected {
+    truth: HostTensor,
+    mags: Vec<f64>,
+    f32_ref: Vec<f64>,
+}
+
+fn compare_check(name: String, got: Option<&HostTensor>, want: &Expected) -> Check {
     let Some(got) = got else {
         return Check::fail(name, "not produced by the distributed run");
     };
-    if got.shape != want.shape {
+    if got.shape != want.truth.shape {
         return Check::fail(
             name,
-            format!("shape {:?} != reference {:?}", got.shape, want.shape),
+            format!("shape {:?} != reference {:?}", got.shape, want.truth.shape),
         );
     }
-    let (g, w) = match (got.to_f32_vec(), want.to_f32_vec()) {
-        (Ok(g), Ok(w)) => (g, w),
-        (Err(e), _) | (_, Err(e)) => return Check::fail(name, e.to_string()),
-    };
-    let (g, w) = (
-        ArrayView2::from_shape((1, g.len()), &g),
-        ArrayView2::from_shape((1, w.len()), &w),
-    );
-    let (Ok(g), Ok(w)) = (g, w) else {
-        return Check::fail(name, "cannot view the tensors as rows");
-    };
-    let (max, bad) = compare(g, w, tol);
-    Check::expect(name, bad == 0, format!("max abs diff {max:.3e}"), || {
-        format!(
-            "{bad} of {} elements outside atol {:e} rtol {:e} vs the single-device reference; max abs diff {max:.3e}",
-            w.len(),
-            tol.atol,
-            tol.rtol
-        )
-    })
+    match (host_f64(got), host_f64(&want.truth)) {
+        (Ok(g), Ok(w)) => bar::check_f32(
+            name,
+            &g,
+            &Truth {
+                values: &w,
+                mags: &want.mags,
+                f32_ref: Some(&want.f32_ref),
+            },
+        ),
+        (Err(e), _) | (_, Err(e)) => Check::fail(name, e),
+    }
 }
 
-fn matrix_tensor(a: ArrayView2<f32>) -> Result<HostTensor, String> {
-    host(&a.to_owned())
+fn matrix_tensor(a: ArrayView2<f64>) -> Result<HostTensor, String> {
+    let data = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+    HostTensor::new(adapters::Dtype::F64, a.shape().to_vec(), data).map_err(|e| e.to_string())
 }
 
 fn run_plan(
@@ -353,7 +368,6 @@ fn run_plan(
     reference: &Reference,
     plan: &ParallelPlan,
     mutation: Option<Mutation>,
-    tol: Tolerance,
 ) -> Vec<Check> {
     let tag = format!("{}: {}", fx.label, plan.label());
     let comms = match PlanComms::new(comm, plan) {
@@ -409,12 +423,7 @@ fn run_plan(
                     .map(|k| format!("grad (HF layout) {k}"))
             })
             .unwrap_or_else(|| key.clone());
-        checks.push(compare_check(
-            format!("{tag}: {what}"),
-            full.get(key),
-            want,
-            tol,
-        ));
+        checks.push(compare_check(format!("{tag}: {what}"), full.get(key), want));
     }
     checks
 }
@@ -437,24 +446,51 @@ fn gather_findings(comm: &dyn Communicator, mine: &[String]) -> Vec<String> {
     }
 }
 
-/// The reference's output, grad_input and gradients, keyed as the distributed run sends them.
+/// The reference's output, grad_input and gradients (F64) with their error coefficients, keyed as
+/// the distributed run sends them.
 fn expected_tensors(
     fx: &Fixture,
     reference: &Reference,
-) -> Result<BTreeMap<String, HostTensor>, String> {
+) -> Result<BTreeMap<String, Expected>, String> {
     let mut out = BTreeMap::new();
-    out.insert("act:output".into(), matrix_tensor(reference.output.view())?);
+    let m = &reference.mags;
+    let f64s = |a: &Array2<f32>| a.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+    out.insert(
+        "act:output".into(),
+        Expected {
+            truth: matrix_tensor(reference.output.view())?,
+            mags: m.output.iter().copied().collect(),
+            f32_ref: f64s(&reference.output32),
+        },
+    );
     out.insert(
         "act:grad_input".into(),
-        matrix_tensor(reference.grads.grad_input.view())?,
+        Expected {
+            truth: matrix_tensor(reference.grads.grad_input.view())?,
+            mags: m.grad_input.iter().copied().collect(),
+            f32_ref: f64s(&reference.grads32.grad_input),
+        },
     );
     let native = grads_by_native_key(&reference.grads, &fx.keys)?;
+    let native_m = grads_by_native_key(&m.grads, &fx.keys)?;
+    let native_32 = grads_by_native_key(&reference.grads32, &fx.keys)?;
     let hf = fx.adapter.to_hf(&native).map_err(|e| e.to_string())?;
+    let hf_m = fx.adapter.to_hf(&native_m).map_err(|e| e.to_string())?;
+    let hf_32 = fx.adapter.to_hf(&native_32).map_err(|e| e.to_string())?;
+    let entry = |t: HostTensor, m: &HostTensor, r: &HostTensor| -> Result<Expected, String> {
+        Ok(Expected {
+            truth: t,
+            mags: host_f64(m)?,
+            f32_ref: host_f64(r)?,
+        })
+    };
     for (k, t) in native {
-        out.insert(format!("native:{k}"), t);
+        let e = entry(t, &native_m[&k], &native_32[&k])?;
+        out.insert(format!("native:{k}"), e);
     }
     for (k, t) in hf {
-        out.insert(format!("hf:{k}"), t);
+        let e = entry(t, &hf_m[&k], &hf_32[&k])?;
+        out.insert(format!("hf:{k}"), e);
     }
     Ok(out)
 }

@@ -43,6 +43,11 @@ pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
+                Dtype::F64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                    .collect(),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
             out.insert(
@@ -50,6 +55,35 @@ pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
                 ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
             );
         }
+    }
+    (out, meta)
+}
+
+/// Every tensor of a golden file (F64 truth, F32 `f32.*`) as f64, and its metadata.
+pub fn load64(file: &Path) -> (HashMap<String, ArrayD<f64>>, HashMap<String, String>) {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = m.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let data: Vec<f64> = match view.dtype() {
+            Dtype::F64 => view
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::F32 => view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
+        out.insert(
+            name,
+            ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
+        );
     }
     (out, meta)
 }
