@@ -26,7 +26,7 @@ fn hf_native_hf_through_files_is_bit_identical() {
         "qwen3_moe_tiny_sharded",
         "gpt_oss_tiny",
         "mixtral_tiny",
-        "step3p5_tiny_roundtrip_only",
+        "step3p5_tiny",
         "qwen3_vl_moe_tiny",
     ] {
         let src = fixture_root().join(name);

@@ -1,6 +1,6 @@
 //! The MoE block of each model family as `moe-kernels` computes it: the router and activation
-//! settings read from config.json (rules: ../shared/reference/models.md, transformers 5.23
-//! `modeling_<family>.py` routers), and the parameters taken from the adapter's native layout.
+//! settings read from config.json (rules: transformers 5.23 `modeling_<family>.py` routers and
+//! experts, named per family below), and the parameters taken from the adapter's native layout.
 
 use adapters::{HostTensor, NativeMoeKeys};
 use moe_kernels::{
@@ -22,15 +22,51 @@ fn usize_field(cfg: &serde_json::Value, key: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("config.json: missing or non-integer '{key}'"))
 }
 
-fn f32_field(cfg: &serde_json::Value, key: &str, default: f32) -> f32 {
-    field(cfg, key)
-        .and_then(|v| v.as_f64())
-        .map(|v| v as f32)
-        .unwrap_or(default)
+/// A number field (`default` when absent or null); present but not a finite number is an error.
+fn f64_field(cfg: &serde_json::Value, key: &str, default: f64) -> Result<f64, String> {
+    match field(cfg, key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| format!("config.json: '{key}' is {v}, not a finite number")),
+    }
 }
 
-fn bool_field(cfg: &serde_json::Value, key: &str, default: bool) -> bool {
-    field(cfg, key).and_then(|v| v.as_bool()).unwrap_or(default)
+/// A boolean field (`default` when absent or null); present but not a boolean is an error.
+fn bool_field(cfg: &serde_json::Value, key: &str, default: bool) -> Result<bool, String> {
+    match field(cfg, key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| format!("config.json: '{key}' is {v}, not a boolean")),
+    }
+}
+
+/// Entry `layer` of a per-layer clamp list (`swiglu_limits`): `None` when the list is absent or
+/// the entry is null / 0 (no clamp, as transformers reads it).
+fn layer_limit(cfg: &serde_json::Value, key: &str, layer: usize) -> Result<Option<f64>, String> {
+    let list = match field(cfg, key) {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Array(a)) => a,
+        Some(v) => return Err(format!("config.json: '{key}' is {v}, not a per-layer list")),
+    };
+    let v = list.get(layer).ok_or_else(|| {
+        format!(
+            "config.json: '{key}' has {} entries, no entry for layer {layer}",
+            list.len()
+        )
+    })?;
+    match v {
+        serde_json::Value::Null => Ok(None),
+        _ => match v.as_f64() {
+            Some(0.0) => Ok(None),
+            Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+            _ => Err(format!(
+                "config.json: '{key}'[{layer}] is {v}, not a positive number, 0 or null"
+            )),
+        },
+    }
 }
 
 /// Model types the golden check knows.
@@ -43,23 +79,34 @@ pub const GOLDEN_MODEL_TYPES: &[&str] = &[
     "deepseek_v3",
     "glm4_moe",
     "gpt_oss",
+    "step3p5",
 ];
 
-/// Router and activation of `model_type`'s MoE block from its config.json.
-pub fn moe_config(model_type: &str, cfg: &serde_json::Value) -> Result<MoeConfig, String> {
-    let top_k = usize_field(cfg, "num_experts_per_tok")?;
+/// Router and activation of `model_type`'s MoE block of layer `layer` from its config.json (the
+/// layer matters for Step3.5, whose clamp is per layer). Errors: a missing or ill-typed field,
+/// a setting the block does not implement, an unknown model type (one line naming the field).
+pub fn moe_config(
+    model_type: &str,
+    cfg: &serde_json::Value,
+    layer: usize,
+) -> Result<MoeConfig, String> {
     let base = model_type.trim_end_matches("_text");
+    let top_k = if base == "step3p5" && field(cfg, "num_experts_per_tok").is_none() {
+        usize_field(cfg, "moe_top_k")?
+    } else {
+        usize_field(cfg, "num_experts_per_tok")?
+    };
     let (router, activation) = match base {
         // Qwen3MoeTopKRouter / Qwen3NextTopKRouter: renormalise only when norm_topk_prob.
         "qwen3_moe" => (
             RouterKind::SoftmaxTopK {
-                norm_topk_prob: bool_field(cfg, "norm_topk_prob", false),
+                norm_topk_prob: bool_field(cfg, "norm_topk_prob", false)?,
             },
             Activation::SwiGlu,
         ),
         "qwen3_next" => (
             RouterKind::SoftmaxTopK {
-                norm_topk_prob: bool_field(cfg, "norm_topk_prob", true),
+                norm_topk_prob: bool_field(cfg, "norm_topk_prob", true)?,
             },
             Activation::SwiGlu,
         ),
@@ -74,20 +121,50 @@ pub fn moe_config(model_type: &str, cfg: &serde_json::Value) -> Result<MoeConfig
             RouterKind::SigmoidGroupLimited {
                 n_group: usize_field(cfg, "n_group")?,
                 topk_group: usize_field(cfg, "topk_group")?,
-                norm_topk_prob: bool_field(cfg, "norm_topk_prob", true),
-                routed_scaling_factor: f32_field(cfg, "routed_scaling_factor", 1.0),
+                norm_topk_prob: bool_field(cfg, "norm_topk_prob", true)?,
+                routed_scaling_factor: f64_field(cfg, "routed_scaling_factor", 1.0)?,
             },
             Activation::SwiGlu,
         ),
         "gpt_oss" => (
             RouterKind::TopKSoftmax,
             Activation::GptOssGlu {
-                limit: f32_field(cfg, "swiglu_limit", 7.0),
-                alpha: field(cfg, "swiglu_alpha")
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(1.702),
+                limit: f64_field(cfg, "swiglu_limit", 7.0)?,
+                alpha: f64_field(cfg, "swiglu_alpha", 1.702)?,
             },
         ),
+        // Step3.5 (transformers 5.23 `models/step3p7`: model_type `step3p5` is its text config;
+        // `Step3p7TopKRouter`, `Step3p7SparseMoeBlock`, `Step3p7Experts._apply_gate`): sigmoid
+        // scores, top-k on score + router bias, always renormalised, routed output times
+        // `moe_router_scaling_factor`; experts clamp per layer (`swiglu_limits[layer]`).
+        "step3p5" => {
+            if field(cfg, "moe_router_activation")
+                .and_then(|v| v.as_str())
+                .is_some_and(|a| a != "sigmoid")
+            {
+                return Err(format!(
+                    "config.json: moe_router_activation {} is not implemented (sigmoid only)",
+                    field(cfg, "moe_router_activation")
+                        .cloned()
+                        .unwrap_or_default()
+                ));
+            }
+            if !bool_field(cfg, "norm_expert_weight", true)? {
+                return Err("config.json: norm_expert_weight = false is not implemented (transformers' Step3p7TopKRouter always renormalises)".into());
+            }
+            if layer_limit(cfg, "swiglu_limits_shared", layer)?.is_some() {
+                return Err(format!("config.json: swiglu_limits_shared[{layer}] clamps the shared expert, which is not implemented"));
+            }
+            (
+                RouterKind::SigmoidTopK {
+                    routed_scaling_factor: f64_field(cfg, "moe_router_scaling_factor", 1.0)?,
+                },
+                match layer_limit(cfg, "swiglu_limits", layer)? {
+                    Some(limit) => Activation::ClampedSwiGlu { limit },
+                    None => Activation::SwiGlu,
+                },
+            )
+        }
         other => {
             return Err(format!(
                 "golden block for model_type '{other}' is not implemented; supported: {}",
@@ -289,4 +366,68 @@ pub fn grads_by_native_key<F: Real>(
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn step3p5_reads_the_per_layer_clamp_and_refuses_what_it_does_not_implement() {
+        let base = json!({"moe_top_k": 2, "moe_router_scaling_factor": 1.5,
+            "swiglu_limits": [0.0, 0.6, null], "swiglu_limits_shared": [0.0, 0.0, 0.0]});
+        let c = moe_config("step3p5", &base, 1).unwrap();
+        assert_eq!(c.top_k, 2);
+        assert_eq!(c.activation, Activation::ClampedSwiGlu { limit: 0.6 });
+        assert_eq!(
+            c.router,
+            RouterKind::SigmoidTopK {
+                routed_scaling_factor: 1.5
+            }
+        );
+        // 0 and null entries mean "no clamp", as transformers reads them.
+        for layer in [0, 2] {
+            let c = moe_config("step3p5", &base, layer).unwrap();
+            assert_eq!(c.activation, Activation::SwiGlu);
+        }
+        let err =
+            |cfg: serde_json::Value, layer: usize| moe_config("step3p5", &cfg, layer).unwrap_err();
+        assert_eq!(
+            err(base.clone(), 3),
+            "config.json: 'swiglu_limits_shared' has 3 entries, no entry for layer 3"
+        );
+        let mut c = base.clone();
+        c["swiglu_limits_shared"] = json!([0.0, 16.0, 0.0]);
+        assert!(err(c, 1).contains("swiglu_limits_shared[1] clamps the shared expert"));
+        let mut c = base.clone();
+        c["norm_expert_weight"] = json!(false);
+        assert!(err(c, 1).contains("norm_expert_weight = false is not implemented"));
+        let mut c = base.clone();
+        c["swiglu_limits"] = json!([0.0, -1.0]);
+        assert!(err(c, 1).contains("'swiglu_limits'[1] is -1.0, not a positive number"));
+        let mut c = base;
+        c["moe_router_scaling_factor"] = json!("2.5");
+        assert_eq!(
+            err(c, 1),
+            "config.json: 'moe_router_scaling_factor' is \"2.5\", not a finite number"
+        );
+    }
+
+    #[test]
+    fn ill_typed_fields_are_errors_not_defaults() {
+        let c = json!({"num_experts_per_tok": 2, "norm_topk_prob": "yes"});
+        assert_eq!(
+            moe_config("qwen3_moe", &c, 1).unwrap_err(),
+            "config.json: 'norm_topk_prob' is \"yes\", not a boolean"
+        );
+        let c = json!({"num_experts_per_tok": 2, "swiglu_limit": null, "swiglu_alpha": 1.5});
+        assert_eq!(
+            moe_config("gpt_oss", &c, 0).unwrap().activation,
+            Activation::GptOssGlu {
+                limit: 7.0,
+                alpha: 1.5
+            }
+        );
+    }
 }

@@ -47,13 +47,13 @@ pub fn glu_forward<F: Real>(act: &Activation, g: F, u: F) -> F {
     match *act {
         Activation::SwiGlu => g * sigmoid(g) * u,
         Activation::GptOssGlu { limit, alpha } => {
-            let l = F::from_f32(limit);
+            let l = F::from_f64(limit);
             let gc = g.min(l);
             let uc = u.max(-l).min(l);
             (uc + F::one()) * gc * sigmoid(F::from_f64(alpha) * gc)
         }
         Activation::ClampedSwiGlu { limit } => {
-            let l = F::from_f32(limit);
+            let l = F::from_f64(limit);
             (g * sigmoid(g)).min(l) * u.max(-l).min(l)
         }
     }
@@ -66,7 +66,7 @@ pub fn glu_backward<F: Real>(act: &Activation, g: F, u: F, dh: F) -> (F, F) {
     match *act {
         Activation::SwiGlu => (dh * u * silu_grad(g), dh * g * sigmoid(g)),
         Activation::GptOssGlu { limit, alpha } => {
-            let l = F::from_f32(limit);
+            let l = F::from_f64(limit);
             let a = F::from_f64(alpha);
             let (gc, g_pass) = clamp_with_mask(g, F::neg_infinity(), l);
             let (uc, u_pass) = clamp_with_mask(u, -l, l);
@@ -76,7 +76,7 @@ pub fn glu_backward<F: Real>(act: &Activation, g: F, u: F, dh: F) -> (F, F) {
             (dh * (uc + one) * dglu * g_pass, dh * glu * u_pass)
         }
         Activation::ClampedSwiGlu { limit } => {
-            let l = F::from_f32(limit);
+            let l = F::from_f64(limit);
             let (sc, s_pass) = clamp_with_mask(g * sigmoid(g), F::neg_infinity(), l);
             let (uc, u_pass) = clamp_with_mask(u, -l, l);
             (dh * uc * s_pass * silu_grad(g), dh * sc * u_pass)

@@ -40,10 +40,16 @@
 //! **Bar 2 (normwise, with an independent float32 result).** Bar 1 is per element and first order,
 //! so a systematic error much smaller than it, spread over many elements (a `1e-4` relative error
 //! in one expert's weights), could hide under it. When the truth comes with an independent float32
-//! evaluation `f` of the same block (transformers' own float32 result in a golden fixture),
-//! [`judge_f32`] also asks `||r - t||_2 <= 16 ||f - t||_2 + 2^-24 ||t||_2`: our float32 error is of
-//! the size float32 gives another implementation of the same block (summation orders differ, so
-//! the factor leaves room; 16 covers the reference's long sequential loops; measured below 2x on the committed fixtures).
+//! evaluation `f` of the same block (transformers' own float32 result in a golden fixture, the
+//! float32 reference loop in the parallel suite), [`judge_f32`] also asks
+//! `||r - t||_2 <= 16 max(||f - t||_2, 4 u ||t||_2)`: our float32 error is of the size float32
+//! gives another implementation of the same block. Summation orders differ, so single tensors
+//! scatter: over 8400 tensors of 36 transformers fixtures (the committed ones and 22 more drawn
+//! with other seeds and 2.5-3x magnitudes) our error reached 13x `||f - t||` where `f` was lucky
+//! (a one-token expert's gradient, `||f - t|| = 0.5 u ||t||`), hence the floor `4 u ||t||`
+//! (four roundings' worth, below which the comparison measures luck) and the factor 16. With
+//! them the worst correct tensor sits at 0.34 of the bar, and a `1e-4` relative error in the
+//! busiest expert exceeds it by at least 9.8x on every one of those fixtures.
 //!
 //! Routing decisions (top-k, group selection, clamps' branch) are taken from the values: the bound
 //! holds when float32 makes the same discrete choices as the truth, which the fixtures ensure by
@@ -514,6 +520,8 @@ pub fn bar(e: f64) -> f64 {
 pub const F64_NORMWISE: f64 = 1e-12;
 /// Factor of the normwise float32 bar against another float32 implementation.
 pub const F32_NORMWISE_FACTOR: f64 = 16.0;
+/// Smallest reference error of the normwise bar, in units of `2^-24 ||t||_2` (module docs).
+pub const F32_NORMWISE_FLOOR: f64 = 4.0;
 
 /// A float64 truth tensor, its coefficients `E` ([`block_magnitudes`]) and, when known, an
 /// independent float32 implementation's result (transformers', from the fixture).
@@ -536,8 +544,9 @@ fn dist(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Judges a float32 result `got` (as f64) against `t`: (1) elementwise `|r - t| <= bar(E)` and
-/// (2), with `f32_ref`, normwise `||r - t||_2 <= 16 ||f - t||_2 + 2^-24 ||t||_2` (our error is of the
-/// size float32 gives an independent implementation; catches systematic errors far below bar 1).
+/// (2), with `f32_ref`, normwise `||r - t||_2 <= 16 max(||f - t||_2, 4 * 2^-24 ||t||_2)` (our error
+/// is of the size float32 gives an independent implementation; catches systematic errors far
+/// below bar 1).
 /// `Ok(note)` with the worst ratios, `Err(why)` naming what failed. Both bars are the one float32
 /// bar of this workspace (`conformance` golden and parallel suites, the moe-kernels golden tests).
 pub fn judge_f32(got: &[f64], t: &TruthRef) -> std::result::Result<String, String> {
@@ -570,14 +579,14 @@ pub fn judge_f32(got: &[f64], t: &TruthRef) -> std::result::Result<String, Strin
         let ours = dist(got, t.values);
         let theirs = dist(f, t.values);
         let norm_t = t.values.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let limit = F32_NORMWISE_FACTOR * theirs + U32 * norm_t;
+        let limit = F32_NORMWISE_FACTOR * theirs.max(F32_NORMWISE_FLOOR * U32 * norm_t);
         let ratio = if theirs > 0.0 { ours / theirs } else { ours };
         note.push_str(&format!(
             ", normwise {ratio:.2} x the float32 reference's error"
         ));
         if ours.is_nan() || ours > limit {
             fails.push(format!(
-                "normwise error {ours:.3e} > {F32_NORMWISE_FACTOR} x the float32 reference's error {theirs:.3e} (+ 2^-24 ||t||): {ratio:.1} x"
+                "normwise error {ours:.3e} > {F32_NORMWISE_FACTOR} x max(the float32 reference's error {theirs:.3e}, 4 * 2^-24 ||t|| = {:.3e}): {ratio:.1} x its error", F32_NORMWISE_FLOOR * U32 * norm_t
             ));
         }
     }
@@ -698,18 +707,26 @@ mod tests {
         assert!(judge_f32(&[1.0, -2.0 + 1.1 * b, 0.0], &truth).is_err());
         assert!(judge_f32(&[f64::NAN, -2.0, 0.0], &truth).is_err());
         assert!(judge_f32(&[1.0], &truth).is_err());
-        // the normwise bar: within 16 x another float32 result's error
-        let f = [1.0 + 1e-7, -2.0, 0.0];
-        let big = [100.0, 3.0, 0.5];
+        // the normwise bar: within 16 x max(another float32 result's error, 4 u ||t||)
+        let big = [1000.0, 3.0, 0.5]; // bar 1 at 6e-5 on the first element
+        let f = [1.0 + 1e-6, -2.0, 0.0];
         let with = TruthRef {
             values: &t,
             mags: &big,
             f32_ref: Some(&f),
         };
-        assert!(judge_f32(&[1.0 + 1e-6, -2.0, 0.0], &with).is_ok());
-        assert!(judge_f32(&[1.0 + 3e-6, -2.0, 0.0], &with)
+        assert!(judge_f32(&[1.0 + 1.5e-5, -2.0, 0.0], &with).is_ok());
+        assert!(judge_f32(&[1.0 + 1.7e-5, -2.0, 0.0], &with)
             .unwrap_err()
             .contains("normwise"));
+        // an exact f: the floor 16 * 4 * 2^-24 * sqrt(5) = 8.5e-6 decides
+        let exact = TruthRef {
+            values: &t,
+            mags: &big,
+            f32_ref: Some(&t),
+        };
+        assert!(judge_f32(&[1.0 + 8.0e-6, -2.0, 0.0], &exact).is_ok());
+        assert!(judge_f32(&[1.0 + 9.0e-6, -2.0, 0.0], &exact).is_err());
         assert!(judge_f64(&[1.0, -2.0, 1e-13], &t).is_ok());
         assert!(judge_f64(&[1.0, -2.0, 1e-10], &t).is_err());
     }

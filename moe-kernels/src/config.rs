@@ -38,7 +38,7 @@ pub enum RouterKind {
         /// Renormalise the selected scores (with `+ 1e-20` in the denominator).
         norm_topk_prob: bool,
         /// Factor applied to the weights after renormalisation (DeepSeek-V3: 2.5).
-        routed_scaling_factor: f32,
+        routed_scaling_factor: f64,
     },
     /// Step3.5 / Step3.7 (transformers `models/step3p7/modeling_step3p7.py`,
     /// `Step3p7TopKRouter` + `Step3p7SparseMoeBlock`): `s = sigmoid(z)`; `idx = topk(s + bias, k)`
@@ -47,7 +47,7 @@ pub enum RouterKind {
     /// output by `moe_router_scaling_factor`, the same linear map).
     SigmoidTopK {
         /// HF `moe_router_scaling_factor` (default 1.0).
-        routed_scaling_factor: f32,
+        routed_scaling_factor: f64,
     },
 }
 
@@ -61,7 +61,7 @@ pub enum Activation {
     /// `h = (u + 1) * g * sigmoid(alpha * g)`; `alpha = 1.702`, `limit = swiglu_limit` (7.0).
     GptOssGlu {
         /// Clamp bound (`swiglu_limit`).
-        limit: f32,
+        limit: f64,
         /// Sigmoid slope (1.702).
         alpha: f64,
     },
@@ -69,7 +69,7 @@ pub enum Activation {
     /// `h = min(silu(g), limit) * clamp(u, -limit, limit)` (layers with a `swiglu_limits` entry).
     ClampedSwiGlu {
         /// Clamp bound.
-        limit: f32,
+        limit: f64,
     },
 }
 
@@ -358,7 +358,7 @@ pub(crate) fn check_router(
     }
 }
 
-fn check_finite(name: &str, v: f32) -> Result<()> {
+fn check_finite(name: &str, v: f64) -> Result<()> {
     if v.is_finite() {
         Ok(())
     } else {
@@ -372,7 +372,7 @@ pub(crate) fn check_activation(act: &Activation) -> Result<()> {
     let limit = match *act {
         Activation::SwiGlu => return Ok(()),
         Activation::GptOssGlu { limit, alpha } => {
-            check_finite("alpha", alpha as f32)?;
+            check_finite("alpha", alpha)?;
             limit
         }
         Activation::ClampedSwiGlu { limit } => limit,

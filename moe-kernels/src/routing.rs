@@ -202,11 +202,11 @@ fn sigmoid_backward_row<F: Real>(
     dw: &[F],
     s: ArrayView1<F>,
     norm_eps: Option<F>,
-    scale: f32,
+    scale: f64,
     grad_logits: &mut Array2<F>,
     t: usize,
 ) {
-    let r = F::from_f32(scale);
+    let r = F::from_f64(scale);
     let one = F::one();
     match norm_eps {
         Some(eps) => {
@@ -285,7 +285,7 @@ fn sigmoid_row<F: Real>(
     bias: Option<ArrayView1<F>>,
     groups: Option<Groups>,
     norm_eps: Option<F>,
-    scale: f32,
+    scale: f64,
 ) -> Result<RowResult<F>> {
     let one = F::one();
     let s: Vec<F> = z.iter().map(|&v| one / (one + (-v).exp())).collect();
@@ -320,7 +320,7 @@ fn sigmoid_row<F: Real>(
         let denom = w.iter().copied().sum::<F>() + eps;
         w.iter_mut().for_each(|v| *v /= denom);
     }
-    let r = F::from_f32(scale);
+    let r = F::from_f64(scale);
     w.iter_mut().for_each(|v| *v *= r);
     Ok((s, idx, w))
 }

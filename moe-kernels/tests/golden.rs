@@ -1,12 +1,16 @@
-//! The reference forward against PyTorch: the golden fixtures in `conformance/fixtures/`
-//! (written by `conformance/fixtures/generate.py` with transformers' own Qwen3-MoE eager block,
-//! f32 compute on the bf16 weights). Reads the HF disk keys directly and builds the native
+//! The single-function Qwen3-MoE forward (`qwen3_moe_block_forward`) against PyTorch: the golden
+//! fixtures in `conformance/fixtures/` (written by `conformance/fixtures/generate.py` with
+//! transformers' own Qwen3-MoE eager block, the float64 truth on the bf16 weights), judged by the
+//! float32 bar of `moe_kernels::bound`. Reads the HF disk keys directly and builds the native
 //! layout by hand (`gate_and_up_projs[e] = cat([gate_e.T, up_e.T], -1)`, `down_projs[e] = down_e.T`).
 
 mod fixture_io;
 
-use fixture_io::{fixture_dir, load, model_files, Tensors};
-use moe_kernels::{qwen3_moe_block_forward, RouterConfig};
+use fixture_io::{fixture_dir, load, load64, model_files, Tensors};
+use moe_kernels::bound::{self, TruthRef};
+use moe_kernels::{
+    qwen3_moe_block_forward, Activation, MoeConfig, MoeParams, RouterConfig, RouterKind,
+};
 use ndarray::{s, Array2, Array3, Ix2};
 
 fn matrix(t: &Tensors, key: &str) -> Array2<f32> {
@@ -27,7 +31,7 @@ fn check_fixture(name: &str) {
         norm_topk_prob: config["norm_topk_prob"].as_bool().unwrap(),
     };
     let (weights, _) = load(&model_files(&dir));
-    let (golden, _) = load(&[dir.join("golden.safetensors")]);
+
     let p = "model.layers.1.mlp";
 
     let gate = matrix(&weights, &format!("{p}.gate.weight"));
@@ -45,19 +49,54 @@ fn check_fixture(name: &str) {
         gate_up.slice_mut(s![e, .., i..]).assign(&u.t());
         down.slice_mut(s![e, .., ..]).assign(&d.t());
     }
-    let x = matrix(&golden, "input");
-    let want = matrix(&golden, "output");
+    // The float64 truth, its error coefficients, transformers' float32 output.
+    let (g64, _) = load64(&dir.join("golden.safetensors"));
+    let m2 = |k: &str| -> Array2<f64> { g64[k].clone().into_dimensionality().unwrap() };
+    let x = m2("input").mapv(|v| v as f32); // float32-representable by construction
     let got = qwen3_moe_block_forward(x.view(), gate.view(), gate_up.view(), down.view(), &cfg)
         .unwrap()
         .output;
-    assert_eq!(got.dim(), want.dim());
-    let max_diff = got
-        .iter()
-        .zip(want.iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    println!("{name}: max |ours - torch| = {max_diff:e}");
-    assert!(max_diff < 2e-5, "{name}: max |ours - torch| = {max_diff}");
+    let (x64, go64, truth, f32_ref) = (
+        m2("input"),
+        m2("grad_output"),
+        m2("output"),
+        m2("f32.output"),
+    );
+    let (gate64, gu64, dn64) = (
+        gate.mapv(f64::from),
+        gate_up.mapv(f64::from),
+        down.mapv(f64::from),
+    );
+    let p64 = MoeParams {
+        gate_weight: gate64.view(),
+        gate_bias: None,
+        e_score_correction_bias: None,
+        gate_and_up_projs: gu64.view(),
+        down_projs: dn64.view(),
+        gate_up_bias: None,
+        down_bias: None,
+        shared: None,
+    };
+    let moe_cfg = MoeConfig {
+        router: RouterKind::SoftmaxTopK {
+            norm_topk_prob: cfg.norm_topk_prob,
+        },
+        top_k: cfg.top_k,
+        activation: Activation::SwiGlu,
+    };
+    let mags = bound::block_magnitudes(x64.view(), &p64, &moe_cfg, go64.view()).unwrap();
+    assert_eq!(got.dim(), truth.dim());
+    let got: Vec<f64> = got.iter().map(|&v| f64::from(v)).collect();
+    let note = bound::judge_f32(
+        &got,
+        &TruthRef {
+            values: truth.as_slice().unwrap(),
+            mags: mags.output.as_slice().unwrap(),
+            f32_ref: Some(f32_ref.as_slice().unwrap()),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name} output: {e}"));
+    println!("{name}: output {note}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
-//! Both paths (reference and fast) against transformers for every family with a golden fixture
-//! in `conformance/fixtures/<name>/` (written by the adapters work, format
-//! `/work/shared/reference/fixtures.md`): output, grad_input and every parameter gradient,
-//! compared in the HF disk layout (`grad.<disk key>`). HF disk -> native is done here by hand,
+//! Both paths (reference and fast) against the float64 truth transformers computed, for every
+//! family with a golden fixture in `conformance/fixtures/<name>/` (format `golden/2`,
+//! `conformance/fixtures/README.md`): output, grad_input and every parameter gradient, compared
+//! in the HF disk layout (`grad.<disk key>`) with the float32 bar of `moe_kernels::bound`. HF disk -> native is done here by hand,
 //! independently of the adapters crate: per-expert `[I, H]` / `[H, I]` weights, Mixtral
 //! `w1`/`w3`/`w2`, fused `[E, 2I, H]`/`[E, H, I]` (transposed) or `[E, H, 2I]`/`[E, I, H]`
 //! (native), GPT-OSS interleaved gate/up columns (gate = 0::2, up = 1::2).
@@ -169,7 +169,7 @@ fn config(cfg: &serde_json::Value) -> MoeConfig {
             n_group: c["n_group"].as_u64().unwrap() as usize,
             topk_group: c["topk_group"].as_u64().unwrap() as usize,
             norm_topk_prob: norm.unwrap(),
-            routed_scaling_factor: c["routed_scaling_factor"].as_f64().unwrap() as f32,
+            routed_scaling_factor: c["routed_scaling_factor"].as_f64().unwrap(),
         },
         // Mixtral, Qwen3.5 and Qwen3-VL always renormalise; Qwen3-MoE / Next read the flag.
         "mixtral" | "qwen3_5_moe" | "qwen3_5_moe_text" | "qwen3_vl_moe" => {
@@ -183,7 +183,7 @@ fn config(cfg: &serde_json::Value) -> MoeConfig {
     };
     let activation = match model_type {
         "gpt_oss" => Activation::GptOssGlu {
-            limit: c["swiglu_limit"].as_f64().unwrap() as f32,
+            limit: c["swiglu_limit"].as_f64().unwrap(),
             alpha: 1.702,
         },
         _ => Activation::SwiGlu,
@@ -488,3 +488,125 @@ golden_test!(golden_deepseek_v3, "deepseek_v3_tiny");
 golden_test!(golden_glm4_moe, "glm4_moe_tiny");
 golden_test!(golden_qwen3_moe_e128_k8, "qwen3_moe_e128_k8");
 golden_test!(golden_deepseek_v3_e256_k8, "deepseek_v3_e256_k8");
+golden_test!(golden_qwen3_moe_e16_k4_large, "qwen3_moe_e16_k4_large");
+golden_test!(golden_gpt_oss_clamped, "gpt_oss_clamped");
+
+/// The device layer (`cuda::CudaMoe::moe_forward` / `moe_backward`: bf16 expert weights and GEMM
+/// operands, float32 accumulation) on a fixture without shared experts, against the float64
+/// truth: every tensor's normwise relative error within twice what transformers' own bf16 run
+/// shows (`bf16_error` in the golden metadata; floor `2^-8`, bf16's unit roundoff). The device
+/// rounds fewer intermediates to bf16 than a bf16 model does, so it should sit below 1x.
+fn cuda_bf16_fixture(dev: &moe_kernels::cuda::CudaMoe, name: &str) {
+    use moe_kernels::cuda::{GpuMoeDims, GpuMoeParams};
+    let dir = fixture_dir(name);
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let (weights, _) = load(&model_files(&dir));
+    let (golden, meta) = load64(&dir.join("golden.safetensors"));
+    let bf16_err: serde_json::Value = serde_json::from_str(&meta["bf16_error"]).unwrap();
+    let p = meta["block_prefix"].clone();
+    let n = native(&weights, &p, meta["num_experts"].parse().unwrap());
+    assert!(
+        n.shared.is_none(),
+        "{name}: the device layer has no shared expert"
+    );
+    let cfg = config(&cfg_json);
+    let s = dev.stream().clone();
+    let up = |a: &[f32]| s.clone_htod(a).unwrap();
+    // Expert weights are bf16 values on disk: their bf16 bits are exact.
+    let bits = |a: &[f32]| -> Vec<u16> { a.iter().map(|v| (v.to_bits() >> 16) as u16).collect() };
+    let x: Vec<f32> = golden["input"].iter().map(|&v| v as f32).collect();
+    let go: Vec<f32> = golden["grad_output"].iter().map(|&v| v as f32).collect();
+    let (e, h, i2) = n.gate_up.dim();
+    let dims = GpuMoeDims {
+        tokens: x.len() / h,
+        hidden: h,
+        inter: i2 / 2,
+        experts: e,
+    };
+    let d_x = up(&x);
+    let d_go = up(&go);
+    let d_gate = up(n.gate.as_slice().unwrap());
+    let d_gb = n.gate_bias.as_ref().map(|b| up(b.as_slice().unwrap()));
+    let d_corr = n.corr.as_ref().map(|b| up(b.as_slice().unwrap()));
+    let d_gu = s.clone_htod(&bits(n.gate_up.as_slice().unwrap())).unwrap();
+    let d_dn = s.clone_htod(&bits(n.down.as_slice().unwrap())).unwrap();
+    let d_gub = n.gate_up_bias.as_ref().map(|b| up(b.as_slice().unwrap()));
+    let d_db = n.down_bias.as_ref().map(|b| up(b.as_slice().unwrap()));
+    let gp = GpuMoeParams {
+        gate_weight: &d_gate,
+        gate_bias: d_gb.as_ref(),
+        e_score_correction_bias: d_corr.as_ref(),
+        gate_and_up_projs: &d_gu,
+        down_projs: &d_dn,
+        gate_up_bias: d_gub.as_ref(),
+        down_bias: d_db.as_ref(),
+    };
+    let fwd = dev.moe_forward(&d_x, dims, &gp, &cfg).unwrap();
+    let g = dev
+        .moe_backward(dims, &gp, &cfg, &d_x, &fwd, &d_go)
+        .unwrap();
+    let down = |d: &cudarc::driver::CudaSlice<f32>| s.clone_dtoh(d).unwrap();
+    let a2 = |v: Vec<f32>, r: usize, c: usize| Array2::from_shape_vec((r, c), v).unwrap();
+    let a3 = |v: Vec<f32>, sh: (usize, usize, usize)| Array3::from_shape_vec(sh, v).unwrap();
+    let (t, i) = (dims.tokens, dims.inter);
+    let grads = MoeGrads {
+        grad_input: a2(down(&g.grad_input), t, h),
+        gate_weight: a2(down(&g.gate_weight), e, h),
+        gate_bias: g.gate_bias.as_ref().map(|b| Array1::from_vec(down(b))),
+        gate_and_up_projs: a3(down(&g.gate_and_up_projs), (e, h, 2 * i)),
+        down_projs: a3(down(&g.down_projs), (e, i, h)),
+        gate_up_bias: g.gate_up_bias.as_ref().map(|b| a2(down(b), e, 2 * i)),
+        down_bias: g.down_bias.as_ref().map(|b| a2(down(b), e, h)),
+        shared: None,
+    };
+    let mut ours = disk_grads(&n, &grads, &p);
+    ours.insert("output".into(), a2(down(&fwd.output), t, h).into_dyn());
+    ours.insert("grad_input".into(), grads.grad_input.clone().into_dyn());
+    let mut worst = (String::new(), 0.0f64);
+    for (k, v) in &ours {
+        let got: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+        let truth: Vec<f64> = golden[k].iter().copied().collect();
+        let err = bound::normwise(&got, &truth);
+        let theirs = bf16_err[k.as_str()]["normwise"].as_f64().unwrap();
+        let ratio = err / (2.0 * theirs.max(1.0 / 256.0));
+        assert!(
+            ratio <= 1.0,
+            "{name} {k}: device normwise error {err:.3e} > 2 x transformers' bf16 error {theirs:.3e}"
+        );
+        if ratio > worst.1 {
+            worst = (k.clone(), ratio);
+        }
+    }
+    println!(
+        "{name}: device bf16 layer, worst {:.3} of the bf16 bar ({})",
+        worst.1, worst.0
+    );
+}
+
+#[test]
+fn cuda_layer_within_transformers_bf16_error() {
+    if !moe_kernels::cuda::device_available() || !moe_kernels::cuda::nvrtc_available() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let dev = match moe_kernels::cuda::CudaMoe::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    for name in [
+        "qwen3_moe_tiny",
+        "qwen3_moe_tiny_sharded",
+        "qwen3_vl_moe_tiny",
+        "mixtral_tiny",
+        "gpt_oss_tiny",
+        "gpt_oss_clamped",
+        "qwen3_moe_e128_k8",
+        "qwen3_moe_e16_k4_large",
+    ] {
+        cuda_bf16_fixture(&dev, name);
+    }
+}

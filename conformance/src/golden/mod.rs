@@ -50,7 +50,7 @@ pub struct GoldenFile {
 
 impl GoldenFile {
     /// Reads and validates `golden.safetensors`: a regular file, format `golden/2`, the truth
-    /// tensors F64 and the `f32.*` ones F32. Errors (one line naming the file): anything else,
+    /// tensors F64, the `f32.*` ones F32 and the `bf16.*` ones BF16. Errors (one line naming the file): anything else,
     /// e.g. the old all-F32 format 1 ("regenerate it").
     pub fn open(path: &Path) -> Result<Self, GoldenError> {
         let err = |message: String| GoldenError::Fixture {
@@ -85,6 +85,8 @@ impl GoldenFile {
         for (name, view) in st.tensors() {
             let want = if name.starts_with("f32.") {
                 Dtype::F32
+            } else if name.starts_with("bf16.") {
+                Dtype::BF16
             } else {
                 Dtype::F64
             };
@@ -95,6 +97,11 @@ impl GoldenFile {
                 )));
             }
             let data: Vec<f64> = match want {
+                Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| f64::from(half::bf16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
                 Dtype::F32 => view
                     .data()
                     .chunks_exact(4)
@@ -259,7 +266,7 @@ pub fn run_with(dir: &Path, fault: Option<Fault>) -> Result<Vec<Check>, GoldenEr
             path: golden.path.clone(),
             message: format!("metadata 'layer' is not an integer: {e}"),
         })?;
-    let cfg = moe_config(&model_type, ckpt.config()).map_err(fixture_err)?;
+    let cfg = moe_config(&model_type, ckpt.config(), layer).map_err(fixture_err)?;
     let keys = adapter.native_moe_keys(layer)?;
     let native = adapter.from_hf(&ckpt)?;
     let w32 = BlockWeights::load(&native, &keys).map_err(fixture_err)?;

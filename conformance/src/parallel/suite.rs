@@ -59,7 +59,7 @@ impl Fixture {
             .map_err(|e| e.to_string())?
             .parse()
             .map_err(|e| format!("{label}: metadata 'layer': {e}"))?;
-        let cfg = moe_config(&model_type, ckpt.config())?;
+        let cfg = moe_config(&model_type, ckpt.config(), layer)?;
         let keys = adapter.native_moe_keys(layer).map_err(|e| e.to_string())?;
         let native = adapter.from_hf(&ckpt).map_err(|e| e.to_string())?;
         let weights = BlockWeights::load(&native, &keys)?;

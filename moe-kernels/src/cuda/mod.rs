@@ -497,7 +497,7 @@ impl CudaMoe {
 fn act_params(act: &Activation) -> (i32, f32, f32) {
     match *act {
         Activation::SwiGlu => (0, 0.0, 0.0),
-        Activation::GptOssGlu { limit, alpha } => (1, limit, alpha as f32),
-        Activation::ClampedSwiGlu { limit } => (2, limit, 0.0),
+        Activation::GptOssGlu { limit, alpha } => (1, limit as f32, alpha as f32),
+        Activation::ClampedSwiGlu { limit } => (2, limit as f32, 0.0),
     }
 }

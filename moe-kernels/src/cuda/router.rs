@@ -173,12 +173,12 @@ impl CudaMoe {
                     topk_group,
                     norm_topk_prob,
                     1e-20_f32,
-                    routed_scaling_factor,
+                    routed_scaling_factor as f32,
                 )
             }
             RouterKind::SigmoidTopK {
                 routed_scaling_factor,
-            } => (1, 1, true, 0.0, routed_scaling_factor),
+            } => (1, 1, true, 0.0, routed_scaling_factor as f32),
             _ => (0, 0, false, 0.0, 1.0),
         };
         if tokens > 0 {
@@ -262,10 +262,10 @@ impl CudaMoe {
                 norm_topk_prob,
                 routed_scaling_factor,
                 ..
-            } => (2, norm_topk_prob, 1e-20, routed_scaling_factor),
+            } => (2, norm_topk_prob, 1e-20, routed_scaling_factor as f32),
             RouterKind::SigmoidTopK {
                 routed_scaling_factor,
-            } => (2, true, 0.0, routed_scaling_factor),
+            } => (2, true, 0.0, routed_scaling_factor as f32),
         };
         let (t_i, e_i, k_i) = (
             to_i32("tokens", tokens)?,

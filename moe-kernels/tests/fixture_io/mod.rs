@@ -59,7 +59,7 @@ pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
     (out, meta)
 }
 
-/// Every tensor of a golden file (F64 truth, F32 `f32.*`) as f64, and its metadata.
+/// Every tensor of a golden file (F64 truth, F32 `f32.*`, BF16 `bf16.*`) as f64, and its metadata.
 pub fn load64(file: &Path) -> (HashMap<String, ArrayD<f64>>, HashMap<String, String>) {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
@@ -77,6 +77,11 @@ pub fn load64(file: &Path) -> (HashMap<String, ArrayD<f64>>, HashMap<String, Str
                 .data()
                 .chunks_exact(4)
                 .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+            Dtype::BF16 => view
+                .data()
+                .chunks_exact(2)
+                .map(|b| f64::from(half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))))
                 .collect(),
             other => panic!("{name}: unexpected dtype {other:?}"),
         };
@@ -105,20 +110,4 @@ pub fn model_files(dir: &Path) -> Vec<PathBuf> {
     files.sort();
     files.dedup();
     files.into_iter().map(|f| dir.join(f)).collect()
-}
-
-/// Asserts `max |ours - want| <= 2e-5 * (1 + max |want|)` (shapes equal); returns the error
-/// relative to that scale.
-pub fn check_close(label: &str, ours: &ArrayD<f32>, want: &ArrayD<f32>) -> f32 {
-    assert_eq!(ours.shape(), want.shape(), "{label}: shape");
-    let scale = 1.0 + want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let err = ours
-        .iter()
-        .zip(want.iter())
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        err <= 2e-5 * scale,
-        "{label}: max |ours - torch| = {err} (scale {scale})"
-    );
-    err / scale
 }
