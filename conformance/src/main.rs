@@ -85,6 +85,9 @@ enum Cmd {
         /// Run the fast path with a deliberate fault (to show the float32 bar catches it).
         #[arg(long, value_enum)]
         mutate: Option<golden::Fault>,
+        /// Write the result file read by `cargo xtask conformance`.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Check every case of a placement-cases file (PyTorch DTensor as the oracle).
     Placement {
@@ -521,10 +524,15 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Golden { fixture, mutate } => finish(
+        Cmd::Golden {
+            fixture,
+            mutate,
+            json,
+        } => finish_json(
             "golden",
             start,
             golden::run_with(&fixture, mutate).map_err(|e| e.to_string()),
+            json.as_ref(),
         ),
         Cmd::Sharded { checkpoint, world } => {
             if world == 0 {

@@ -6,6 +6,7 @@
 //! xtask only orchestrates: every check lives in the `conformance` crate.
 
 mod dcp;
+mod golden_faults;
 mod html;
 mod report;
 mod results;
@@ -60,7 +61,8 @@ pub struct ConformanceArgs {
     /// golden, sharded, parallel, checkpoint; any other name is passed on to it too) and the
     /// suites xtask drives itself: train (save/resume scenarios), faults (MPI fault scenarios),
     /// nccl (NCCL selftest), dcp (`conformance dcp` on the torch-written checkpoints of
-    /// conformance/fixtures/dcp).
+    /// conformance/fixtures/dcp), golden-faults (`conformance golden --mutate`: each deliberate
+    /// fault of the fast path must fail the float32 bar).
     #[arg(long, value_delimiter = ',')]
     pub suites: Vec<String>,
     /// Parallel plans for `conformance run --plans` (single, ep, tp, tp-sp, fsdp, ep-tp, ep-fsdp);

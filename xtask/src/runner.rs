@@ -266,7 +266,7 @@ pub(crate) fn example_row(
 }
 
 /// Suites xtask drives itself (not `conformance run` suites).
-pub(crate) const XTASK_SUITES: [&str; 4] = ["train", "faults", "nccl", "dcp"];
+pub(crate) const XTASK_SUITES: [&str; 5] = ["train", "faults", "nccl", "dcp", "golden-faults"];
 
 /// What a `cargo xtask conformance` invocation runs, from its arguments.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,6 +285,8 @@ pub(crate) struct Selection {
     pub nccl: bool,
     /// `conformance dcp` on the committed torch checkpoints.
     pub dcp: bool,
+    /// `conformance golden --mutate` on the committed fixtures (each fault must be caught).
+    pub golden_faults: bool,
 }
 
 /// Splits `--suites` into `conformance run` suites and xtask's own, applies `--quick` and the
@@ -339,6 +341,7 @@ pub(crate) fn select(args: &ConformanceArgs) -> Result<Selection, String> {
         faults: wants("faults"),
         nccl: wants("nccl"),
         dcp: wants("dcp"),
+        golden_faults: wants("golden-faults"),
         world_sizes,
     })
 }
@@ -564,8 +567,12 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     };
     let nccl = run_mpi_examples && sel.nccl;
     let bar = ProgressBar::new(
-        (runs.len() + train_groups.len() + fault_worlds.len() + nccl as usize + sel.dcp as usize)
-            as u64,
+        (runs.len()
+            + train_groups.len()
+            + fault_worlds.len()
+            + nccl as usize
+            + sel.dcp as usize
+            + sel.golden_faults as usize) as u64,
     );
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -593,6 +600,15 @@ pub fn conformance(args: ConformanceArgs) -> Result<bool, String> {
     if sel.dcp {
         bar.set_message("dcp: torch checkpoints");
         rows.extend(crate::dcp::rows(&bin, &root, &out_dir, &logs, timeout)?);
+        bar.inc(1);
+    }
+
+    // Deliberate faults of the fast path: the float32 bar must catch each one.
+    if sel.golden_faults {
+        bar.set_message("golden-faults");
+        rows.extend(crate::golden_faults::rows(
+            &bin, &root, &out_dir, &logs, timeout,
+        )?);
         bar.inc(1);
     }
 

@@ -843,3 +843,85 @@ fn dcp_fixtures_are_found_with_their_info() {
         .collect();
     assert_eq!(bug, ["seed_bug_w2"]);
 }
+
+#[test]
+fn golden_fault_rows_pass_only_when_the_faulty_path_alone_fails() {
+    use crate::golden_faults::verdict;
+    use crate::results::{Failure, RunResult, SuiteResult};
+    let run = |failures: &[&str]| RunResult {
+        backend: "threads".into(),
+        world_size: 1,
+        suites: vec![SuiteResult {
+            suite: "golden".into(),
+            passed: 10,
+            failed: failures.len(),
+            skipped: 0,
+            seconds: 0.1,
+            failures: failures
+                .iter()
+                .map(|n| Failure {
+                    name: n.to_string(),
+                    message: "normwise error 4.5e-4 > 16 x ...".into(),
+                })
+                .collect(),
+        }],
+    };
+    let f = "q: layer 1 fast+scale-one-expert output";
+    let r = verdict(
+        "scale-one-expert",
+        "q",
+        " output",
+        Some(&run(&[f])),
+        false,
+        0.1,
+        "",
+    );
+    assert_eq!((r.passed, r.failed), (1, 0), "{:?}", r.failures);
+    assert!(r.note.starts_with("detected: 1 of 11 checks failed"));
+    // The fault went unnoticed (exit 0, nothing failed).
+    let r = verdict(
+        "scale-one-expert",
+        "q",
+        " output",
+        Some(&run(&[])),
+        true,
+        0.1,
+        "",
+    );
+    assert_eq!(r.failed, 1);
+    // A reference path failed too: the fault is not what was caught.
+    let r = verdict(
+        "scale-one-expert",
+        "q",
+        " output",
+        Some(&run(&[f, "q: layer 1 reference output"])),
+        false,
+        0.1,
+        "",
+    );
+    assert_eq!(r.failed, 1);
+    assert!(r.failures[0].message.contains("1 outside the faulty path"));
+    // Only another tensor failed, not the expected one.
+    let g = "q: layer 1 fast+scale-one-expert grad_input";
+    let r = verdict(
+        "scale-one-expert",
+        "q",
+        " output",
+        Some(&run(&[g])),
+        false,
+        0.1,
+        "",
+    );
+    assert_eq!(r.failed, 1);
+    // No result file.
+    let r = verdict(
+        "scale-one-expert",
+        "q",
+        " output",
+        None,
+        false,
+        0.1,
+        "exit 2",
+    );
+    assert!(r.failures[0].message.contains("no result: exit 2"));
+}
