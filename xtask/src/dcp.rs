@@ -5,7 +5,7 @@
 //! ("detected").
 
 use crate::results::{Failure, Row, RunResult};
-use crate::runner::{log_tail, run_logged};
+use crate::runner::run_for_result;
 use serde::Deserialize;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -140,7 +140,6 @@ pub fn rows(
     let mut rows = Vec::new();
     for (name, dir, info) in fixtures(root)? {
         let json = out_dir.join(format!("dcp-{name}.json"));
-        let _ = fs::remove_file(&json);
         let log = logs.join(format!("dcp-{name}.log"));
         let mut cmd = Command::new(bin);
         cmd.arg("dcp")
@@ -150,11 +149,7 @@ pub fn rows(
             .arg(&model)
             .arg("--json")
             .arg(&json);
-        let out = run_logged(cmd, &log, None, timeout)?;
-        let run: Option<RunResult> = fs::read_to_string(&json)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        let why = format!("{}; log {}: {}", out.note, log.display(), log_tail(&log, 3));
+        let (run, out, why) = run_for_result(cmd, &json, &log, timeout)?;
         rows.push(verdict(
             &name,
             &info,

@@ -5,8 +5,7 @@
 //! fault, down to a `1e-4` relative error in one expert.
 
 use crate::results::{Failure, Row, RunResult};
-use crate::runner::{log_tail, run_logged};
-use std::fs;
+use crate::runner::run_for_result;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -95,7 +94,6 @@ pub fn rows(
         let dir = root.join("conformance").join("fixtures").join(fixture);
         let tag = format!("golden-fault-{fault}-{fixture}");
         let json = out_dir.join(format!("{tag}.json"));
-        let _ = fs::remove_file(&json);
         let log = logs.join(format!("{tag}.log"));
         let mut cmd = Command::new(bin);
         cmd.arg("golden")
@@ -105,11 +103,7 @@ pub fn rows(
             .arg(fault)
             .arg("--json")
             .arg(&json);
-        let out = run_logged(cmd, &log, None, timeout)?;
-        let run: Option<RunResult> = fs::read_to_string(&json)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        let why = format!("{}; log {}: {}", out.note, log.display(), log_tail(&log, 3));
+        let (run, out, why) = run_for_result(cmd, &json, &log, timeout)?;
         rows.push(verdict(
             fault,
             fixture,

@@ -108,6 +108,24 @@ pub(crate) fn run_with_timeout(
     Ok((o.ok, o.seconds, o.note))
 }
 
+/// Runs a single-suite conformance command that writes its result file to `json` (removed
+/// first), logging to `log`: the parsed result (`None` when none was written or it does not
+/// parse), the outcome, and a one-line reason for a row that has no result (note + log tail).
+pub(crate) fn run_for_result(
+    cmd: Command,
+    json: &Path,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(Option<RunResult>, RunOutcome, String), String> {
+    let _ = fs::remove_file(json);
+    let out = run_logged(cmd, log, None, timeout)?;
+    let run: Option<RunResult> = fs::read_to_string(json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let why = format!("{}; log {}: {}", out.note, log.display(), log_tail(log, 3));
+    Ok((run, out, why))
+}
+
 /// [`run_with_timeout`] with stderr to `err_log` when given (else to `log` too), and the exit code.
 pub(crate) fn run_logged(
     mut cmd: Command,

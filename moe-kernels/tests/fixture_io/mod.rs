@@ -20,8 +20,28 @@ pub fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Every tensor of `files` as f32, and the files' merged `__metadata__`.
-pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
+/// The values of a BF16 / F32 / F64 tensor as f64 (exact).
+fn values(name: &str, view: &safetensors::tensor::TensorView) -> Vec<f64> {
+    let d = view.data();
+    match view.dtype() {
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| f64::from(half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))))
+            .collect(),
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    }
+}
+
+/// Every tensor of `files` as f64, and the files' merged `__metadata__`.
+fn load_all(files: &[PathBuf]) -> (HashMap<String, ArrayD<f64>>, HashMap<String, String>) {
     let mut out = HashMap::new();
     let mut meta = HashMap::new();
     for file in files {
@@ -32,24 +52,7 @@ pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
         }
         let st = SafeTensors::deserialize(&bytes).unwrap();
         for (name, view) in st.tensors() {
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::BF16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                    .collect(),
-                Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F64 => view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
-                    .collect(),
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
+            let data = values(&name, &view);
             out.insert(
                 name,
                 ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
@@ -59,38 +62,20 @@ pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
     (out, meta)
 }
 
+/// Every tensor of `files` as f32 (weights: bf16 / f32 exactly; F64 rounded), and the files'
+/// merged `__metadata__`.
+pub fn load(files: &[PathBuf]) -> (Tensors, HashMap<String, String>) {
+    let (all, meta) = load_all(files);
+    let out = all
+        .into_iter()
+        .map(|(k, a)| (k, a.mapv(|v| v as f32)))
+        .collect();
+    (out, meta)
+}
+
 /// Every tensor of a golden file (F64 truth, F32 `f32.*`, BF16 `bf16.*`) as f64, and its metadata.
 pub fn load64(file: &Path) -> (HashMap<String, ArrayD<f64>>, HashMap<String, String>) {
-    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = m.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let data: Vec<f64> = match view.dtype() {
-            Dtype::F64 => view
-                .data()
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            Dtype::F32 => view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                .collect(),
-            Dtype::BF16 => view
-                .data()
-                .chunks_exact(2)
-                .map(|b| f64::from(half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))))
-                .collect(),
-            other => panic!("{name}: unexpected dtype {other:?}"),
-        };
-        out.insert(
-            name,
-            ArrayD::from_shape_vec(IxDyn(view.shape()), data).unwrap(),
-        );
-    }
-    (out, meta)
+    load_all(&[file.to_path_buf()])
 }
 
 /// The weight files of an HF checkpoint folder (sharded with an index, or `model.safetensors`).
