@@ -18,8 +18,7 @@
 
 use crate::checkpoint::{HfCheckpoint, CONFIG_FILE};
 use crate::convert::{
-    convert, native_adapter, sidecar_json, ConvertOptions, Direction, OutTensor, NATIVE_SIDECAR,
-    PIECE,
+    convert, native_adapter, sidecar_json, ConvertOptions, Direction, NATIVE_SIDECAR, PIECE,
 };
 use crate::dcp::{self, DcpCheckpoint, ShardToSave, StorageFormat};
 use crate::error::{AdapterError, Result};
@@ -28,6 +27,7 @@ use crate::family_adapter::{FamilyAdapter, LayoutChoice};
 use crate::layout::DiskLayout;
 use crate::model_shapes::ModelShapes;
 use crate::out_dir::{atomic_dir, write_json, write_tensors};
+use crate::stream_write::OutTensor;
 use crate::tensor::{dtype_size, HostTensor};
 use crate::MoeAdapter;
 use placement::chunks::saves_shard;

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod local;
 pub mod model_shapes;
 mod out_dir;
+mod stream_write;
 pub mod tensor;
 pub mod transpose;
 pub mod writer;

@@ -2,11 +2,11 @@
 //! renamed to `DST` only when complete (a crash never leaves something that looks like a
 //! checkpoint at `DST`), tensors in `model.safetensors` or `model-0000i-of-0000n.safetensors` +
 //! `model.safetensors.index.json` (the HF layout; units never split across files), each file
-//! streamed by [`crate::convert::write_file`].
+//! streamed by [`crate::stream_write::write_file`].
 
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
-use crate::convert::{plan_files, write_file, OutTensor};
 use crate::error::{AdapterError, Result};
+use crate::stream_write::{plan_files, write_file, OutTensor};
 use crate::tensor::dtype_size;
 use crate::writer::shard_file_name;
 use serde_json::{json, Value};

@@ -4,8 +4,8 @@
 //! check with a message containing that text, and pass everything else: the row then passes
 //! ("detected").
 
+use crate::process::run_for_result;
 use crate::results::{Failure, Row, RunResult};
-use crate::runner::run_for_result;
 use serde::Deserialize;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -4,8 +4,8 @@
 //! keep passing) and the expected tensor's check is among them: the float32 bar catches the
 //! fault, down to a `1e-4` relative error in one expert.
 
+use crate::process::run_for_result;
 use crate::results::{Failure, Row, RunResult};
-use crate::runner::run_for_result;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

@@ -8,6 +8,7 @@
 mod dcp;
 mod golden_faults;
 mod html;
+mod process;
 mod report;
 mod results;
 mod runner;

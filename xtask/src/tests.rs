@@ -1,8 +1,8 @@
 //! Unit tests of the orchestration that does not need the conformance binary.
 
+use crate::process::run_with_timeout;
 use crate::report;
 use crate::results::{Row, RunResult};
-use crate::runner::run_with_timeout;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -112,7 +112,8 @@ fn example_output_becomes_a_row() {
 
 // ---- argument handling and plan pass-through ----
 
-use crate::runner::{launcher, rank_args, run_args, select, RunOutcome, Selection};
+use crate::process::{launcher, rank_args, RunOutcome};
+use crate::runner::{run_args, select, Selection};
 use crate::{Backend, Cli, Cmd, ConformanceArgs};
 use clap::Parser;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! each a report row, plus the loss curves for report.html.
 //!
 //! Runs (under `target/conformance/train/<backend>-w<W>/`; every run is a new process with the
-//! timeout and process-group handling of [`crate::runner::run_logged`]):
+//! timeout and process-group handling of [`crate::process::run_logged`]):
 //! 1. `A`: 8 steps, plan `ep`, uninterrupted;
 //! 2. `B1`: 4 steps saving every 2 into `C`, then `B2`: resume from `C` to step 8;
 //!    `compare-train --exact` against `A`;
@@ -18,8 +18,8 @@
 //!    `G-out/weights.safetensors` is what `generate_dcp.py verify-ours` loads with stock torch.
 
 use crate::html::{Marker, Plot, Series};
+use crate::process::{launcher, log_tail, rank_args, run_logged, RunOutcome};
 use crate::results::{Failure, Row};
-use crate::runner::{launcher, log_tail, rank_args, run_logged, RunOutcome};
 use crate::Backend;
 use serde::Deserialize;
 use std::fs;
