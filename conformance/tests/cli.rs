@@ -90,21 +90,59 @@ fn roundtrip_and_golden_pass_on_every_committed_fixture() {
 }
 
 #[test]
-fn golden_fails_when_the_expected_output_is_perturbed() {
+fn golden_fails_when_the_truth_is_perturbed() {
     let tmp = copy_fixture("qwen3_moe_tiny");
     let path = tmp.path().join("golden.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let (header, mut data) = split_safetensors(&bytes);
-    let [start, _] = [0, 1].map(|i| header["output"]["data_offsets"][i].as_u64().unwrap() as usize);
-    let v = f32::from_le_bytes(data[start..start + 4].try_into().unwrap()) + 1e-3;
-    data[start..start + 4].copy_from_slice(&v.to_le_bytes());
+    assert_eq!(header["output"]["dtype"], "F64");
+    let start = header["output"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let v = f64::from_le_bytes(data[start..start + 8].try_into().unwrap()) + 1e-3;
+    data[start..start + 8].copy_from_slice(&v.to_le_bytes());
     std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
     let out = conformance(&["golden", "--fixture", tmp.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // One element off by 1e-3: every path's output check fails, the float64 one normwise.
+    for path in ["reference f64 output", "reference output", "fast output"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("FAIL") && l.contains(&format!("layer 1 {path}:"))),
+            "{path}: {text}"
+        );
+    }
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("1 of"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        text.contains("1 of 1024 elements outside the float32 bound"),
+        "{text}"
+    );
+}
+
+#[test]
+fn golden_refuses_the_old_format_and_wrong_dtypes() {
+    // Format 1 (no `format` metadata, all F32): a float32 result, not a truth.
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("golden.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (mut header, data) = split_safetensors(&bytes);
+    let meta = header["__metadata__"].as_object_mut().unwrap();
+    meta.remove("format");
+    std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
+    let out = conformance(&["golden", "--fixture", tmp.path().to_str().unwrap()]);
+    assert_one_line_error(
+        &out,
+        &["golden.safetensors", "golden format 1", "regenerate it"],
+    );
+    // A truth tensor that is not F64.
+    let tmp = copy_fixture("qwen3_moe_tiny");
+    let path = tmp.path().join("golden.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (mut header, data) = split_safetensors(&bytes);
+    header["grad_input"]["dtype"] = serde_json::json!("I64");
+    std::fs::write(&path, join_safetensors(&header, &data)).unwrap();
+    let out = conformance(&["golden", "--fixture", tmp.path().to_str().unwrap()]);
+    assert_one_line_error(
+        &out,
+        &["golden.safetensors", "'grad_input' is I64, expected F64"],
     );
 }
 
