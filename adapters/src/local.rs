@@ -73,6 +73,72 @@ impl LocalTensor {
     }
 }
 
+impl LocalTensor {
+    /// Checks the piece's label as a DCP save or `DTensor.from_local` would trust it: `placements`
+    /// of `global_shape` at `coord` on `mesh` must give exactly the piece's local shape and index
+    /// sets (`placement::local_shard`), and `placement::validate_global_shape` must accept them.
+    ///
+    /// Errors ([`AdapterError::Placement`], one line): the key, the coordinate, the label, what it
+    /// gives against what the piece holds, and the label that fits this rank's index sets
+    /// (`placement::chunks::placements_giving`), or that no `S` / `_S` label fits them.
+    pub fn check_label(&self, mesh: &DeviceMesh, coord: &[usize]) -> Result<()> {
+        let label = placement::format_placements(&self.placements);
+        let held: Vec<usize> = self.indices.iter().map(IndexSet::len).collect();
+        let fits = || match placement::chunks::placements_giving(
+            &self.global_shape,
+            mesh,
+            coord,
+            &self.indices,
+        ) {
+            Some(p) => format!(
+                "the label that fits is {}",
+                placement::format_placements(&p)
+            ),
+            None => "no S / _S label on this mesh fits its index sets".to_string(),
+        };
+        let wrong = |what: String| {
+            AdapterError::Placement(format!(
+                "{} at coordinate {coord:?}: label {label} of global shape {:?} {what}; {}",
+                self.key,
+                self.global_shape,
+                fits()
+            ))
+        };
+        if self.tensor.shape != held {
+            return Err(wrong(format!(
+                "but the tensor has shape {:?} for index sets of sizes {held:?}",
+                self.tensor.shape
+            )));
+        }
+        let (ls, idx) = shard_indices(&self.key, &self.global_shape, mesh, &self.placements, coord)
+            .map_err(|e| wrong(format!("is not valid here ({e})")))?;
+        if ls.local_shape != self.tensor.shape {
+            return Err(wrong(format!(
+                "gives local shape {:?}, the piece has {:?}",
+                ls.local_shape, self.tensor.shape
+            )));
+        }
+        if idx != self.indices {
+            let d = (0..idx.len())
+                .find(|&d| idx[d] != self.indices[d])
+                .unwrap_or(0);
+            return Err(wrong(format!(
+                "gives indices {:?} of dim {d}, the piece holds {:?}",
+                idx[d].runs(),
+                self.indices[d].runs()
+            )));
+        }
+        placement::validate_global_shape(
+            &self.tensor.shape,
+            &self.global_shape,
+            mesh,
+            &self.placements,
+            coord,
+        )
+        .map_err(|e| wrong(format!("is refused by validate_global_shape ({e})")))
+    }
+}
+
 /// Runs `placement::local_shard` and returns the per-dim global index sets of this rank's shard
 /// (full ranges for unsharded dims). Errors are prefixed with `key`.
 pub fn shard_indices(
@@ -113,4 +179,77 @@ pub fn map_placements(
             },
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use placement::parse_placements;
+
+    /// Rank `coord` of a `[4, 6, 8]` tensor with `label` on `mesh`, holding what `truth` gives.
+    fn piece(mesh: &DeviceMesh, label: &str, truth: &str, coord: &[usize]) -> LocalTensor {
+        let shape = [4, 6, 8];
+        let (ls, indices) =
+            shard_indices("k", &shape, mesh, &parse_placements(truth).unwrap(), coord).unwrap();
+        let n: usize = ls.local_shape.iter().product();
+        LocalTensor {
+            key: "model.layers.0.mlp.experts.down_proj".into(),
+            tensor: HostTensor::new(Dtype::F32, ls.local_shape.clone(), vec![0u8; 4 * n]).unwrap(),
+            global_shape: shape.to_vec(),
+            placements: parse_placements(label).unwrap(),
+            indices,
+        }
+    }
+
+    #[test]
+    fn a_right_label_passes_on_every_rank() {
+        let mesh = DeviceMesh::new(vec![2, 2]).unwrap();
+        for label in [
+            "[S(0), S(1)]",
+            "[S(0), _S(2, 2)]",
+            "[R, S(2)]",
+            "[P(sum), S(2)]",
+        ] {
+            for r in 0..4 {
+                let c = mesh.coordinate(r).unwrap();
+                piece(&mesh, label, label, &c)
+                    .check_label(&mesh, &c)
+                    .unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_kept_label_after_a_transpose_names_the_key_and_the_label_that_fits() {
+        // The piece holds half the last dim (S(2), [4, 6, 4]) but says S(1) ([4, 3, 8]).
+        let mesh = DeviceMesh::new(vec![2]).unwrap();
+        let e = piece(&mesh, "[S(1)]", "[S(2)]", &[1])
+            .check_label(&mesh, &[1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.layers.0.mlp.experts.down_proj"), "{e}");
+        assert!(e.contains("label [S(1)]"), "{e}");
+        assert!(e.contains("the label that fits is [S(2)]"), "{e}");
+        // Same local shape, other indices: _S(2, 2) vs S(2) on rank 1 (cols {2, 3, 6, 7} vs 4..8).
+        let e = piece(&mesh, "[S(2)]", "[_S(2, 2)]", &[1])
+            .check_label(&mesh, &[1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gives indices [4..8] of dim 2"), "{e}");
+        assert!(e.contains("the label that fits is [_S(2, 2)]"), "{e}");
+    }
+
+    #[test]
+    fn index_sets_no_label_gives_are_named_so() {
+        let mesh = DeviceMesh::new(vec![2]).unwrap();
+        let mut p = piece(&mesh, "[S(2)]", "[S(2)]", &[0]);
+        p.indices[2] = IndexSet::from_range(1..5);
+        let e = p.check_label(&mesh, &[0]).unwrap_err().to_string();
+        assert!(e.contains("no S / _S label on this mesh fits"), "{e}");
+        // A tensor whose shape is not its index sets' sizes.
+        let mut p = piece(&mesh, "[S(2)]", "[S(2)]", &[0]);
+        p.indices[0] = IndexSet::from_range(0..2);
+        let e = p.check_label(&mesh, &[0]).unwrap_err().to_string();
+        assert!(e.contains("for index sets of sizes [2, 6, 4]"), "{e}");
+    }
 }

@@ -444,6 +444,7 @@ fn check_local_with(
                 .collect();
             let m = h.placements_match(&mesh, &c).unwrap();
             assert_eq!(m, h.indices == want, "{}", h.key);
+            assert_eq!(h.check_label(&mesh, &c).is_ok(), m, "{}", h.key);
             if exact {
                 assert_eq!(h.indices, want, "{} {:?} rank {r}", h.key, h.placements);
             }

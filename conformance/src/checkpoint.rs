@@ -1,16 +1,20 @@
 //! `checkpoint`: a distributed save of every native tensor of a fixture checkpoint at one mesh
 //! (EP over the world), loaded at another mesh (EP x TP, or TP on an odd world: reshard on load),
 //! and consolidated on one rank to the HF layout, which must equal the original checkpoint bit for
-//! bit. The format is `adapters::dcp` (one file per rank + `.metadata` written last); a save that
-//! was not committed must be detected as incomplete.
+//! bit. At the load mesh, every native shard read and every HF piece `to_hf_local` makes of it
+//! carries a label (placements) that `placement::local_shard` must reproduce exactly, and the HF
+//! pieces gathered must be the checkpoint's expert tensors. The format is `adapters::dcp` (one
+//! file per rank + `.metadata` written last); a save that was not committed must be detected as
+//! incomplete.
 
-use crate::gather::all_gather_blobs;
+use crate::gather::{all_gather_blobs, gather_full};
 use crate::parallel::shards::indices;
 use crate::parallel::{ParallelPlan, Param, PlanKind};
 use crate::report::Check;
 use crate::roundtrip::{diff_tensor_maps, read_all};
+use crate::sharded::compare_full;
 use adapters::dcp::{self, ShardToSave};
-use adapters::{adapter_for, HfCheckpoint, HostTensor, MoeAdapter};
+use adapters::{adapter_for, HfCheckpoint, HostTensor, LocalTensor, MoeAdapter};
 use collectives::Communicator;
 use placement::Placement;
 use std::collections::BTreeMap;
@@ -127,6 +131,67 @@ fn save(
     Ok(())
 }
 
+/// This rank's native expert shards at `plan`, read from the checkpoint in `step`, and their HF
+/// pieces (`to_hf_local`, no communication), with every label problem
+/// (`LocalTensor::check_label`) of either layout.
+fn hf_pieces(
+    step: &Path,
+    native: &BTreeMap<String, HostTensor>,
+    experts: &BTreeMap<String, Param>,
+    adapter: &dyn MoeAdapter,
+    plan: &ParallelPlan,
+    rank: usize,
+) -> Result<(Vec<LocalTensor>, Vec<String>), String> {
+    let ck = dcp::open(step).map_err(|e| e.to_string())?;
+    let coord = plan.mesh.coordinate(rank).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for key in experts.keys() {
+        let full = native
+            .get(key)
+            .ok_or_else(|| format!("from_hf produced no '{key}'"))?;
+        let placements = placements_of(plan, experts, key);
+        let lt = LocalTensor {
+            key: key.clone(),
+            tensor: ck
+                .read_local(key, &plan.mesh, &placements, rank)
+                .map_err(|e| e.to_string())?,
+            global_shape: full.shape.clone(),
+            indices: indices(&full.shape, plan, &placements, &coord)?,
+            placements,
+        };
+        if let Err(e) = lt.check_label(&plan.mesh, &coord) {
+            bad.push(e.to_string());
+        }
+        for hf in adapter.to_hf_local(&lt).map_err(|e| e.to_string())? {
+            if let Err(e) = hf.check_label(&plan.mesh, &coord) {
+                bad.push(e.to_string());
+            }
+            out.push(hf);
+        }
+    }
+    Ok((out, bad))
+}
+
+/// The checkpoint's own HF tensors for the native expert keys (which HF keys: from the whole-tensor
+/// conversion; their bytes: straight from the checkpoint).
+fn hf_expected(
+    ckpt: &HfCheckpoint,
+    adapter: &dyn MoeAdapter,
+    native: &BTreeMap<String, HostTensor>,
+    experts: &BTreeMap<String, Param>,
+) -> Result<BTreeMap<String, HostTensor>, String> {
+    let subset: BTreeMap<String, HostTensor> = native
+        .iter()
+        .filter(|(k, _)| experts.contains_key(*k))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    let keys = adapter.to_hf(&subset).map_err(|e| e.to_string())?;
+    keys.keys()
+        .map(|k| Ok((k.clone(), ckpt.tensor(k).map_err(|e| e.to_string())?)))
+        .collect()
+}
+
 /// Runs the checkpoint checks on the fixture in `dir`. Collective over `comm`.
 pub fn run(comm: &dyn Communicator, dir: &Path) -> Result<Vec<Check>, String> {
     let label = dir
@@ -206,6 +271,36 @@ pub fn run(comm: &dyn Communicator, dir: &Path) -> Result<Vec<Check>, String> {
         ),
         Err(e) => Check::fail(format!("{tag} {}: reshard on load", load_plan.label()), e),
     });
+
+    // The adapters' pieces at the load mesh on both layouts: each native expert shard read from
+    // the checkpoint, and its HF pieces (`to_hf_local`); every label is checked against
+    // `placement::local_shard`, and the HF pieces gathered must be the checkpoint's tensors.
+    let pieces = hf_pieces(&step, &native, &experts, adapter.as_ref(), &load_plan, rank);
+    let label_problems = match &pieces {
+        Ok((_, bad)) if bad.is_empty() => Ok(()),
+        Ok((_, bad)) => Err(bad.join("; ")),
+        Err(e) => Err(e.clone()),
+    };
+    let what = format!("{tag} {}: labels on both layouts", load_plan.label());
+    checks.push(match agree(comm, label_problems) {
+        Ok(()) => Check::pass(what, "native and HF pieces = placement"),
+        Err(e) => Check::fail(what, e),
+    });
+    let hf_locals = pieces.map(|(t, _)| t);
+    let gathered = gather_full(comm, &hf_locals);
+    checks.push(
+        match hf_expected(&ckpt, adapter.as_ref(), &native, &experts) {
+            Ok(expected) => compare_full(
+                format!(
+                    "{tag} {}: to_hf_local pieces gather to the HF experts bit-exact",
+                    load_plan.label()
+                ),
+                &expected,
+                gathered,
+            ),
+            Err(e) => Check::fail(format!("{tag}: HF expert tensors"), e),
+        },
+    );
 
     // Consolidation on one rank: read_full of every key, to HF, equal to the original.
     let consolidated: Result<Check, String> = (|| {

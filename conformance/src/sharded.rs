@@ -9,7 +9,7 @@ use crate::report::Check;
 use crate::roundtrip::diff_tensor_maps;
 use adapters::{adapter_for, HfCheckpoint, HostTensor, LocalTensor, MoeAdapter, NativeTensorInfo};
 use collectives::Communicator;
-use placement::{format_placements, local_shard, validate_global_shape, DeviceMesh, Placement};
+use placement::{format_placements, DeviceMesh, Placement};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -44,7 +44,8 @@ pub fn plans(world: usize) -> placement::Result<Vec<Plan>> {
     ])
 }
 
-/// This rank's native shards for `plan`, plus the shape check against `placement` for each.
+/// This rank's native shards for `plan`, plus the label check of each: the declared global shape
+/// and placements are the plan's, and `LocalTensor::check_label` accepts them.
 fn local_native(
     adapter: &dyn MoeAdapter,
     ckpt: &HfCheckpoint,
@@ -59,22 +60,7 @@ fn local_native(
         let lt = adapter
             .from_hf_local(ckpt, &info.key, &plan.mesh, &plan.placements, &coord)
             .map_err(|e| e.to_string())?;
-        let expected = local_shard(&info.shape, &plan.mesh, &plan.placements, &coord)
-            .map_err(|e| e.to_string())?;
-        let indices: Vec<_> = (0..info.shape.len())
-            .map(|d| expected.dim_indices(d, info.shape[d]))
-            .collect();
-        if lt.tensor.shape != expected.local_shape {
-            bad.push(format!(
-                "{}: local shape {:?}, placement says {:?}",
-                info.key, lt.tensor.shape, expected.local_shape
-            ));
-        } else if lt.indices != indices {
-            bad.push(format!(
-                "{}: local index sets differ from placement's",
-                info.key
-            ));
-        } else if lt.global_shape != info.shape || lt.placements != plan.placements {
+        if lt.global_shape != info.shape || lt.placements != plan.placements {
             bad.push(format!(
                 "{}: declared {:?} {} != {:?} {}",
                 info.key,
@@ -83,35 +69,30 @@ fn local_native(
                 info.shape,
                 format_placements(&plan.placements)
             ));
-        } else if let Err(e) = validate_global_shape(
-            &lt.tensor.shape,
-            &info.shape,
-            &plan.mesh,
-            &plan.placements,
-            &coord,
-        ) {
-            bad.push(format!("{}: {e}", info.key));
+        } else if let Err(e) = lt.check_label(&plan.mesh, &coord) {
+            bad.push(e.to_string());
         }
         locals.push(lt);
     }
     Ok((locals, bad))
 }
 
-/// This rank's HF-layout shards, converted from its native shards without communication.
+/// This rank's HF-layout shards, converted from its native shards without communication, and
+/// the label check of each (`LocalTensor::check_label`: placements, global shape and coordinate
+/// give exactly its local shape and index sets).
 fn local_hf(
     adapter: &dyn MoeAdapter,
     native: &[LocalTensor],
+    plan: &Plan,
+    rank: usize,
 ) -> Result<(Vec<LocalTensor>, Vec<String>), String> {
+    let coord = plan.mesh.coordinate(rank).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for lt in native {
         for hf in adapter.to_hf_local(lt).map_err(|e| e.to_string())? {
-            let lens: Vec<usize> = hf.indices.iter().map(|s| s.len()).collect();
-            if lens != hf.tensor.shape || hf.global_shape.len() != hf.tensor.shape.len() {
-                bad.push(format!(
-                    "{}: local shape {:?} but index sets of sizes {lens:?}",
-                    hf.key, hf.tensor.shape
-                ));
+            if let Err(e) = hf.check_label(&plan.mesh, &coord) {
+                bad.push(e.to_string());
             }
             out.push(hf);
         }
@@ -119,7 +100,8 @@ fn local_hf(
     Ok((out, bad))
 }
 
-fn compare_full(
+/// A check that the gathered `got` equals `expected` bit for bit (every key, every byte).
+pub(crate) fn compare_full(
     name: String,
     expected: &BTreeMap<String, HostTensor>,
     got: Result<BTreeMap<String, HostTensor>, String>,
@@ -249,12 +231,15 @@ pub fn run(comm: &dyn Communicator, dir: &Path) -> Result<Vec<Check>, String> {
         let native = local_native(adapter.as_ref(), &ckpt, &infos, plan, rank);
         checks.push(match &native {
             Ok((t, bad)) => Check::expect(
-                format!("{tag}: local shapes = placement"),
+                format!("{tag}: from_hf_local labels = placement"),
                 bad.is_empty(),
                 format!("{} tensors", t.len()),
                 || bad.join("; "),
             ),
-            Err(e) => Check::fail(format!("{tag}: local shapes = placement"), e.clone()),
+            Err(e) => Check::fail(
+                format!("{tag}: from_hf_local labels = placement"),
+                e.clone(),
+            ),
         });
         let native_locals = native.map(|(t, _)| t);
         checks.push(compare_full(
@@ -263,18 +248,15 @@ pub fn run(comm: &dyn Communicator, dir: &Path) -> Result<Vec<Check>, String> {
             gather_full(comm, &native_locals),
         ));
 
-        let hf = native_locals.and_then(|t| local_hf(adapter.as_ref(), &t));
+        let hf = native_locals.and_then(|t| local_hf(adapter.as_ref(), &t, plan, rank));
         checks.push(match &hf {
             Ok((t, bad)) => Check::expect(
-                format!("{tag}: to_hf_local index sets match shapes"),
+                format!("{tag}: to_hf_local labels = placement"),
                 bad.is_empty(),
                 format!("{} tensors", t.len()),
                 || bad.join("; "),
             ),
-            Err(e) => Check::fail(
-                format!("{tag}: to_hf_local index sets match shapes"),
-                e.clone(),
-            ),
+            Err(e) => Check::fail(format!("{tag}: to_hf_local labels = placement"), e.clone()),
         });
         let hf_locals = hf.map(|(t, _)| t);
         checks.push(compare_full(

@@ -246,6 +246,35 @@ pub fn placements_with_chunk_sizes(
     })
 }
 
+/// Searches as [`placements_fitting`] for placements under which the rank at `coordinate` of
+/// `mesh` holds exactly `indices` of a tensor of `global_shape` (one [`IndexSet`] per tensor dim,
+/// in local order, as [`LocalShard::dim_indices`] gives them): the label that fits one rank's
+/// piece. A `Partial` mesh dim of the true label shows as `R` here (both hold every index).
+/// `None` when no candidate fits, e.g. index sets that are no `S` / `_S` shard of that mesh.
+///
+/// This names the right label when a piece's own label is wrong: the last two dims of a
+/// transposed `[E, 2I, H]` piece of a native `[E, H, 2I]` tensor with `[S(1)]` hold every row and
+/// half the columns, which is `[S(2)]`, not `[S(1)]`.
+pub fn placements_giving(
+    global_shape: &[usize],
+    mesh: &DeviceMesh,
+    coordinate: &[usize],
+    indices: &[IndexSet],
+) -> Option<Vec<Placement>> {
+    if indices.len() != global_shape.len() {
+        return None;
+    }
+    fitting(global_shape, mesh, |cand| {
+        let s = local_shard(global_shape, mesh, cand, coordinate).ok()?;
+        Some(
+            indices
+                .iter()
+                .enumerate()
+                .all(|(d, want)| &s.dim_indices(d, global_shape[d]) == want),
+        )
+    })
+}
+
 /// The first candidate list (simplest first) for which `ok` returns `Some(true)`.
 fn fitting(
     global_shape: &[usize],
@@ -328,6 +357,59 @@ mod tests {
         assert_eq!(
             (b[1].global.offsets.clone(), b[1].local_start.clone()),
             (vec![6, 0], vec![2, 0])
+        );
+    }
+
+    fn held(shape: &[usize], m: &DeviceMesh, p: &[Placement], c: &[usize]) -> Vec<IndexSet> {
+        let s = local_shard(shape, m, p, c).unwrap();
+        (0..shape.len())
+            .map(|d| s.dim_indices(d, shape[d]))
+            .collect()
+    }
+
+    #[test]
+    fn the_label_that_fits_a_piece_gives_its_index_sets() {
+        // Whatever label made a piece, the one found gives the same index sets at that rank.
+        let shape = [4, 6, 10];
+        for (ms, text) in [
+            (vec![2], "[S(1)]"),
+            (vec![2], "[S(2)]"),
+            (vec![2], "[_S(2, 2)]"),
+            (vec![3], "[S(2)]"),
+            (vec![2, 2], "[S(0), S(1)]"),
+            (vec![2, 2], "[S(0), _S(2, 2)]"),
+            (vec![2, 3], "[R, S(1)]"),
+        ] {
+            let m = mesh(&ms);
+            let p = parse_placements(text).unwrap();
+            for r in 0..m.size() {
+                let c = m.coordinate(r).unwrap();
+                let want = held(&shape, &m, &p, &c);
+                let found = placements_giving(&shape, &m, &c, &want).unwrap();
+                assert_eq!(held(&shape, &m, &found, &c), want, "{text} rank {r}");
+            }
+        }
+        // The transpose that keeps S(1): [E, 2I, H] holds every row and half the columns.
+        let m = mesh(&[2]);
+        let right = held(&[4, 6, 10], &m, &parse_placements("[S(2)]").unwrap(), &[1]);
+        let found = placements_giving(&[4, 6, 10], &m, &[1], &right).unwrap();
+        assert_eq!(crate::format_placements(&found), "[S(2)]");
+        // A partial sum holds every index, as R does.
+        let all = held(&[4, 6], &m, &parse_placements("[P(sum)]").unwrap(), &[1]);
+        let found = placements_giving(&[4, 6], &m, &[1], &all).unwrap();
+        assert_eq!(crate::format_placements(&found), "[R]");
+    }
+
+    #[test]
+    fn no_label_fits_index_sets_no_shard_gives() {
+        let m = mesh(&[2]);
+        // Rank 0 of every S / _S of dim 0 holds row 0.
+        let odd = vec![IndexSet::from_range(1..3), IndexSet::full(3)];
+        assert_eq!(placements_giving(&[4, 3], &m, &[0], &odd), None);
+        // Wrong number of dims.
+        assert_eq!(
+            placements_giving(&[4, 3], &m, &[0], &[IndexSet::full(4)]),
+            None
         );
     }
 

@@ -211,14 +211,14 @@ fn local_work(
             .adapter
             .from_hf_local(&fx.ckpt, key, &plan.mesh, &placements, &coord)
             .map_err(|e| e.to_string())?;
-        let want = local_shard(&lt.global_shape, &plan.mesh, &placements, &coord)
-            .map_err(|e| e.to_string())?
-            .local_shape;
-        if lt.tensor.shape != want {
+        if lt.placements != placements {
             problems.push(format!(
-                "{key} loaded by from_hf_local: local shape {:?}, placement says {want:?}",
-                lt.tensor.shape
+                "{key} loaded by from_hf_local: label {}, the plan says {}",
+                placement::format_placements(&lt.placements),
+                placement::format_placements(&placements)
             ));
+        } else if let Err(e) = lt.check_label(&plan.mesh, &coord) {
+            problems.push(format!("loaded by from_hf_local: {e}"));
         } else if let Some(c) = cut.iter().find(|c| &c.key == key) {
             if lt.tensor.to_f32_vec().map_err(|e| e.to_string())?
                 != c.tensor.to_f32_vec().map_err(|e| e.to_string())?
@@ -260,16 +260,8 @@ fn local_work(
     // Gradient shards: shapes vs placement, and the transposed down_projs' placement.
     let native = grads.to_local_tensors(&fx.keys, plan, &coord, &shapes, false)?;
     for lt in &native {
-        let want = local_shard(&lt.global_shape, &plan.mesh, &lt.placements, &coord)
-            .map_err(|e| e.to_string())?
-            .local_shape;
-        if lt.tensor.shape != want {
-            problems.push(format!(
-                "grad {}: local shape {:?}, placement {} says {want:?}",
-                lt.key,
-                lt.tensor.shape,
-                placement::format_placements(&lt.placements)
-            ));
+        if let Err(e) = lt.check_label(&plan.mesh, &coord) {
+            problems.push(format!("grad {e}"));
         }
         if lt.key == fx.keys.down_projs {
             problems.extend(check_transposed(lt, plan, &coord, mutation));
@@ -278,10 +270,17 @@ fn local_work(
     let mut conversion_problems = Vec::new();
     for lt in grads.to_local_tensors(&fx.keys, plan, &coord, &shapes, true)? {
         match fx.adapter.to_hf_local(&lt) {
-            Ok(hfs) => tensors.extend(hfs.into_iter().map(|hf| LocalTensor {
-                key: format!("hf:{}", hf.key),
-                ..hf
-            })),
+            Ok(hfs) => {
+                for hf in hfs {
+                    if let Err(e) = hf.check_label(&plan.mesh, &coord) {
+                        conversion_problems.push(format!("grad {e}"));
+                    }
+                    tensors.push(LocalTensor {
+                        key: format!("hf:{}", hf.key),
+                        ..hf
+                    });
+                }
+            }
             Err(e) => conversion_problems.push(e.to_string()),
         }
         tensors.push(LocalTensor {
