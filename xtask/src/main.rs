@@ -2,12 +2,14 @@
 //! and (when Open MPI is installed) under `mpirun` at every world size, runs the save/resume training
 //! scenarios (`train`) and the MPI fault scenarios, prints a summary table and writes
 //! `target/conformance/report.md`, `junit.xml` and `report.html`. Exits non-zero on any failure.
+//! `cargo xtask mutants`: mutation testing of the spec code with cargo-mutants (`mutants.rs`).
 //!
 //! xtask only orchestrates: every check lives in the `conformance` crate.
 
 mod dcp;
 mod golden_faults;
 mod html;
+mod mutants;
 mod process;
 mod report;
 mod results;
@@ -47,6 +49,9 @@ enum Cmd {
     /// Run the conformance suites (threads backend, and mpirun when MPI is installed), the
     /// save/resume training scenarios and the fault scenarios; write the reports.
     Conformance(ConformanceArgs),
+    /// Mutation testing of the spec code (cargo-mutants, config `.cargo/mutants.toml`): counts per
+    /// file in target/mutants/summary.md; fails when a mutant is missed.
+    Mutants(mutants::MutantsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,6 +101,14 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
                 eprintln!("xtask conformance: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Mutants(args) => match mutants::run(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("xtask mutants: error: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -123,6 +123,7 @@ fn parse(args: &[&str]) -> ConformanceArgs {
     all.extend_from_slice(args);
     match Cli::try_parse_from(all).unwrap().cmd {
         Cmd::Conformance(a) => a,
+        Cmd::Mutants(_) => unreachable!("parsed as conformance"),
     }
 }
 
