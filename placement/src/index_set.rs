@@ -51,16 +51,11 @@ impl IndexSet {
         IndexSet { runs: out }
     }
 
-    /// From explicit indices in local order (consecutive ones become runs).
+    /// From explicit indices in local order (consecutive ones become runs, as
+    /// [`IndexSet::from_runs`] merges them). `usize::MAX` is no index (`MAX..MAX + 1` overflows)
+    /// and is dropped.
     pub fn from_indices(idx: &[usize]) -> Self {
-        let mut out: Vec<Range<usize>> = Vec::new();
-        for &i in idx {
-            match out.last_mut() {
-                Some(last) if last.end == i && i != usize::MAX => last.end = i + 1,
-                _ => out.push(i..i.saturating_add(1)),
-            }
-        }
-        IndexSet::from_runs(out)
+        IndexSet::from_runs(idx.iter().map(|&i| i..i.saturating_add(1)).collect())
     }
 
     /// The runs, in local order.
@@ -175,7 +170,21 @@ mod tests {
         let naive: Vec<usize> = inner.iter().map(|i| outer.to_vec()[i]).collect();
         assert_eq!(outer.select(&inner).unwrap().to_vec(), naive);
         assert_eq!(naive, vec![7, 14, 0, 9, 6]);
-        assert!(outer.select(&IndexSet::full(8)).is_err());
+        // Position 7 is the first one past the 7 indices held.
+        assert!(matches!(
+            outer.select(&IndexSet::full(8)),
+            Err(PlacementError::IndexOutOfRange {
+                position: 7,
+                len: 7
+            })
+        ));
+        assert!(matches!(
+            outer.select(&IndexSet::from_range(3..10)),
+            Err(PlacementError::IndexOutOfRange {
+                position: 9,
+                len: 7
+            })
+        ));
         assert_eq!(outer.select(&IndexSet::empty()).unwrap(), IndexSet::empty());
     }
 }

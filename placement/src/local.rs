@@ -327,6 +327,23 @@ mod tests {
         assert_eq!(s.dim_indices(1, 3).to_vec(), vec![0, 1, 2]);
         assert_eq!(s.global_offset, vec![6, 0]);
         assert!(!s.is_box());
+        // A plain S shard, a replicated dim and an _S shard that happens to be one run are boxes.
+        let b = local_shard(
+            &[15, 3],
+            &m,
+            &parse_placements("[S(0), R]").unwrap(),
+            &[3, 1],
+        )
+        .unwrap();
+        assert!(b.is_box());
+        let one_run = local_shard(
+            &[4, 3],
+            &mesh(&[2]),
+            &parse_placements("[_S(0, 1)]").unwrap(),
+            &[1],
+        )
+        .unwrap();
+        assert!(one_run.is_box());
     }
 
     #[test]

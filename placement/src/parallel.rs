@@ -420,6 +420,163 @@ mod tests {
     }
 
     #[test]
+    fn fsdp2_takes_1d_and_2d_model_parallel_meshes_only() {
+        // EP x TP on [2, 2]: experts S(0), packed columns _S(2, 2); FSDP on dim 1 is plain S(1).
+        let ep_tp = ModelParallel {
+            mesh_shape: vec![2, 2],
+            placements: parse_placements("[S(0), _S(2, 2)]").unwrap(),
+        };
+        let s = fsdp2_sharding(&[8, 64, 32], 4, None, Some(1), Some(&ep_tp)).unwrap();
+        assert_eq!(s.mesh_shape, vec![4, 2, 2]);
+        assert_eq!(format_placements(&s.placements), "[S(1), S(0), _S(2, 2)]");
+        let three = ModelParallel {
+            mesh_shape: vec![2, 2, 2],
+            placements: parse_placements("[S(0), S(1), S(2)]").unwrap(),
+        };
+        assert!(matches!(
+            fsdp2_sharding(&[8, 64, 32], 4, None, Some(1), Some(&three)),
+            Err(PlacementError::Parallelism(m)) if m.contains("1D TP/EP or 2D EP+TP")
+        ));
+    }
+
+    #[test]
+    fn tp_styles_on_grouped_and_one_d_tensors() {
+        use ParamKind::*;
+        use TpStyle::*;
+        // Rowwise on a grouped [E, I, H] weight shards the last dim, not dim 1.
+        assert_eq!(
+            tp_local_shape(Rowwise, Weight, &[8, 1024, 4096], 4, 0).unwrap(),
+            vec![8, 1024, 1024]
+        );
+        // Colwise on a grouped [E, out, in] weight shards dim -2.
+        assert_eq!(
+            tp_local_shape(Colwise, Weight, &[8, 1024, 4096], 4, 0).unwrap(),
+            vec![8, 256, 4096]
+        );
+        // packed_colwise: a [2I] bias is _S(0, 2); a [E, 2I, H] weight _S(1, 2); an even fused
+        // dim has a local shape.
+        assert_eq!(
+            format!("{}", tp_placement(PackedColwise, Bias, 1).unwrap()),
+            "_S(0, 2)"
+        );
+        assert_eq!(
+            format!("{}", tp_placement(PackedColwise, Weight, 3).unwrap()),
+            "_S(1, 2)"
+        );
+        assert_eq!(
+            tp_local_shape(PackedColwise, Weight, &[12, 5], 2, 1).unwrap(),
+            vec![6, 5]
+        );
+        // [16] = gate 8 | up 8 over 4: rank 3 holds 2 of each (torch.chunk of 8 by 4).
+        assert_eq!(
+            tp_local_shape(PackedColwise, Bias, &[16], 4, 3).unwrap(),
+            vec![4]
+        );
+    }
+
+    #[test]
+    fn named_plans_match_their_sources() {
+        use MeshRole::*;
+        // (name, world, mesh shape, roles, sp): torchtitan EP, transformers TP, Megatron SP,
+        // FSDP2; 2-D plans are [world / 2, 2].
+        let table: [(&str, usize, Vec<usize>, Vec<MeshRole>, bool); 10] = [
+            ("single", 1, vec![1], vec![Dp], false),
+            ("ep", 4, vec![4], vec![Ep], false),
+            ("tp", 2, vec![2], vec![Tp], false),
+            ("tp-sp", 2, vec![2], vec![Tp], true),
+            ("fsdp", 3, vec![3], vec![Fsdp], false),
+            ("ep-tp", 8, vec![4, 2], vec![Ep, Tp], false),
+            ("ep-fsdp", 4, vec![2, 2], vec![Ep, Fsdp], false),
+            ("ep-tp", 1, vec![1, 1], vec![Ep, Tp], false),
+            ("ep", 1, vec![1], vec![Ep], false),
+            ("tp-sp", 1, vec![1], vec![Tp], true),
+        ];
+        for (name, world, mesh, roles, sp) in table {
+            let p = named_plan(name, world).unwrap();
+            assert_eq!(p.name, name);
+            assert_eq!(
+                (p.mesh_shape, p.roles, p.sp),
+                (mesh, roles, sp),
+                "{name} {world}"
+            );
+        }
+        assert_eq!(
+            named_plan("ep-fsdp", 2).unwrap().dim_names(),
+            vec!["ep", "fsdp"]
+        );
+        assert_eq!(named_plan("single", 1).unwrap().dim_names(), vec!["dp"]);
+        assert_eq!(named_plan("tp", 2).unwrap().dim_names(), vec!["tp"]);
+        let msg = |r: Result<NamedPlan>| match r {
+            Err(PlacementError::Parallelism(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(msg(named_plan("single", 2)).contains("plan single runs on 1 rank, not 2"));
+        assert!(msg(named_plan("ep-tp", 6 - 3)).contains("needs an even world size, got 3"));
+        assert!(msg(named_plan("ep-fsdp", 5)).contains("got 5"));
+        assert!(msg(named_plan("ep", 0)).contains("world size 0"));
+        assert!(msg(named_plan("pp", 2)).contains("unknown plan 'pp' (known: single, ep"));
+    }
+
+    #[test]
+    fn moe_placements_per_role() {
+        use MeshRole::*;
+        use MoeParam::*;
+        let table = [
+            // (param, role, sp, placement)
+            (Tokens, Tp, false, "R"),
+            (Tokens, Tp, true, "S(0)"),
+            (Tokens, Ep, false, "S(0)"),
+            (Tokens, Fsdp, false, "S(0)"),
+            (Tokens, Dp, false, "S(0)"),
+            (Replicated, Ep, true, "R"),
+            (GateAndUp, Ep, false, "S(0)"),
+            (GateAndUp, Tp, true, "_S(2, 2)"),
+            (GateAndUp, Fsdp, false, "S(1)"),
+            (GateAndUp, Dp, false, "R"),
+            (Down, Tp, false, "S(1)"),
+            (Down, Fsdp, false, "S(1)"),
+            (GateUpBias, Tp, false, "_S(1, 2)"),
+            (GateUpBias, Ep, false, "S(0)"),
+            (GateUpBias, Fsdp, false, "R"),
+            (DownBias, Tp, false, "R"),
+            (DownBias, Ep, false, "S(0)"),
+        ];
+        for (param, role, sp, want) in table {
+            assert_eq!(
+                moe_placement(param, role, sp).to_string(),
+                want,
+                "{param:?} {role:?} sp={sp}"
+            );
+        }
+        let tp_sp = named_plan("tp-sp", 2).unwrap();
+        assert_eq!(format_placements(&tp_sp.placements(Tokens)), "[S(0)]");
+        let tp = named_plan("tp", 2).unwrap();
+        assert_eq!(format_placements(&tp.placements(Tokens)), "[R]");
+    }
+
+    #[test]
+    fn native_keys_name_their_block_tensor() {
+        use MoeParam::*;
+        let of = NamedPlan::param_of_native_key;
+        let l = "model.layers.3.mlp.experts.";
+        assert_eq!(of(&format!("{l}gate_and_up_projs")), GateAndUp);
+        assert_eq!(of(&format!("{l}down_projs")), Down);
+        assert_eq!(of(&format!("{l}gate_up_proj_bias")), GateUpBias);
+        assert_eq!(of(&format!("{l}down_proj_bias")), DownBias);
+        // The same last names outside an experts module, and other tensors, are replicated.
+        for k in [
+            "model.layers.3.mlp.shared_expert.gate_and_up_projs",
+            "model.layers.3.mlp.shared_expert.down_projs",
+            "model.layers.3.mlp.shared_expert.gate_up_proj_bias",
+            "model.layers.3.mlp.shared_expert.down_proj_bias",
+            "model.layers.3.mlp.gate.weight",
+            "model.embed_tokens.weight",
+        ] {
+            assert_eq!(of(k), Replicated, "{k}");
+        }
+    }
+
+    #[test]
     fn tp_styles_hand_worked() {
         use ParamKind::*;
         use TpStyle::*;

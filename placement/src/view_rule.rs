@@ -94,8 +94,11 @@ fn infer_size(
     Ok(out)
 }
 
-/// `view_groups(from_size, to_size)` of `_view_ops.py` for concrete sizes.
-fn view_groups(from: &[usize], to: &[usize]) -> Vec<DimSpec> {
+/// `view_groups(from_size, to_size)` of `_view_ops.py` for concrete sizes. `None` where that
+/// loop makes no progress: a 0-element tensor whose sizes leave an input dim > 1 after the last
+/// output dim, or an output dim > 1 after the last input dim (`[0, 2] -> [0]`, `[0] -> [0, 2]`;
+/// the Python loop backtracks forever there).
+fn view_groups(from: &[usize], to: &[usize]) -> Option<Vec<DimSpec>> {
     let (from_len, to_len) = (from.len(), to.len());
     let (mut fi, mut ti) = (0usize, 0usize);
     let mut result = Vec::new();
@@ -117,9 +120,12 @@ fn view_groups(from: &[usize], to: &[usize]) -> Vec<DimSpec> {
             to[ti - 1]
         };
         if f == 1 && t != 1 {
+            // Backtrack the output dim; progress only when an input dim of size 1 was consumed.
+            from_group.first()?;
             ti -= 1;
             to_group.clear();
         } else if f != 1 && t == 1 {
+            to_group.first()?;
             fi -= 1;
             from_group.clear();
         } else {
@@ -144,7 +150,7 @@ fn view_groups(from: &[usize], to: &[usize]) -> Vec<DimSpec> {
             }
         }
     }
-    result
+    Some(result)
 }
 
 /// Phase 1 result: input placements after demotion, and input dim -> output dims.
@@ -573,7 +579,11 @@ pub fn view_placements(
             what: format!("element count of {global_shape:?}"),
         })?;
     let to = infer_size(total, sizes, &err)?;
-    let rule = view_groups(global_shape, &to);
+    let rule = view_groups(global_shape, &to).ok_or_else(|| {
+        err(format!(
+            "the dims of a 0-element tensor cannot be grouped with the sizes {to:?}"
+        ))
+    })?;
     let mut prop = Propagator {
         src: placements,
         global: global_shape,
@@ -614,7 +624,7 @@ mod tests {
     #[test]
     fn view_groups_matches_docstring() {
         assert_eq!(
-            view_groups(&[2, 3, 4], &[2, 12]),
+            view_groups(&[2, 3, 4], &[2, 12]).unwrap(),
             vec![DimSpec::Input(0), DimSpec::Flatten(vec![1, 2])]
         );
         let s = |i| DimSpec::Split {
@@ -622,6 +632,34 @@ mod tests {
             group_shape: vec![3, 2],
             split_id: i,
         };
-        assert_eq!(view_groups(&[2, 3], &[3, 2]), vec![s(0), s(1)]);
+        assert_eq!(view_groups(&[2, 3], &[3, 2]).unwrap(), vec![s(0), s(1)]);
+        // Size-1 dims on either side: a new output dim is a singleton, an input one is dropped.
+        assert_eq!(
+            view_groups(&[4], &[4, 1]).unwrap(),
+            vec![DimSpec::Input(0), DimSpec::Singleton]
+        );
+        assert_eq!(view_groups(&[1, 4], &[4]).unwrap(), vec![DimSpec::Input(1)]);
+        assert_eq!(
+            view_groups(&[4, 1], &[1, 4]).unwrap(),
+            vec![DimSpec::Singleton, DimSpec::Input(0)]
+        );
+    }
+
+    #[test]
+    fn sizes_that_fit_no_view_are_refused_and_zero_elements_do_not_hang() {
+        let msg = |r: Result<String>| match r {
+            Err(PlacementError::ViewRejected { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(msg(v(&[6], &[4, -1], &[2], "[R]")).contains("not integral"));
+        // -1 next to a 0 can be any size.
+        assert!(msg(v(&[0, 3], &[0, -1], &[1], "[R]")).contains("not integral"));
+        assert!(msg(v(&[6], &[-1, -1], &[1], "[R]")).contains("only one dimension"));
+        assert!(msg(v(&[6], &[-2, 3], &[1], "[R]")).contains("invalid size -2"));
+        assert!(msg(v(&[6], &[4], &[1], "[R]")).contains("sizes do not match: 6 vs 4"));
+        // The grouping loop would backtrack forever on these.
+        assert!(msg(v(&[0, 2], &[0], &[1], "[R]")).contains("0-element"));
+        assert!(msg(v(&[0], &[0, 2], &[1], "[R]")).contains("0-element"));
+        assert_eq!(v(&[0, 2], &[0, 2, 1], &[1], "[R]").unwrap(), "[R]");
     }
 }
