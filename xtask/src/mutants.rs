@@ -40,6 +40,10 @@ pub struct MutantsArgs {
     /// Run one shard `k/n` of the mutants, as `cargo mutants --shard`.
     #[arg(long)]
     pub shard: Option<String>,
+    /// Skip the mutants the previous run in `target/mutants/` caught, as `cargo mutants
+    /// --iterate` (they are counted as caught again, from its `previously_caught.txt`).
+    #[arg(long)]
+    pub iterate: bool,
     /// Parallel build/test jobs, as `cargo mutants --jobs`.
     #[arg(long)]
     pub jobs: Option<usize>,
@@ -91,6 +95,7 @@ pub fn summarise(out: &Path) -> Result<(BTreeMap<String, Counts>, Vec<String>), 
     let mut missed_lines = Vec::new();
     for (name, slot) in [
         ("caught.txt", 0),
+        ("previously_caught.txt", 0),
         ("missed.txt", 1),
         ("unviable.txt", 2),
         ("timeout.txt", 3),
@@ -164,6 +169,18 @@ fn file_regex(prefix: &str) -> String {
     r
 }
 
+/// `--iterate` needs the outcome lists of a previous run.
+fn cmd_iterate_check(out: &Path) -> Result<(), String> {
+    if out.join("caught.txt").is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "--iterate: no previous run in {} (run without --iterate first)",
+            out.display()
+        ))
+    }
+}
+
 /// The crate of a workspace-relative path (its first component).
 fn crate_of(file: &str) -> &str {
     file.split('/').next().unwrap_or(file)
@@ -205,7 +222,11 @@ pub fn run(args: MutantsArgs) -> Result<bool, String> {
     let dir = root.join("target").join("mutants");
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let out = dir.join("mutants.out");
-    let _ = fs::remove_dir_all(&out);
+    if args.iterate {
+        cmd_iterate_check(&out)?;
+    } else {
+        let _ = fs::remove_dir_all(&out);
+    }
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root)
         .args(["mutants", "--no-shuffle", "--colors", "never", "--output"])
@@ -249,6 +270,9 @@ pub fn run(args: MutantsArgs) -> Result<bool, String> {
     }
     if let Some(s) = &args.shard {
         cmd.args(["--shard", s]);
+    }
+    if args.iterate {
+        cmd.arg("--iterate");
     }
     if let Some(j) = args.jobs {
         cmd.args(["--jobs", &j.to_string()]);
