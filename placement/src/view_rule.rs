@@ -130,17 +130,21 @@ fn view_groups(from: &[usize], to: &[usize]) -> Option<Vec<DimSpec>> {
             from_group.clear();
         } else {
             while f != t {
-                if fi < from_len && (ti >= to_len || (f != 0 && t % f == 0) || t > f) {
-                    from_group.push(fi);
-                    f = f.saturating_mul(from[fi]);
-                    fi += 1;
-                } else if ti < to_len && (fi >= from_len || (t != 0 && f % t == 0) || f > t) {
-                    to_group.push(to[ti]);
-                    t = t.saturating_mul(to[ti]);
-                    ti += 1;
-                } else {
-                    break;
+                // Grow the side with the smaller product, the input first (`_view_ops.py`: `f <
+                // t` grows the input); a 0 output is reached through the input dims, a 0 input
+                // through the output dims once the input is used up.
+                if t == 0 || t > f {
+                    if let Some(&n) = from.get(fi) {
+                        from_group.push(fi);
+                        f = f.saturating_mul(n);
+                        fi += 1;
+                        continue;
+                    }
                 }
+                let Some(&n) = to.get(ti) else { break };
+                to_group.push(n);
+                t = t.saturating_mul(n);
+                ti += 1;
             }
         }
         if !to_group.is_empty() {
@@ -387,6 +391,10 @@ impl Propagator<'_> {
         map: &BTreeMap<usize, Vec<usize>>,
     ) -> std::result::Result<Vec<Placement>, String> {
         let mut claimed: BTreeSet<(usize, usize)> = BTreeSet::new();
+        // Local sizes after the mesh dims so far, read only for the dims of a Flatten output
+        // (the split factor and evenness of a later shard of that group), so only the shards
+        // whose output is a Flatten update them (torch's `local_tensor_shapes` also divides the
+        // others; nothing reads those).
         let mut local: Vec<usize> = self.global.to_vec();
         let mut out = Vec::with_capacity(tgt.len());
         for (m, p) in tgt.iter().enumerate() {
@@ -404,18 +412,15 @@ impl Propagator<'_> {
             let k = self.mesh[m];
             match p {
                 Placement::Shard(_) => {
-                    let o = match dims.len() {
-                        0 => {
-                            return Err(format!(
-                                "no output dim for S({d}) (PyTorch AssertionError)"
-                            ))
-                        }
-                        1 => dims[0],
+                    // One unclaimed output dim, else the first split of the group (none left:
+                    // refused, as PyTorch's assertion).
+                    let o = match dims.as_slice() {
+                        [o] => *o,
                         _ => *dims
                             .iter()
                             .find(|&&o| matches!(self.rule[o], DimSpec::Split { split_id: 0, .. }))
                             .ok_or_else(|| {
-                                format!("no Split(split_id=0) for S({d}) (PyTorch AssertionError)")
+                                format!("no unclaimed output dim (one, or a Split(split_id=0)) for S({d}) (PyTorch AssertionError)")
                             })?,
                     };
                     match &self.rule[o] {
@@ -427,13 +432,9 @@ impl Propagator<'_> {
                                     ));
                                 }
                             }
-                            local[d] /= k;
                             out.push(Placement::Shard(o));
                         }
-                        DimSpec::Input(_) => {
-                            local[d] /= k;
-                            out.push(Placement::Shard(o));
-                        }
+                        DimSpec::Input(_) => out.push(Placement::Shard(o)),
                         DimSpec::Flatten(fl) => {
                             let (first, last) = (fl[0], fl[fl.len() - 1]);
                             let placement = if d == first {
@@ -476,7 +477,6 @@ impl Propagator<'_> {
                                 == Some(sf)
                             {
                                 claimed.insert((d, o));
-                                local[d] /= k;
                                 out.push(Placement::Shard(o));
                                 done = true;
                                 break;
@@ -661,5 +661,133 @@ mod tests {
         assert!(msg(v(&[0, 2], &[0], &[1], "[R]")).contains("0-element"));
         assert!(msg(v(&[0], &[0, 2], &[1], "[R]")).contains("0-element"));
         assert_eq!(v(&[0, 2], &[0, 2, 1], &[1], "[R]").unwrap(), "[R]");
+        // A 0 on one side is grouped with every dim up to the 0 on the other (flattened groups
+        // leave out their 0-size input dims, as `_view_ops.py`).
+        assert_eq!(view_groups(&[2, 0], &[0]).unwrap(), vec![DimSpec::Input(0)]);
+        let split = |input: DimSpec, group_shape: Vec<usize>, i| DimSpec::Split {
+            input: Box::new(input),
+            group_shape,
+            split_id: i,
+        };
+        assert_eq!(
+            view_groups(&[0], &[2, 0]).unwrap(),
+            vec![
+                split(DimSpec::Singleton, vec![2, 0], 0),
+                split(DimSpec::Singleton, vec![2, 0], 1)
+            ]
+        );
+        assert_eq!(
+            view_groups(&[0, 2, 3], &[4, 0]).unwrap(),
+            vec![
+                split(DimSpec::Flatten(vec![1, 2]), vec![4, 0], 0),
+                split(DimSpec::Flatten(vec![1, 2]), vec![4, 0], 1)
+            ]
+        );
+        // The smaller product grows: [2, 3] -> [6] grows the input, [6] -> [2, 3] the output.
+        assert_eq!(
+            view_groups(&[2, 3], &[6]).unwrap(),
+            vec![DimSpec::Flatten(vec![0, 1])]
+        );
+        assert_eq!(
+            view_groups(&[6], &[2, 3]).unwrap(),
+            vec![
+                split(DimSpec::Input(0), vec![2, 3], 0),
+                split(DimSpec::Input(0), vec![2, 3], 1)
+            ]
+        );
+    }
+
+    /// `_StridedShard` inputs unflattened where the matched split is not the last output dim:
+    /// torch 2.15's `propagate_shape_and_sharding(..., strict_view=True)` on these inputs gave
+    /// the placements below, or raised "Cannot unflatten unevenly sharded tensor: output
+    /// dimension D ..." / "would remove or reshape sharded dimension" (`ERR`).
+    #[test]
+    fn strided_unflatten_matches_torch() {
+        let cases: [(&[usize], &[i64], &[usize], &str, &str); 12] = [
+            (
+                &[24],
+                &[2, 3, 4],
+                &[2],
+                "[_S(0, 2)]",
+                "ERR output dimension 1 (size 3)",
+            ),
+            (&[24], &[2, 4, 3], &[2], "[_S(0, 2)]", "[S(1)]"),
+            (
+                &[48],
+                &[2, 6, 4],
+                &[4],
+                "[_S(0, 2)]",
+                "ERR output dimension 1 (size 6)",
+            ),
+            (&[48], &[2, 8, 3], &[4], "[_S(0, 2)]", "[S(1)]"),
+            (
+                &[48],
+                &[2, 8, 3],
+                &[2, 2],
+                "[_S(0, 2), S(0)]",
+                "[S(1), S(0)]",
+            ),
+            (
+                &[48],
+                &[2, 8, 3],
+                &[2, 2],
+                "[S(0), _S(0, 2)]",
+                "[S(0), _S(1, 2)]",
+            ),
+            (
+                &[24],
+                &[2, 3, 4],
+                &[2, 2],
+                "[_S(0, 2), S(0)]",
+                "ERR output dimension 1 (size 3)",
+            ),
+            (
+                &[24],
+                &[2, 4, 3],
+                &[2, 2],
+                "[_S(0, 2), S(0)]",
+                "[S(1), S(0)]",
+            ),
+            (
+                &[24],
+                &[2, 4, 3],
+                &[2, 2],
+                "[_S(0, 8), S(0)]",
+                "[S(2), S(0)]",
+            ),
+            (
+                &[72],
+                &[2, 6, 6],
+                &[2, 3],
+                "[_S(0, 2), S(0)]",
+                "ERR output dimension 0 (size 2)",
+            ),
+            (
+                &[72],
+                &[2, 6, 6],
+                &[3, 2],
+                "[_S(0, 2), S(0)]",
+                "[S(1), S(0)]",
+            ),
+            (
+                &[72],
+                &[2, 6, 6],
+                &[2, 3],
+                "[S(0), _S(0, 2)]",
+                "ERR reshape sharded dimension 0",
+            ),
+        ];
+        for (g, sizes, mesh, p, want) in cases {
+            let got = v(g, sizes, mesh, p);
+            match want.strip_prefix("ERR ") {
+                Some(needle) => match got {
+                    Err(PlacementError::ViewRejected { reason, .. }) => {
+                        assert!(reason.contains(needle), "{g:?} {sizes:?} {p}: {reason}")
+                    }
+                    other => panic!("{g:?} {sizes:?} {mesh:?} {p}: {other:?}, torch raises"),
+                },
+                None => assert_eq!(got.unwrap(), want, "{g:?} {sizes:?} {mesh:?} {p}"),
+            }
+        }
     }
 }

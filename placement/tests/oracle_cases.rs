@@ -106,3 +106,22 @@ fn cases_file_from_env() {
     println!("{path}: {passed} passed, {failed} failed, {excluded} excluded");
     assert_eq!(failed, 0);
 }
+
+/// The targeted strict-view cases (`oracle/view_edge_cases.json`, written by
+/// `oracle/generate_view_edge_cases.py` from torch 2.15's view rule): `_StridedShard` inputs
+/// unflattened at a split that is not the last, `_S` on the first dim of a flattened group, `_S`
+/// then `S` of one dim on 2-D meshes. None is excluded: torch's crashes are refusals here too.
+#[test]
+fn committed_view_edge_cases_all_pass() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/oracle/view_edge_cases.json");
+    let text = std::fs::read_to_string(path).expect("read oracle/view_edge_cases.json");
+    let report = check_cases_json(&text).expect("a placement-cases/1 document");
+    let (passed, failed, excluded) = report.counts();
+    for r in &report.results {
+        if let CaseOutcome::Fail { expected, got } = &r.outcome {
+            println!("FAIL {}: expected {expected}, got {got}", r.id);
+        }
+    }
+    assert_eq!((failed, excluded), (0, 0));
+    assert_eq!(passed, 68);
+}
