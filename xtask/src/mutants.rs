@@ -169,6 +169,22 @@ fn file_regex(prefix: &str) -> String {
     r
 }
 
+/// `git checkout -- FILE` for every file mutants were generated from (after an `--in-place` run
+/// killed at the time bound).
+fn restore<'a>(root: &Path, files: impl Iterator<Item = &'a String>) -> Result<(), String> {
+    for f in files {
+        let status = Command::new("git")
+            .current_dir(root)
+            .args(["checkout", "--", f])
+            .status()
+            .map_err(|e| format!("git checkout -- {f}: {e}"))?;
+        if !status.success() {
+            return Err(format!("git checkout -- {f}: {status}"));
+        }
+    }
+    Ok(())
+}
+
 /// `--iterate` needs the outcome lists of a previous run.
 fn cmd_iterate_check(out: &Path) -> Result<(), String> {
     if out.join("caught.txt").is_file() {
@@ -289,6 +305,10 @@ pub fn run(args: MutantsArgs) -> Result<bool, String> {
     );
     let outcome = run_logged(cmd, &log, None, bound)?;
     let (files, missed) = summarise(&out)?;
+    if args.in_place && outcome.timed_out {
+        // Killed at the bound, cargo-mutants may not have put the mutated file back.
+        restore(&root, files.keys())?;
+    }
     let text = table(&files);
     let mut all = Counts::default();
     files.values().for_each(|c| all.add(c));
