@@ -6,8 +6,8 @@ the output placements, or `"error": true` where torch raises. Where torch's rule
 (KeyError on an input dim it never mapped) the case is a refusal too, as in cases.json, but it is
 checked here, not excluded. Covers what the random cases of generate_cases.py rarely reach:
 unflattening `_S` inputs where the matched split is not the last output dim, `_S` on the first
-dim of a flattened group (the split factor search over the trailing dims), `_S` then `S` of one
-dim on 2-D meshes.
+dim of a flattened group (the split factor search over the trailing dims), `_S` then `S` of dims
+of one group on 2-D and 3-D meshes.
 
     ../torch-venv/bin/python placement/oracle/generate_view_edge_cases.py
 """
@@ -43,6 +43,14 @@ CASES = [
     ((4, 6, 2), (48,), (2, 2), [SS(1, split_factor=3), S(2)]),
     ((2, 4, 3), (4, 6), (2,), [SS(1, split_factor=2)]),
     ((2, 4, 3), (4, 6), (2,), [SS(0, split_factor=2)]),
+    # _S of a later dim of a flattened group, then S of that dim or a later one: the local sizes
+    # after the _S set the later split factors and the evenness check.
+    ((4, 6), (24,), (2, 2, 2), [SS(1, split_factor=2), S(1), S(1)]),
+    ((4, 12), (48,), (2, 2, 2), [SS(1, split_factor=2), S(1), S(1)]),
+    ((4, 6), (24,), (2, 3), [SS(1, split_factor=2), S(1)]),
+    ((4, 6, 2), (48,), (2, 3), [SS(1, split_factor=2), S(1)]),
+    ((4, 6, 2), (48,), (2, 3, 2), [SS(1, split_factor=2), S(1), S(2)]),
+    ((4, 6, 2), (48,), (2, 2, 2), [SS(1, split_factor=2), S(1), S(2)]),
 ]
 # _S on the first dim of a flattened group that is split again.
 for g, tgt in [((4, 3), (2, 6)), ((8, 3), (4, 6)), ((8, 3), (2, 12)), ((8, 5), (4, 10)),

@@ -123,5 +123,5 @@ fn committed_view_edge_cases_all_pass() {
         }
     }
     assert_eq!((failed, excluded), (0, 0));
-    assert_eq!(passed, 68);
+    assert_eq!(passed, 74);
 }
