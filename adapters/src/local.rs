@@ -240,6 +240,31 @@ mod tests {
     }
 
     #[test]
+    fn validate_names_the_key_of_a_broken_invariant() {
+        let mesh = DeviceMesh::new(vec![2]).unwrap();
+        let good = piece(&mesh, "[S(2)]", "[S(2)]", &[1]);
+        good.validate().unwrap();
+        let err = |p: LocalTensor| p.validate().unwrap_err().to_string();
+        // Fewer index sets than dims.
+        let mut p = good.clone();
+        p.indices.pop();
+        assert!(err(p).contains(
+            "model.layers.0.mlp.experts.down_proj': shape [4, 6, 4] but index-set lengths [4, 6]"
+        ));
+        // Index-set lengths that are not the tensor's shape.
+        let mut p = good.clone();
+        p.indices[1] = IndexSet::from_range(0..5);
+        assert!(err(p).contains("index-set lengths [4, 5, 4]"));
+        // An index past the global extent (the last one allowed is 7).
+        let mut p = good.clone();
+        p.indices[2] = IndexSet::from_range(5..9);
+        assert!(err(p).contains("index 8 out of range for dim 2 of global shape [4, 6, 8]"));
+        let mut p = good.clone();
+        p.indices[2] = IndexSet::from_range(4..8);
+        p.validate().unwrap();
+    }
+
+    #[test]
     fn index_sets_no_label_gives_are_named_so() {
         let mesh = DeviceMesh::new(vec![2]).unwrap();
         let mut p = piece(&mesh, "[S(2)]", "[S(2)]", &[0]);
