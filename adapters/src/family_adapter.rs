@@ -757,3 +757,17 @@ impl MoeAdapter for FamilyAdapter {
         g.to_disk_local(local)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_key_lists_stop_after_three() {
+        let keys: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+        assert_eq!(list_keys(&keys[..2]), "k0, k1");
+        assert_eq!(list_keys(&keys[..3]), "k0, k1, k2");
+        assert_eq!(list_keys(&keys[..4]), "k0, k1, k2, ...");
+        assert_eq!(list_keys(&keys), "k0, k1, k2, ...");
+    }
+}
