@@ -11,7 +11,7 @@
 //!
 //! Both backends exchange every call's arguments before moving data, so a collective issued
 //! with different ops/dtypes/counts on different ranks fails on every rank instead of hanging
-//! (the failure mode behind NeMo Automodel PR 1570/1589; see `shared/reference/collectives.md`).
+//! (the failure mode behind NeMo Automodel PR 1570/1589).
 //! [`selftest`] holds the checks both backends must pass.
 //!
 //! ```

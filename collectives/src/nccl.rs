@@ -1,8 +1,8 @@
 //! NCCL backend (crate feature `nccl`): cudarc 0.19 (`nccl`, `driver`, `dynamic-loading`,
 //! `cuda-13000`), one GPU per rank. It builds on machines without CUDA; at run time
 //! [`availability`] reports [`NcclAvailability::Skipped`] (`"skipped: no CUDA device"`) instead
-//! of calling into a missing library (cudarc PANICS on a missing library; see
-//! `shared/reference/collectives.md`).
+//! of calling into a missing library (cudarc's dynamic loading panics when the library is
+//! missing, so the library is looked up first).
 //!
 //! A [`NcclComm`] is created collectively from a bootstrap communicator (MPI world, or the
 //! threads backend for one process): rank 0 makes the NCCL unique id and broadcasts its 128

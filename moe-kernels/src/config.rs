@@ -1,7 +1,7 @@
 //! The MoE block's configuration, parameters (native grouped layout), gradients and saved forward
 //! state, shared by the [`crate::reference`] and [`crate::fast`] paths, plus shape validation.
 //!
-//! Native layout (NeMo Automodel's, used as `x @ W`; `/work/shared/reference/models.md`):
+//! Native layout (NeMo Automodel's, used as `x @ W`):
 //! `gate_and_up_projs` `[E, H, 2I]` with the gate half FIRST for every family (GPT-OSS's
 //! interleaved disk layout is de-interleaved by the adapters), `down_projs` `[E, I, H]`.
 

@@ -4,8 +4,8 @@
 //! Source: transformers `models/qwen3_moe/modeling_qwen3_moe.py`, `Qwen3MoeTopKRouter.forward`:
 //! `logits = F.linear(x, W)`; `p = softmax(logits, dtype=float32)`; `(w, idx) = topk(p, k)`;
 //! `if norm_topk_prob: w /= w.sum(-1, keepdim=True)`. `torch.topk` does not specify the order
-//! of equal values; this project defines it: **the lowest expert index wins a tie** (see
-//! `/work/shared/reference/models.md`, "Router math").
+//! of equal values; this project defines it: **the lowest expert index wins a tie** (the
+//! routers' own code is in `routing.rs`).
 
 use ndarray::{Array2, ArrayView2};
 

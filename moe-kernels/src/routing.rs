@@ -2,9 +2,8 @@
 //! weights) and backward (weight gradient -> logit gradient), generic over `f32` / `f64`.
 //!
 //! Sources: transformers `Qwen3MoeTopKRouter`, `MixtralTopKRouter`, `GptOssTopKRouter`,
-//! `DeepseekV3TopkRouter` (GLM4-MoE identical), `Step3p7TopKRouter`; summary in
-//! `/work/shared/reference/models.md` ("Router math"). **Ties: the lowest expert index wins** in
-//! every top-k (and the lowest group index in the group top-k); `torch.topk` leaves the order
+//! `DeepseekV3TopkRouter` (GLM4-MoE identical), `Step3p7TopKRouter`. **Ties: the lowest expert index wins**
+//! in every top-k (and the lowest group index in the group top-k); `torch.topk` leaves the order
 //! of equal values unspecified, this project fixes it.
 
 use ndarray::{Array2, ArrayView1, ArrayView2};

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Oracle generator: placement cases from PyTorch DTensor's own code (torch 2.15, CPU).
 
-Writes placement/oracle/cases.json in the format of shared/reference/fixtures.md
-("Placement cases"): kinds `local`, `global_from_local`, `view`, `redistribute`.
+Writes placement/oracle/cases.json in the placement-cases/1 format (read by placement::cases):
+kinds `local`, `global_from_local`, `view`, `redistribute`.
 
-Set-up (see shared/reference/placement.md, last section): one subprocess per world size W runs
+Set-up: one subprocess per world size W runs
 `dist.init_process_group("fake", rank=0, world_size=W)` and `init_device_mesh("cpu", shape)`;
 per-rank truth comes from setting `mesh._coordinate_on_dim` and running
 `distribute_tensor(..., src_data_rank=None)` (no communication), clearing the sharding

@@ -1,5 +1,6 @@
-//! The case checker: evaluates every case of a `placement-cases/1` JSON file (format in
-//! `shared/reference/fixtures.md`, "Placement cases") against this crate and reports pass, fail
+//! The case checker: evaluates every case of a `placement-cases/1` JSON file (the document
+//! `oracle/generate_cases.py` writes: `format`, `torch_version`, and `cases`, objects with `id`, `kind`
+//! and the kind's fields) against this crate and reports pass, fail
 //! or excluded per case. Kinds: `local`, `global_from_local`, `view`, `redistribute`.
 //!
 //! A case carrying an `"excluded": "reason"` field is a documented PyTorch self-disagreement

@@ -4,7 +4,7 @@
 //! rules of dim permutations and other view ops, and the strategies PyTorch picks for slice/narrow,
 //! select, cat and split ([`strategy`]).
 //!
-//! Rules and verified tables: `shared/reference/placement.md`; PyTorch sources:
+//! Rules and verified tables: this crate's README; PyTorch sources:
 //! `torch/distributed/tensor/placement_types.py`, `torch/distributed/tensor/_utils.py`
 //! (`compute_local_shape_and_global_offset`), `torch/distributed/tensor/_ops/_view_ops.py`.
 //!

@@ -2,7 +2,7 @@
 //! parallelism, in the style of `torch.autograd.Function` (a layer calls `forward`, keeps the
 //! op, and calls `backward` on the output gradient). Sources: Megatron-LM
 //! `megatron/core/tensor_parallel/mappings.py`, HF transformers `integrations/tensor_parallel.py`,
-//! torchtitan `distributed/expert_parallel.py`; table in `shared/reference/collectives.md`.
+//! torchtitan `distributed/expert_parallel.py`; the table of ops is in this crate's README.
 //!
 //! | op | forward | backward | input -> output layout |
 //! |---|---|---|---|

@@ -4,7 +4,7 @@
 //! f32 tolerance) as [`crate::reference`]; bitwise deterministic across runs and thread counts
 //! (every output element is one fixed-order reduction, see [`grouped`]).
 //!
-//! Pipeline (`/work/shared/reference/kernels.md`): `z = x Wr^T (+ b)` -> route -> permutation
+//! Pipeline: `z = x Wr^T (+ b)` -> route -> permutation
 //! -> gather `xp` `[N = T k, H]` -> `a = xp W_gu[e] (+ b)` `[N, 2I]` -> `h = act(a)` `[N, I]`
 //! -> `y = h W_d[e] (+ b)` `[N, H]` -> `out_t = sum_j w_{t,j} y[row(t, j)]` (+ shared).
 //! In [`moe_forward`] the gather is folded into the gate/up GEMM's tasks ([`grouped::Rows`])
