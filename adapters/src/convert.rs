@@ -169,6 +169,7 @@ pub fn native_adapter(ckpt: &HfCheckpoint) -> Result<FamilyAdapter> {
         .as_str()
         .ok_or_else(|| bad("no 'prefix'".into()))?
         .to_string();
+    crate::family_adapter::check_native_sizes(&config, ckpt, &prefix)?;
     Ok(FamilyAdapter::new(
         spec,
         config,

@@ -123,7 +123,11 @@ impl FamilyAdapter {
                     .any(|k| split_layer(&prefix, k).is_some() && k.contains(&pat))
             })
             .unwrap_or(spec.moe_modules[0]);
+        check_layer_count(&config, ckpt, &prefix)?;
         let layout = detect_layout(&spec, &config, ckpt, &prefix, moe_module)?;
+        if layout == DiskLayout::PerExpert {
+            check_expert_count(&config, ckpt, &prefix, moe_module)?;
+        }
         let has = |rel: Option<&str>| {
             rel.is_some_and(|r| {
                 keys.iter().any(|k| {
@@ -473,6 +477,105 @@ impl FamilyAdapter {
 
 /// Detects the expert layout from the keys; a fused pair's orientation from both tensors' shapes
 /// against the family's known orientations ([`fused_orientation`]).
+/// The checkpoint's layer indices under `prefix` (`prefix.L.*` keys), ascending.
+fn layer_indices(ckpt: &HfCheckpoint, prefix: &str) -> std::collections::BTreeSet<usize> {
+    ckpt.keys()
+        .into_iter()
+        .filter_map(|k| split_layer(prefix, k).map(|(l, _)| l))
+        .collect()
+}
+
+/// config.json's `num_hidden_layers` against the keys, before it sizes anything (every layer up
+/// to it has keys; later layers, such as DeepSeek's MTP layer, may follow). Error: names the
+/// field, its value and the last layer the checkpoint has.
+pub(crate) fn check_layer_count(
+    config: &FamilyConfig,
+    ckpt: &HfCheckpoint,
+    prefix: &str,
+) -> Result<()> {
+    let layers = layer_indices(ckpt, prefix);
+    let l = config.num_hidden_layers;
+    if let Some(missing) = (0..l).find(|x| !layers.contains(x)) {
+        return Err(AdapterError::Config(format!(
+            "{}: num_hidden_layers is {l} but the checkpoint has no key under '{prefix}.{missing}.' ({})",
+            ckpt.dir().join("config.json").display(),
+            match layers.last() {
+                Some(last) => format!("{} layers, the last {last}", layers.len()),
+                None => format!("no key under '{prefix}.'"),
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// config.json's expert count E against the per-expert keys `prefix.L.<moe>.experts.X.*` of
+/// every MoE layer (some key of expert E - 1 present), before E sizes the key lists; missing or
+/// extra keys below that are reported key by key by `validate`. Error: names the field, E, the
+/// layer and the experts found.
+fn check_expert_count(
+    config: &FamilyConfig,
+    ckpt: &HfCheckpoint,
+    prefix: &str,
+    moe: &str,
+) -> Result<()> {
+    let pat = format!("{moe}.experts.");
+    let mut per_layer: BTreeMap<usize, std::collections::BTreeSet<usize>> = BTreeMap::new();
+    for k in ckpt.keys() {
+        let Some((l, rest)) = split_layer(prefix, k) else {
+            continue;
+        };
+        let Some(x) = rest
+            .strip_prefix(&pat)
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(x, _)| x.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        per_layer.entry(l).or_default().insert(x);
+    }
+    let e = config.num_experts;
+    for l in config.moe_layers() {
+        let found = per_layer.remove(&l).unwrap_or_default();
+        let n = found.len();
+        // More experts than the layer has keys for (fewer, or gaps, are reported key by key).
+        if found.last().is_none_or(|&x| x + 1 < e) {
+            return Err(AdapterError::Config(format!(
+                "{}: num_experts is {e} but layer {l} has {} under '{prefix}.{l}.{pat}'",
+                ckpt.dir().join("config.json").display(),
+                match (found.first(), found.last()) {
+                    (Some(a), Some(b)) => format!("{n} experts ({a}..={b})"),
+                    _ => "no expert keys".to_string(),
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// For a native checkpoint: `num_hidden_layers` as in [`check_layer_count`], and config.json's E
+/// against dim 0 of each MoE layer's `prefix.L.mlp.experts.gate_and_up_projs` (`[E, H, 2I]`),
+/// before E sizes the key lists of the HF layout.
+pub(crate) fn check_native_sizes(
+    config: &FamilyConfig,
+    ckpt: &HfCheckpoint,
+    prefix: &str,
+) -> Result<()> {
+    check_layer_count(config, ckpt, prefix)?;
+    let e = config.num_experts;
+    for l in config.moe_layers() {
+        let key = format!("{prefix}.{l}.mlp.experts.gate_and_up_projs");
+        let info = ckpt.info(&key)?;
+        if info.shape.first() != Some(&e) {
+            return Err(AdapterError::Config(format!(
+                "{}: num_experts is {e} but '{key}' has shape {:?} ([E, H, 2I])",
+                ckpt.dir().join("config.json").display(),
+                info.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn detect_layout(
     spec: &FamilySpec,
     config: &FamilyConfig,

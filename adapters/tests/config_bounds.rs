@@ -1,0 +1,149 @@
+//! config.json's sizes are checked against the checkpoint's keys before they size anything: an
+//! absurd `num_experts` or `num_hidden_layers` on a transformers-written fixture is a one-line
+//! error naming config.json, the field, its value and what the checkpoint has (not a
+//! `capacity overflow` panic, an abort or seconds of key building), on the HF and the native
+//! side.
+
+use adapters::convert::{convert, ConvertOptions, Direction};
+use adapters::{adapter_for, HfCheckpoint};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../conformance/fixtures")
+        .join(name)
+}
+
+/// Copies `src`'s files into `dst`, then sets `field` (of `text_config` when the config has one)
+/// in its config.json to `value`.
+fn copy_with(src: &Path, dst: &Path, field: &str, value: Value) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let path = dst.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let obj = match cfg.get_mut("text_config") {
+        Some(t) if t.get("hidden_size").is_some() => t,
+        _ => &mut cfg,
+    };
+    assert!(obj.get(field).is_some(), "{}: no '{field}'", src.display());
+    obj[field] = value;
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
+fn adapter_error(dir: &Path) -> String {
+    let ck = HfCheckpoint::open(dir).unwrap();
+    match adapter_for(&ck) {
+        Err(e) => e.to_string(),
+        Ok(a) => a.from_hf(&ck).unwrap_err().to_string(),
+    }
+}
+
+#[test]
+fn an_absurd_expert_count_is_refused_before_it_sizes_the_key_lists() {
+    // qwen3_moe_tiny: 8 experts per layer, per-expert keys, MoE layers 0 and 1.
+    for e in [u64::MAX, 1 << 32, 1_000_000, 9] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_with(
+            &fixture("qwen3_moe_tiny"),
+            tmp.path(),
+            "num_local_experts",
+            e.into(),
+        );
+        let err = adapter_error(tmp.path());
+        let want = format!(
+            "config.json: num_experts is {e} but layer 0 has 8 experts (0..=7) under \
+             'model.layers.0.mlp.experts.'"
+        );
+        assert!(err.contains(&want), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+}
+
+#[test]
+fn an_absurd_expert_count_of_a_fused_checkpoint_is_a_shape_error() {
+    // gpt_oss_tiny: fused experts [E, H, 2I]; the key lists do not grow with E.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_with(
+        &fixture("gpt_oss_tiny"),
+        tmp.path(),
+        "num_local_experts",
+        u64::MAX.into(),
+    );
+    let err = adapter_error(tmp.path());
+    assert!(
+        err.contains("model.layers.0.mlp.experts.gate_up_proj")
+            && err.contains(&format!("E={}", u64::MAX)),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_absurd_layer_count_is_refused_naming_the_last_layer() {
+    for (name, l) in [("qwen3_moe_tiny", u64::MAX), ("mixtral_tiny", 3)] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_with(&fixture(name), tmp.path(), "num_hidden_layers", l.into());
+        let err = adapter_error(tmp.path());
+        let want = format!(
+            "config.json: num_hidden_layers is {l} but the checkpoint has no key under \
+             'model.layers.2.' (2 layers, the last 1)"
+        );
+        assert!(err.contains(&want), "{name}: {err}");
+    }
+}
+
+#[test]
+fn a_native_checkpoint_checks_the_expert_count_against_its_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (nat, bad, back) = (
+        tmp.path().join("native"),
+        tmp.path().join("bad"),
+        tmp.path().join("hf"),
+    );
+    let opts = ConvertOptions::default();
+    convert(
+        &fixture("qwen3_moe_tiny"),
+        &nat,
+        Direction::HfToNative,
+        &opts,
+        &|_| {},
+    )
+    .unwrap();
+    copy_with(&nat, &bad, "num_local_experts", u64::MAX.into());
+    let err = convert(&bad, &back, Direction::NativeToHf, &opts, &|_| {})
+        .unwrap_err()
+        .to_string();
+    let want = format!(
+        "config.json: num_experts is {} but 'model.layers.0.mlp.experts.gate_and_up_projs' has \
+         shape [8, 64, 64] ([E, H, 2I])",
+        u64::MAX
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(!back.exists());
+    copy_with(
+        &nat,
+        &tmp.path().join("bad2"),
+        "num_hidden_layers",
+        5.into(),
+    );
+    let err = convert(
+        &tmp.path().join("bad2"),
+        &back,
+        Direction::NativeToHf,
+        &opts,
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "num_hidden_layers is 5 but the checkpoint has no key under 'model.layers.2.'"
+        ),
+        "{err}"
+    );
+}
