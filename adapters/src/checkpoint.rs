@@ -9,8 +9,12 @@
 //! safetensors crate's parser then runs as a final check.
 //! The index (transformers `modeling_utils` sharded format) must name existing files, every key of
 //! every file, and only keys present in the named file; a key in two files is an error.
+//! Every file read is checked to be a regular file first ([`crate::input`]: a FIFO, a device or a
+//! directory in its place is an error, never opened), and no JSON object (config.json, the index,
+//! a header) may repeat a key.
 
 use crate::error::{AdapterError, Result};
+use crate::input::{parse_json_strict, read_regular_string, regular_file_len};
 use crate::tensor::{check_indices, checked_numel, dtype_size, gather_bytes, HostTensor};
 use memmap2::Mmap;
 use safetensors::Dtype;
@@ -114,7 +118,7 @@ pub(crate) fn parse_header(
     let n = n as usize;
     let header = std::str::from_utf8(&buf[8..8 + n])
         .map_err(|e| fmt_err(name, format!("header is not UTF-8: {e}")))?;
-    let json: Value = serde_json::from_str(header)
+    let json: Value = parse_json_strict(header)
         .map_err(|e| fmt_err(name, format!("header is not valid JSON: {e}")))?;
     let Value::Object(obj) = json else {
         return Err(fmt_err(name, "header is not a JSON object"));
@@ -235,12 +239,22 @@ impl HfCheckpoint {
     /// `config.json` is optional here (then [`HfCheckpoint::config`] is `{}` and
     /// [`HfCheckpoint::model_type`] errors), but must be valid JSON when present.
     pub fn open(dir: &Path) -> Result<Self> {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(AdapterError::Format(format!(
+                    "{}: not a directory (a checkpoint is a directory holding {SINGLE_FILE} or {INDEX_FILE})",
+                    dir.display()
+                )))
+            }
+            Err(e) => return Err(AdapterError::io(dir, e)),
+        }
         let cfg_path = dir.join(CONFIG_FILE);
-        let config = if cfg_path.is_file() {
-            let s =
-                std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
-            serde_json::from_str(&s)
-                .map_err(|e| AdapterError::Config(format!("{CONFIG_FILE}: not valid JSON: {e}")))?
+        let config = if regular_file_len(&cfg_path)?.is_some() {
+            let s = read_regular_string(&cfg_path)?;
+            parse_json_strict(&s).map_err(|e| {
+                AdapterError::Config(format!("{}: not valid JSON: {e}", cfg_path.display()))
+            })?
         } else {
             Value::Object(Default::default())
         };
@@ -252,14 +266,14 @@ impl HfCheckpoint {
             tensors: BTreeMap::new(),
             metadata: BTreeMap::new(),
         };
-        if index_path.is_file() {
+        if regular_file_len(&index_path)?.is_some() {
             let weight_map = read_index(&index_path)?;
             let mut names: Vec<&String> = weight_map.values().collect();
             names.sort();
             names.dedup();
             for n in &names {
                 let p = dir.join(n.as_str());
-                if !p.is_file() {
+                if regular_file_len(&p)?.is_none() {
                     let key = weight_map
                         .iter()
                         .find(|(_, f)| f == n)
@@ -296,7 +310,7 @@ impl HfCheckpoint {
             }
         } else {
             let p = dir.join(SINGLE_FILE);
-            if !p.is_file() {
+            if regular_file_len(&p)?.is_none() {
                 return Err(AdapterError::Format(format!(
                     "{}: neither {SINGLE_FILE} nor {INDEX_FILE} found",
                     dir.display()
@@ -438,9 +452,9 @@ impl HfCheckpoint {
 
 /// Parses `model.safetensors.index.json` into its weight_map; file names must be plain names.
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
-    let s = std::fs::read_to_string(path).map_err(|e| AdapterError::io(path, e))?;
-    let v: Value = serde_json::from_str(&s)
-        .map_err(|e| fmt_err(INDEX_FILE, format!("not valid JSON: {e}")))?;
+    let s = read_regular_string(path)?;
+    let v: Value =
+        parse_json_strict(&s).map_err(|e| fmt_err(INDEX_FILE, format!("not valid JSON: {e}")))?;
     let Some(Value::Object(wm)) = v.get("weight_map") else {
         return Err(fmt_err(INDEX_FILE, "no 'weight_map' object"));
     };

@@ -140,9 +140,22 @@ pub(crate) fn sidecar_json(a: &FamilyAdapter) -> Value {
 pub fn native_adapter(ckpt: &HfCheckpoint) -> Result<FamilyAdapter> {
     let path = ckpt.dir().join(NATIVE_SIDECAR);
     let bad = |m: String| AdapterError::Config(format!("{}: {m}", path.display()));
-    let s = std::fs::read_to_string(&path).map_err(|e| AdapterError::io(&path, e))?;
-    let v: Value = serde_json::from_str(&s).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let s = crate::input::read_regular_string(&path)?;
+    let v: Value =
+        crate::input::parse_json_strict(&s).map_err(|e| bad(format!("not JSON: {e}")))?;
+    if v["format"] != "adapters-native/1" {
+        return Err(bad(format!(
+            "format is {}, not \"adapters-native/1\"",
+            v["format"]
+        )));
+    }
     let spec = spec_for(ckpt.model_type()?)?;
+    if v["model_type"] != spec.model_type {
+        return Err(bad(format!(
+            "model_type is {} but config.json's is \"{}\"",
+            v["model_type"], spec.model_type
+        )));
+    }
     let config = FamilyConfig::from_json(&spec, ckpt.config())?;
     let module = v["moe_module"].as_str().unwrap_or("");
     let moe_module = spec

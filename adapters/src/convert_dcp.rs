@@ -269,9 +269,8 @@ pub fn dcp_to_hf(
 ) -> Result<DcpConvertReport> {
     let ck = dcp::open(src)?;
     let cfg_path = model_dir.join(CONFIG_FILE);
-    let cfg_text =
-        std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
-    let config: Value = serde_json::from_str(&cfg_text)
+    let cfg_text = crate::input::read_regular_string(&cfg_path)?;
+    let config: Value = crate::input::parse_json_strict(&cfg_text)
         .map_err(|e| AdapterError::Config(format!("{}: not JSON: {e}", cfg_path.display())))?;
     let mt = config
         .get("model_type")

@@ -154,8 +154,8 @@ impl ModelShapes {
     /// From `dir/config.json`. Errors also name the file.
     pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
         let p = dir.join("config.json");
-        let text = std::fs::read_to_string(&p).map_err(|e| AdapterError::io(&p, e))?;
-        let v: Value = serde_json::from_str(&text)
+        let text = crate::input::read_regular_string(&p)?;
+        let v: Value = crate::input::parse_json_strict(&text)
             .map_err(|e| AdapterError::Config(format!("{}: not JSON: {e}", p.display())))?;
         Self::from_config(&v).map_err(|e| AdapterError::Config(format!("{}: {e}", p.display())))
     }
