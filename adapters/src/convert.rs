@@ -183,6 +183,25 @@ pub fn native_adapter(ckpt: &HfCheckpoint) -> Result<FamilyAdapter> {
         .ok_or_else(|| bad("no 'prefix'".into()))?
         .to_string();
     crate::family_adapter::check_native_sizes(&config, ckpt, &prefix)?;
+    // The sidecar records the optional modules; config.json decides those it gives.
+    let from_config = crate::family_adapter::optional_modules(&spec, &config, |_| true);
+    let undecided = crate::family_adapter::optional_modules(&spec, &config, |_| false);
+    for (i, name) in [
+        "router bias",
+        "score-correction bias",
+        "shared expert",
+        "shared-expert gate",
+    ]
+    .iter()
+    .enumerate()
+    {
+        if from_config[i] == undecided[i] && optional[i] != from_config[i] {
+            return Err(bad(format!(
+                "optional[{i}] ({name}) is {} but config.json says {}",
+                optional[i], from_config[i]
+            )));
+        }
+    }
     Ok(FamilyAdapter::new(
         spec,
         config,
@@ -219,6 +238,7 @@ fn plan(a: &FamilyAdapter, src: &HfCheckpoint, dir: Direction) -> Result<Vec<Ite
             }
         }
         Direction::NativeToHf => {
+            crate::moe_block::check(a, src, crate::moe_block::Side::Native)?;
             let e = a.config().num_experts;
             let by_key: BTreeMap<&str, usize> = a
                 .groups()

@@ -229,6 +229,18 @@ pub struct FamilyConfig {
     pub moe_intermediate_size: usize,
     /// Which layers are MoE.
     pub rule: MoeLayerRule,
+    /// Intermediate size Is of the shared expert(s) of a family that has them (their projections
+    /// are `[Is, H]` and `[H, Is]`): `shared_expert_intermediate_size` (Qwen3-Next, Qwen3.5),
+    /// `n_shared_experts * moe_intermediate_size` (DeepSeek-V3, GLM-4.5), `share_expert_dim`
+    /// (Step3.5). transformers builds the shared expert whenever the family has one, even of
+    /// size 0 (`modeling_deepseek_v3.py`, `modeling_qwen3_next.py`). `None` for a family
+    /// without shared experts, or when config.json does not give the field (then the checkpoint's
+    /// keys decide whether there is one).
+    pub shared_intermediate_size: Option<usize>,
+    /// Whether the router has a score-correction bias `[E]`: always for DeepSeek-V3 and GLM-4.5
+    /// (transformers' `e_score_correction_bias` buffer), `use_moe_router_bias` for Step3.5,
+    /// never for the others; `None` when config.json does not say.
+    pub router_e_bias: Option<bool>,
 }
 
 fn get_usize(cfg: &Value, field: &str, mt: &str) -> Result<Option<usize>> {
@@ -339,12 +351,40 @@ impl FamilyConfig {
                 MoeLayerRule::SparseStep { step, mlp_only }
             }
         };
+        let shared_intermediate_size = match spec.model_type {
+            _ if spec.shared.is_none() => None,
+            "deepseek_v3" | "glm4_moe" => match get_usize(cfg, "n_shared_experts", mt)? {
+                None => None,
+                Some(n) => Some(n.checked_mul(moe_intermediate_size).ok_or_else(|| {
+                    AdapterError::Config(format!(
+                        "config.json: n_shared_experts {n} x moe_intermediate_size {moe_intermediate_size} overflows ({mt})"
+                    ))
+                })?),
+            },
+            "step3p5" => get_usize(cfg, "share_expert_dim", mt)?,
+            _ => get_usize(cfg, "shared_expert_intermediate_size", mt)?,
+        };
+        let router_e_bias = match spec.model_type {
+            "deepseek_v3" | "glm4_moe" => Some(true),
+            "step3p5" => match cfg.get("use_moe_router_bias") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(v) => {
+                    return Err(AdapterError::Config(format!(
+                        "config.json: field 'use_moe_router_bias' is {v}, not a boolean ({mt})"
+                    )))
+                }
+            },
+            _ => Some(false),
+        };
         Ok(FamilyConfig {
             num_hidden_layers: need_usize(cfg, "num_hidden_layers", mt)?,
             num_experts,
             hidden_size: need_usize(cfg, "hidden_size", mt)?,
             moe_intermediate_size,
             rule,
+            shared_intermediate_size,
+            router_e_bias,
         })
     }
 

@@ -136,12 +136,7 @@ impl FamilyAdapter {
                 })
             })
         };
-        let optional = [
-            spec.experts == ExpertStyle::GptOss,
-            has(spec.e_bias),
-            has(spec.shared),
-            has(spec.shared_gate),
-        ];
+        let optional = optional_modules(&spec, &config, has);
         Ok(Self::new(
             spec,
             config,
@@ -403,6 +398,7 @@ impl FamilyAdapter {
             }
             dtypes.push(dtype.map(|(d, _)| d).unwrap_or(Dtype::F32));
         }
+        crate::moe_block::check(self, ckpt, crate::moe_block::Side::Hf)?;
         Ok(dtypes)
     }
 
@@ -477,6 +473,26 @@ impl FamilyAdapter {
 
 /// Detects the expert layout from the keys; a fused pair's orientation from both tensors' shapes
 /// against the family's known orientations ([`fused_orientation`]).
+/// Which optional MoE-block tensors a model has: [router bias, score-correction bias, shared
+/// expert, shared-expert gate]. config.json decides where it says ([`FamilyConfig`]'s
+/// `router_e_bias` and `shared_intermediate_size`; GPT-OSS always has a router bias, the
+/// shared-expert gate comes with the shared expert of the families that have one); `has`
+/// (whether the checkpoint holds keys of that module) decides where it does not.
+pub(crate) fn optional_modules(
+    spec: &FamilySpec,
+    config: &FamilyConfig,
+    has: impl Fn(Option<&str>) -> bool,
+) -> [bool; 4] {
+    let shared =
+        spec.shared.is_some() && (config.shared_intermediate_size.is_some() || has(spec.shared));
+    [
+        spec.experts == ExpertStyle::GptOss,
+        spec.e_bias.is_some() && config.router_e_bias.unwrap_or_else(|| has(spec.e_bias)),
+        shared,
+        shared && spec.shared_gate.is_some(),
+    ]
+}
+
 /// The checkpoint's layer indices under `prefix` (`prefix.L.*` keys), ascending.
 fn layer_indices(ckpt: &HfCheckpoint, prefix: &str) -> std::collections::BTreeSet<usize> {
     ckpt.keys()

@@ -98,8 +98,8 @@ impl DiskTensor {
             m.push(Some(disk));
         }
         if self.transposed && native_rank >= 3 {
-            let n = m.len();
-            m.swap(n - 1, n - 2);
+            let last = m.len() - 1;
+            m.swap(last - 1, last);
         }
         m
     }
@@ -114,8 +114,8 @@ impl DiskTensor {
         }
         v.push(cols);
         if self.transposed && v.len() >= 2 {
-            let n = v.len();
-            v.swap(n - 1, n - 2);
+            let last = v.len() - 1;
+            v.swap(last - 1, last);
         }
         v
     }

@@ -17,6 +17,7 @@ pub mod input;
 pub mod layout;
 pub mod local;
 pub mod model_shapes;
+pub mod moe_block;
 mod out_dir;
 mod stream_write;
 pub mod tensor;

@@ -78,7 +78,8 @@ fn an_absurd_expert_count_of_a_fused_checkpoint_is_a_shape_error() {
     let err = adapter_error(tmp.path());
     assert!(
         err.contains("model.layers.0.mlp.experts.gate_up_proj")
-            && err.contains(&format!("E={}", u64::MAX)),
+            && err.contains(&format!("E={}", u64::MAX))
+            && err.contains("has shape [8, 64, 64]"),
         "{err}"
     );
 }

@@ -2,7 +2,7 @@
 //! (independent of this crate's writer), and raw safetensors byte crafting.
 #![allow(dead_code)]
 
-use adapters::{Dtype, HostTensor};
+use adapters::{Dtype, HfCheckpoint, HostTensor};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -179,4 +179,33 @@ pub fn elem(t: &HostTensor, idx: &[usize]) -> Vec<u8> {
 /// The index set `a..b` (one run).
 pub fn run(a: usize, b: usize) -> placement::IndexSet {
     placement::IndexSet::from_runs(std::iter::once(a..b).collect())
+}
+
+/// A committed fixture directory (conformance/fixtures/NAME).
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../conformance/fixtures")
+        .join(name)
+}
+
+/// A copy of fixture `name` in `dir` (config.json + one model.safetensors) whose config and
+/// tensors are `edit_config` and `edit` applied to the fixture's, written with the safetensors
+/// crate (common::write_ckpt).
+pub fn edited_copy(
+    name: &str,
+    dir: &Path,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+    edit: impl FnOnce(&mut BTreeMap<String, HostTensor>),
+) -> HfCheckpoint {
+    let ck = HfCheckpoint::open(&fixture(name)).unwrap();
+    let mut tensors: BTreeMap<String, HostTensor> = ck
+        .keys()
+        .into_iter()
+        .map(|k| (k.to_string(), ck.tensor(k).unwrap()))
+        .collect();
+    edit(&mut tensors);
+    let mut config = ck.config().clone();
+    edit_config(&mut config);
+    write_ckpt(dir, &config, &tensors, 1);
+    HfCheckpoint::open(dir).unwrap()
 }
