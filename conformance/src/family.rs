@@ -91,11 +91,28 @@ pub fn moe_config(
     layer: usize,
 ) -> Result<MoeConfig, String> {
     let base = model_type.trim_end_matches("_text");
-    let top_k = if base == "step3p5" && field(cfg, "num_experts_per_tok").is_none() {
-        usize_field(cfg, "moe_top_k")?
+    let top_k_field = if base == "step3p5" && field(cfg, "num_experts_per_tok").is_none() {
+        "moe_top_k"
     } else {
-        usize_field(cfg, "num_experts_per_tok")?
+        "num_experts_per_tok"
     };
+    let top_k = usize_field(cfg, top_k_field)?;
+    if top_k == 0 {
+        return Err(format!(
+            "config.json: '{top_k_field}' is 0 (top-k routing needs at least 1 expert per token)"
+        ));
+    }
+    // E as the adapter reads it (a config the adapter refuses is reported by the adapter).
+    let e = adapters::family::spec_for(model_type)
+        .and_then(|spec| adapters::family::FamilyConfig::from_json(&spec, cfg))
+        .map(|c| c.num_experts);
+    if let Ok(e) = e {
+        if top_k > e {
+            return Err(format!(
+                "config.json: '{top_k_field}' is {top_k} but the model has {e} experts"
+            ));
+        }
+    }
     let (router, activation) = match base {
         // Qwen3MoeTopKRouter / Qwen3NextTopKRouter: renormalise only when norm_topk_prob.
         "qwen3_moe" => (
@@ -412,6 +429,25 @@ mod tests {
             err(c, 1),
             "config.json: 'moe_router_scaling_factor' is \"2.5\", not a finite number"
         );
+    }
+
+    #[test]
+    fn top_k_is_between_1_and_e_naming_the_field() {
+        let c = json!({"num_experts_per_tok": 0});
+        assert_eq!(
+            moe_config("qwen3_moe", &c, 1).unwrap_err(),
+            "config.json: 'num_experts_per_tok' is 0 (top-k routing needs at least 1 expert per token)"
+        );
+        let c = json!({"num_experts_per_tok": 9, "num_local_experts": 8, "num_hidden_layers": 2,
+            "hidden_size": 4, "moe_intermediate_size": 2});
+        assert_eq!(
+            moe_config("qwen3_moe", &c, 1).unwrap_err(),
+            "config.json: 'num_experts_per_tok' is 9 but the model has 8 experts"
+        );
+        let c = json!({"moe_top_k": 0});
+        assert!(moe_config("step3p5", &c, 1)
+            .unwrap_err()
+            .starts_with("config.json: 'moe_top_k' is 0"));
     }
 
     #[test]

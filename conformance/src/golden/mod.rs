@@ -194,6 +194,47 @@ struct PathFns<F: moe_kernels::Real> {
     backward: Backward<F>,
 }
 
+/// Every parameter of layer `layer`'s MoE block in `native` is finite: a NaN or infinite weight
+/// (which conversions carry bit for bit) makes no forward to compare. Error: the key, the element
+/// and its value.
+fn check_finite(
+    native: &BTreeMap<String, HostTensor>,
+    keys: &adapters::NativeMoeKeys,
+    layer: usize,
+) -> Result<(), String> {
+    let mut names: Vec<&String> =
+        vec![&keys.gate_weight, &keys.gate_and_up_projs, &keys.down_projs];
+    names.extend(
+        [
+            &keys.gate_bias,
+            &keys.e_score_correction_bias,
+            &keys.gate_up_proj_bias,
+            &keys.down_proj_bias,
+            &keys.shared_gate,
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    names.extend(keys.shared.iter().flatten());
+    for k in names {
+        let Some(t) = native.get(k) else { continue };
+        let v = t.to_f32_vec().map_err(|e| format!("'{k}': {e}"))?;
+        if let Some(flat) = v.iter().position(|x| !x.is_finite()) {
+            let mut idx = vec![0; t.shape.len()];
+            let mut rest = flat;
+            for (d, &n) in t.shape.iter().enumerate().rev() {
+                idx[d] = rest % n;
+                rest /= n;
+            }
+            return Err(format!(
+                "layer {layer}: '{k}' element {idx:?} is {} (the MoE block forward needs finite parameters)",
+                v[flat]
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Runs one path (float32 or float64 `F`) and maps its gradients to the HF disk keys.
 fn run_path<F: moe_kernels::Real>(
     path: PathFns<F>,
@@ -269,6 +310,7 @@ pub fn run_with(dir: &Path, fault: Option<Fault>) -> Result<Vec<Check>, GoldenEr
     let cfg = moe_config(&model_type, ckpt.config(), layer).map_err(fixture_err)?;
     let keys = adapter.native_moe_keys(layer)?;
     let native = adapter.from_hf(&ckpt)?;
+    check_finite(&native, &keys, layer).map_err(fixture_err)?;
     let w32 = BlockWeights::load(&native, &keys).map_err(fixture_err)?;
     let w64: BlockWeights<f64> = w32.cast();
     let p32 = w32.params(&keys).map_err(fixture_err)?;
@@ -276,6 +318,17 @@ pub fn run_with(dir: &Path, fault: Option<Fault>) -> Result<Vec<Check>, GoldenEr
     let x64 = golden.matrix("input")?;
     let go64 = golden.matrix("grad_output")?;
     for (name, a) in [("input", &x64), ("grad_output", &go64)] {
+        if let Some(i) = a.iter().position(|v| !v.is_finite()) {
+            return Err(GoldenError::Fixture {
+                path: golden.path.clone(),
+                message: format!(
+                    "'{name}' element [{}, {}] is {} (not finite)",
+                    i / a.ncols().max(1),
+                    i % a.ncols().max(1),
+                    a.iter().nth(i).copied().unwrap_or_default()
+                ),
+            });
+        }
         if a.iter().any(|&v| f64::from(v as f32) != v) {
             return Err(GoldenError::Fixture {
                 path: golden.path.clone(),
