@@ -376,13 +376,21 @@ impl Group {
     }
 
     /// Builds the native sub-tensor holding global indices `idx` (one list per native dim, in local
-    /// order), reading only those bytes from `ckpt`.
+    /// order), reading only those bytes from `ckpt`. Errors: not one list per native dim, an
+    /// index out of range.
     pub fn read(&self, ckpt: &HfCheckpoint, idx: &[Vec<usize>]) -> Result<HostTensor> {
-        let is_full = idx.len() == self.shape.len()
-            && idx
-                .iter()
-                .zip(&self.shape)
-                .all(|(v, &n)| v.len() == n && v.iter().enumerate().all(|(i, &x)| i == x));
+        if idx.len() != self.shape.len() {
+            return Err(AdapterError::Shape(format!(
+                "{}: {} index lists for native shape {:?}",
+                self.native_key,
+                idx.len(),
+                self.shape
+            )));
+        }
+        let is_full = idx
+            .iter()
+            .zip(&self.shape)
+            .all(|(v, &n)| v.len() == n && v.iter().enumerate().all(|(i, &x)| i == x));
         if is_full {
             return self.read_whole(ckpt);
         }
@@ -410,8 +418,8 @@ impl Group {
             } else {
                 let t = ckpt.tensor_gather(&d.key, &didx)?;
                 if d.transposed {
-                    let n = t.shape.len();
-                    t.transpose(n - 2, n - 1)?
+                    let last = t.shape.len() - 1;
+                    t.transpose(last - 1, last)?
                 } else {
                     t
                 }
