@@ -216,6 +216,10 @@ pub fn spec_for(model_type: &str) -> Result<FamilySpec> {
     Ok(spec)
 }
 
+/// Largest E, H, I, Is or layer count accepted from config.json: values beyond are refused
+/// before any arithmetic (so `2 * I`, `E * H` and the like cannot overflow).
+pub const MAX_DIM: usize = 1 << 32;
+
 /// The config.json numbers an adapter needs (from `text_config` for VL / multimodal configs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyConfig {
@@ -259,8 +263,8 @@ fn need_usize(cfg: &Value, field: &str, mt: &str) -> Result<usize> {
         .ok_or_else(|| AdapterError::Config(format!("config.json: missing field '{field}' ({mt})")))
 }
 
-/// The first of `fields` present; every present one must agree.
-fn one_of(cfg: &Value, fields: &[&str], mt: &str) -> Result<usize> {
+/// The first of `fields` present, and its name; every present one must agree.
+fn one_of<'f>(cfg: &Value, fields: &[&'f str], mt: &str) -> Result<(usize, &'f str)> {
     let mut found: Option<(usize, &str)> = None;
     for f in fields {
         if let Some(v) = get_usize(cfg, f, mt)? {
@@ -275,7 +279,7 @@ fn one_of(cfg: &Value, fields: &[&str], mt: &str) -> Result<usize> {
             }
         }
     }
-    found.map(|(v, _)| v).ok_or_else(|| {
+    found.ok_or_else(|| {
         AdapterError::Config(format!(
             "config.json: missing field '{}' ({mt})",
             fields.join("' / '")
@@ -309,7 +313,7 @@ impl FamilyConfig {
             Some(t @ Value::Object(_)) if root.get("hidden_size").is_none() => t,
             _ => root,
         };
-        let num_experts = one_of(
+        let (num_experts, experts_field) = one_of(
             cfg,
             &[
                 "num_experts",
@@ -319,9 +323,12 @@ impl FamilyConfig {
             ],
             mt,
         )?;
-        let moe_intermediate_size = match get_usize(cfg, "moe_intermediate_size", mt)? {
-            Some(i) => i,
-            None => need_usize(cfg, "intermediate_size", mt)?,
+        let (moe_intermediate_size, i_field) = match get_usize(cfg, "moe_intermediate_size", mt)? {
+            Some(i) => (i, "moe_intermediate_size"),
+            None => (
+                need_usize(cfg, "intermediate_size", mt)?,
+                "intermediate_size",
+            ),
         };
         let rule = match spec.model_type {
             "mixtral" | "gpt_oss" => MoeLayerRule::All,
@@ -377,10 +384,28 @@ impl FamilyConfig {
             },
             _ => Some(false),
         };
+        let num_hidden_layers = need_usize(cfg, "num_hidden_layers", mt)?;
+        let hidden_size = need_usize(cfg, "hidden_size", mt)?;
+        for (name, v) in [
+            (experts_field, num_experts),
+            ("hidden_size", hidden_size),
+            (i_field, moe_intermediate_size),
+            ("num_hidden_layers", num_hidden_layers),
+            (
+                "the shared experts' intermediate size",
+                shared_intermediate_size.unwrap_or(0),
+            ),
+        ] {
+            if v > MAX_DIM {
+                return Err(AdapterError::Config(format!(
+                    "config.json: {name} = {v} is absurd (more than {MAX_DIM}) ({mt})"
+                )));
+            }
+        }
         Ok(FamilyConfig {
-            num_hidden_layers: need_usize(cfg, "num_hidden_layers", mt)?,
+            num_hidden_layers,
             num_experts,
-            hidden_size: need_usize(cfg, "hidden_size", mt)?,
+            hidden_size,
             moe_intermediate_size,
             rule,
             shared_intermediate_size,

@@ -16,8 +16,7 @@ use crate::family::{spec_for, ExpertStyle, FamilyConfig, FamilySpec};
 use crate::layout::{layer_groups, DiskLayout, Group, NativeKind};
 use serde_json::Value;
 
-/// Largest E, H or I accepted (config values beyond are refused before any arithmetic).
-pub const MAX_DIM: usize = 1 << 32;
+pub use crate::family::MAX_DIM;
 
 /// Which naming a key follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,17 +136,6 @@ impl ModelShapes {
             })?;
         let spec = spec_for(mt)?;
         let config = FamilyConfig::from_json(&spec, config)?;
-        for (name, v) in [
-            ("num_experts", config.num_experts),
-            ("hidden_size", config.hidden_size),
-            ("moe_intermediate_size", config.moe_intermediate_size),
-        ] {
-            if v > MAX_DIM {
-                return Err(AdapterError::Config(format!(
-                    "config.json: {name} = {v} is absurd (more than {MAX_DIM})"
-                )));
-            }
-        }
         Ok(ModelShapes { spec, config })
     }
 

@@ -47,7 +47,7 @@ fn adapter_error(dir: &Path) -> String {
 #[test]
 fn an_absurd_expert_count_is_refused_before_it_sizes_the_key_lists() {
     // qwen3_moe_tiny: 8 experts per layer, per-expert keys, MoE layers 0 and 1.
-    for e in [u64::MAX, 1 << 32, 1_000_000, 9] {
+    for e in [1u64 << 32, 1_000_000, 9] {
         let tmp = tempfile::tempdir().unwrap();
         copy_with(
             &fixture("qwen3_moe_tiny"),
@@ -73,12 +73,12 @@ fn an_absurd_expert_count_of_a_fused_checkpoint_is_a_shape_error() {
         &fixture("gpt_oss_tiny"),
         tmp.path(),
         "num_local_experts",
-        u64::MAX.into(),
+        (1u64 << 32).into(),
     );
     let err = adapter_error(tmp.path());
     assert!(
         err.contains("model.layers.0.mlp.experts.gate_up_proj")
-            && err.contains(&format!("E={}", u64::MAX))
+            && err.contains(&format!("E={}", 1u64 << 32))
             && err.contains("has shape [8, 64, 64]"),
         "{err}"
     );
@@ -86,7 +86,7 @@ fn an_absurd_expert_count_of_a_fused_checkpoint_is_a_shape_error() {
 
 #[test]
 fn an_absurd_layer_count_is_refused_naming_the_last_layer() {
-    for (name, l) in [("qwen3_moe_tiny", u64::MAX), ("mixtral_tiny", 3)] {
+    for (name, l) in [("qwen3_moe_tiny", 1u64 << 32), ("mixtral_tiny", 3)] {
         let tmp = tempfile::tempdir().unwrap();
         copy_with(&fixture(name), tmp.path(), "num_hidden_layers", l.into());
         let err = adapter_error(tmp.path());
@@ -115,14 +115,14 @@ fn a_native_checkpoint_checks_the_expert_count_against_its_tensors() {
         &|_| {},
     )
     .unwrap();
-    copy_with(&nat, &bad, "num_local_experts", u64::MAX.into());
+    copy_with(&nat, &bad, "num_local_experts", (1u64 << 32).into());
     let err = convert(&bad, &back, Direction::NativeToHf, &opts, &|_| {})
         .unwrap_err()
         .to_string();
     let want = format!(
         "config.json: num_experts is {} but 'model.layers.0.mlp.experts.gate_and_up_projs' has \
          shape [8, 64, 64] ([E, H, 2I])",
-        u64::MAX
+        1u64 << 32
     );
     assert!(err.contains(&want), "{err}");
     assert!(!back.exists());
@@ -147,4 +147,32 @@ fn a_native_checkpoint_checks_the_expert_count_against_its_tensors() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn a_size_beyond_2_pow_32_is_refused_before_any_arithmetic() {
+    // step3p5: 2 * moe_intermediate_size would overflow.
+    for (name, field) in [
+        ("step3p5_tiny", "moe_intermediate_size"),
+        ("qwen3_moe_tiny", "num_local_experts"),
+        ("qwen3_moe_tiny", "hidden_size"),
+        ("qwen3_moe_tiny", "num_hidden_layers"),
+        ("qwen3_next_tiny", "shared_expert_intermediate_size"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_with(&fixture(name), tmp.path(), field, u64::MAX.into());
+        let err = adapter_error(tmp.path());
+        let what = if field.starts_with("shared") {
+            "the shared experts' intermediate size"
+        } else {
+            field
+        };
+        assert!(
+            err.starts_with(&format!(
+                "config.json: {what} = {} is absurd (more than 4294967296)",
+                u64::MAX
+            )),
+            "{name} {field}: {err}"
+        );
+    }
 }
