@@ -518,15 +518,7 @@ impl Group {
             let dk = &mut out[j * dblock..(j + 1) * dblock];
             for s in self.segs.iter().filter(|s| s.src == src) {
                 let geo = (s, d.transposed, a_len, c_len, w);
-                match n {
-                    2 => seg_copy::<2>(dk, nat, geo, false),
-                    4 => seg_copy::<4>(dk, nat, geo, false),
-                    1 => seg_copy::<1>(dk, nat, geo, false),
-                    8 => seg_copy::<8>(dk, nat, geo, false),
-                    _ => for_seg_pairs(s, d.transposed, a_len, c_len, w, |no, dof| {
-                        dk[dof * n..dof * n + n].copy_from_slice(&nat[no * n..no * n + n]);
-                    }),
-                }
+                seg_copy_n(n, dk, nat, geo, false)?;
             }
         }
         Ok(())
@@ -610,15 +602,7 @@ impl Group {
                 }
                 for s in self.segs.iter().filter(|s| s.src == src) {
                     let geo = (s, d.transposed, a_len, c_len, w);
-                    match n {
-                        2 => seg_copy::<2>(nat, dk, geo, true),
-                        4 => seg_copy::<4>(nat, dk, geo, true),
-                        1 => seg_copy::<1>(nat, dk, geo, true),
-                        8 => seg_copy::<8>(nat, dk, geo, true),
-                        _ => for_seg_pairs(s, d.transposed, a_len, c_len, w, |no, dof| {
-                            nat[no * n..no * n + n].copy_from_slice(&dk[dof * n..dof * n + n]);
-                        }),
-                    }
+                    seg_copy_n(n, nat, dk, geo, true)?;
                 }
             }
         }
@@ -802,6 +786,23 @@ impl Group {
 
 /// Segment geometry: (segment, transposed, A, C, W).
 type Geo<'a> = (&'a Segment, bool, usize, usize, usize);
+
+/// [`seg_copy`] for `n`-byte elements (every safetensors dtype this crate reads is 1, 2, 4 or 8
+/// bytes; `crate::tensor::dtype_size`). Error: any other size.
+fn seg_copy_n(n: usize, dst: &mut [u8], src: &[u8], geo: Geo<'_>, to_native: bool) -> Result<()> {
+    match n {
+        1 => seg_copy::<1>(dst, src, geo, to_native),
+        2 => seg_copy::<2>(dst, src, geo, to_native),
+        4 => seg_copy::<4>(dst, src, geo, to_native),
+        8 => seg_copy::<8>(dst, src, geo, to_native),
+        _ => {
+            return Err(AdapterError::Unsupported(format!(
+                "{n}-byte elements (layouts copy 1-, 2-, 4- and 8-byte elements)"
+            )))
+        }
+    }
+    Ok(())
+}
 
 /// Copies one segment between an expert's native block and its disk block with N-byte elements:
 /// `dst` is the native block when `to_native`, else the disk block (`src` the other one).

@@ -82,3 +82,88 @@ fn write_experts_checks_the_byte_count_and_the_expert_range() {
         .to_string();
     assert!(e.contains("bytes for experts 7..9"), "{e}");
 }
+
+#[test]
+fn write_experts_then_read_is_the_identity_for_every_element_size() {
+    // Random native tensors of 1-, 2-, 4- and 8-byte dtypes through every layout's disk tensors
+    // (write_experts / fill_disk) and back (read: tensor_gather and transposes, another path).
+    use adapters::Dtype;
+    for name in FIXTURES {
+        let src = HfCheckpoint::open(&common::fixture(name)).unwrap();
+        let a = FamilyAdapter::from_checkpoint(&src).unwrap();
+        for (seed, dtype) in [Dtype::U8, Dtype::BF16, Dtype::F32, Dtype::F64]
+            .into_iter()
+            .enumerate()
+        {
+            let native: Vec<_> = a
+                .groups()
+                .iter()
+                .map(|g| common::rand_tensor(seed as u64, dtype, &g.shape))
+                .collect();
+            let mut disk = std::collections::BTreeMap::new();
+            for (g, t) in a.groups().iter().zip(&native) {
+                disk.extend(g.write_experts(&t.data, dtype, 0, g.shape[0]).unwrap());
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            common::write_ckpt(tmp.path(), src.config(), &disk, 1);
+            let ck = HfCheckpoint::open(tmp.path()).unwrap();
+            for (g, t) in a.groups().iter().zip(&native) {
+                let full: Vec<Vec<usize>> = g.shape.iter().map(|&n| (0..n).collect()).collect();
+                assert_eq!(
+                    &g.read(&ck, &full).unwrap(),
+                    t,
+                    "{name} {dtype:?} {}",
+                    g.native_key
+                );
+                // and expert by expert
+                let mut out = vec![0u8; t.data.len() / g.shape[0]];
+                for e in [0, g.shape[0] - 1] {
+                    g.fill_experts(&ck, e, 1, &mut out).unwrap();
+                    assert_eq!(out, t.data[e * out.len()..(e + 1) * out.len()]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fill_disk_and_fill_experts_check_their_buffers() {
+    let ck = HfCheckpoint::open(&common::fixture("qwen3_moe_tiny")).unwrap();
+    let a = FamilyAdapter::from_checkpoint(&ck).unwrap();
+    let g = &a.groups()[0];
+    let (native_block, disk_block) = g.expert_bytes(adapters::Dtype::BF16, 0).unwrap();
+    let native = vec![0u8; 2 * native_block];
+    // whole experts in, the wrong output size
+    let mut out = vec![0u8; 2 * disk_block + 2];
+    let e = g
+        .fill_disk(&native, 2, 0, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not match whole experts"), "{e}");
+    let mut out = vec![0u8; 2 * disk_block];
+    g.fill_disk(&native, 2, 0, &mut out).unwrap();
+    // fill_experts: the wrong buffer size in range, the right size out of range
+    let mut out = vec![0u8; native_block + 2];
+    let e = g.fill_experts(&ck, 0, 1, &mut out).unwrap_err().to_string();
+    assert!(e.contains("output buffer of"), "{e}");
+    let mut out = vec![0u8; 2 * native_block];
+    let e = g.fill_experts(&ck, 7, 2, &mut out).unwrap_err().to_string();
+    assert!(e.contains("for experts 7..9"), "{e}");
+    g.fill_experts(&ck, 6, 2, &mut out).unwrap();
+    // write_experts of a strict subset of experts not at the end
+    let t = g
+        .read(
+            &ck,
+            &g.shape
+                .iter()
+                .map(|&n| (0..n).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let per = t.data.len() / g.shape[0];
+    let out = g.write_experts(&t.data[..per], t.dtype, 0, 1).unwrap();
+    assert!(
+        out.iter().all(|(k, _)| k.contains(".experts.0.")),
+        "{out:?}"
+    );
+}
