@@ -14,6 +14,7 @@ pub mod bar;
 pub mod checkpoint;
 pub mod dcp;
 pub mod family;
+pub mod fault;
 pub mod gather;
 pub mod golden;
 pub mod parallel;

@@ -130,6 +130,14 @@ enum Cmd {
         /// Fault injection: the save (step) during which --kill-rank dies, before the commit.
         #[arg(long)]
         kill_in_save_at_step: Option<u64>,
+        /// Fault injection: the save (step) in the middle of whose shard file --kill-rank crashes
+        /// (a file-size limit; the kernel's SIGXFSZ kills the process).
+        #[arg(long)]
+        crash_mid_write_at_step: Option<u64>,
+        /// Fault injection: the save (step) during which --kill-rank's disk fills (writes past a
+        /// file-size limit fail with EFBIG).
+        #[arg(long)]
+        disk_full_at_step: Option<u64>,
     },
     /// Compare a resumed training run with a reference run (losses and final weights).
     CompareTrain {
@@ -421,13 +429,26 @@ fn main() -> ExitCode {
             kill_rank,
             kill_at_step,
             kill_in_save_at_step,
+            crash_mid_write_at_step,
+            disk_full_at_step,
         } => {
-            let kill = match (kill_rank, kill_at_step, kill_in_save_at_step) {
-                (None, None, None) => None,
-                (Some(rank), Some(step), None) => Some(Kill::AtStep { rank, step }),
-                (Some(rank), None, Some(step)) => Some(Kill::InSave { rank, step }),
+            let faults = [
+                kill_at_step.map(|step| (step, 0)),
+                kill_in_save_at_step.map(|step| (step, 1)),
+                crash_mid_write_at_step.map(|step| (step, 2)),
+                disk_full_at_step.map(|step| (step, 3)),
+            ];
+            let set: Vec<(u64, u8)> = faults.into_iter().flatten().collect();
+            let kill = match (kill_rank, set.as_slice()) {
+                (None, []) => None,
+                (Some(rank), [(step, which)]) => Some(match which {
+                    0 => Kill::AtStep { rank, step: *step },
+                    1 => Kill::InSave { rank, step: *step },
+                    2 => Kill::MidWrite { rank, step: *step },
+                    _ => Kill::DiskFull { rank, step: *step },
+                }),
                 _ => {
-                    eprintln!("error: --kill-rank needs exactly one of --kill-at-step, --kill-in-save-at-step");
+                    eprintln!("error: --kill-rank needs exactly one of --kill-at-step, --kill-in-save-at-step, --crash-mid-write-at-step, --disk-full-at-step");
                     return ExitCode::from(2);
                 }
             };

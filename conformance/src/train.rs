@@ -68,6 +68,13 @@ pub enum Kill {
     AtStep { rank: usize, step: u64 },
     /// `rank` dies after writing its shard of the step-`step` save, before the commit.
     InSave { rank: usize, step: u64 },
+    /// `rank` crashes in the middle of writing its shard file of the step-`step` save: a
+    /// file-size limit of half its shard's bytes, at which the kernel kills the process
+    /// (`SIGXFSZ`; with the threads backend that is every rank).
+    MidWrite { rank: usize, step: u64 },
+    /// The disk fills while `rank` writes its shard file of the step-`step` save: writes past
+    /// half its shard's bytes fail (`EFBIG`); the save reports the file and the job fails.
+    DiskFull { rank: usize, step: u64 },
 }
 
 /// What `conformance train` does.
@@ -447,9 +454,29 @@ fn save(
             placements,
         })
         .collect();
+    let limit = match args.kill {
+        Some(Kill::MidWrite { rank: r, step }) if r == rank && step == state.step => Some(true),
+        Some(Kill::DiskFull { rank: r, step }) if r == rank && step == state.step => Some(false),
+        _ => None,
+    };
+    let saved = match limit {
+        Some(crash) => {
+            let half: usize = tensors.iter().map(|(_, t, _)| t.data.len()).sum::<usize>() / 2;
+            eprintln!(
+                "conformance train: rank {rank}: file-size limit {half} bytes during the save of step {} ({}, fault injection)",
+                state.step,
+                if crash { "SIGXFSZ kills" } else { "writes fail with EFBIG" }
+            );
+            Some(crate::fault::limit_file_size(half as u64, crash)?)
+        }
+        None => None,
+    };
     let wrote = dcp::save_rank(dir, &plan.mesh, rank, &shards)
         .map(|_| ())
         .map_err(|e| e.to_string());
+    if let Some(s) = saved {
+        crate::fault::restore(s)?;
+    }
     if args.kill
         == Some(Kill::InSave {
             rank,

@@ -483,13 +483,14 @@ dcp)
 train) ;;
 *) echo "error: unrecognized subcommand '$cmd'" >&2; exit 2;;
 esac
-world=1; every=0; resume=0; ck=; kat=; ksave=
+world=1; every=0; resume=0; ck=; kat=; ksave=; kmid=; kfull=
 while [ $# -gt 0 ]; do
   case $1 in
     --backend) shift;; --world) world=$2; shift;; --plan) plan=$2; shift;;
     --steps) steps=$2; shift;; --out-dir) out=$2; shift;; --ckpt-root) ck=$2; shift;;
     --save-every) every=$2; shift;; --resume) ;; --kill-rank) shift;;
     --kill-at-step) kat=$2; shift;; --kill-in-save-at-step) ksave=$2; shift;;
+    --crash-mid-write-at-step) kmid=$2; shift;; --disk-full-at-step) kfull=$2; shift;;
   esac
   case $1 in --resume) resume=1;; esac
   shift
@@ -510,6 +511,8 @@ while [ $step -lt $steps ]; do
   if [ $every -gt 0 ] && [ $((step % every)) = 0 ]; then
     d=$(printf '%s/step_%08d' "$ck" $step); mkdir -p "$d"
     if [ "$step" = "$ksave" ]; then echo "error: rank 1 killed while saving" >&2; exit 1; fi
+    if [ "$step" = "$kmid" ]; then echo "rank 1: file-size limit 10 bytes" >&2; : > "$d/.__1_0.distcp.tmp-1"; exit 153; fi
+    if [ "$step" = "$kfull" ]; then echo "error: $d/.__1_0.distcp.tmp-1: i/o error: File too large (os error 27)" >&2; exit 1; fi
     touch "$d/COMMITTED"
   fi
 done
@@ -548,6 +551,8 @@ fn every_scenario_passes_against_a_conforming_fake() {
             crate::train::ROW_SAME_MESH,
             crate::train::ROW_OTHER_MESH,
             crate::train::ROW_KILL_SAVE,
+            crate::train::ROW_CRASH_WRITE,
+            crate::train::ROW_DISK_FULL,
             crate::train::ROW_KILL_TRAIN,
             crate::train::ROW_DCP
         ]
@@ -559,13 +564,20 @@ fn every_scenario_passes_against_a_conforming_fake() {
         );
         assert_eq!((r.passed, r.failed), (1, 0), "{}: {:?}", r.name, r.failures);
     }
-    assert!(rows[4].note.contains("failed in"), "{}", rows[4].note);
+    assert!(rows[6].note.contains("failed in"), "{}", rows[6].note);
+    assert!(
+        rows[4]
+            .note
+            .contains("leaving .__1_0.distcp.tmp-1 (0 bytes)"),
+        "{}",
+        rows[4].note
+    );
     assert!(rows[2].note.contains("single world 1"), "{}", rows[2].note);
     assert!(
-        rows[5].note.starts_with("tp: G: 2 passed, 0 failed")
-            && rows[5].note.contains("[_S(2, 2)]"),
+        rows[7].note.starts_with("tp: G: 2 passed, 0 failed")
+            && rows[7].note.contains("[_S(2, 2)]"),
         "{}",
-        rows[5].note
+        rows[7].note
     );
     let plot = plot.unwrap();
     assert_eq!(plot.series.len(), 3);
@@ -574,14 +586,14 @@ fn every_scenario_passes_against_a_conforming_fake() {
 
 #[test]
 fn scenarios_fail_with_clear_rows_when_train_is_missing_or_wrong() {
-    // A conformance binary without `train`: six failing rows naming the cause, no crash.
+    // A conformance binary without `train`: eight failing rows naming the cause, no crash.
     let (g, d) = fake_group(
         "fake-missing",
         "#!/bin/sh\necho \"error: unrecognized subcommand '$1'\" >&2\nexit 2\n",
         false,
     );
     let (rows, plot) = g.run(&|_| {}).unwrap();
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 8);
     for r in &rows {
         assert_eq!((r.passed, r.failed), (0, 1), "{}", r.name);
         let m = &r.failures[0].message;
@@ -600,7 +612,10 @@ fn scenarios_fail_with_clear_rows_when_train_is_missing_or_wrong() {
         .replace(
             "echo \"error: rank 1 killed while saving\" >&2; exit 1;",
             "touch \"$d/COMMITTED\";",
-        );
+        )
+        // a "crash" that leaves no partial file, a "full disk" that names no file
+        .replace(": > \"$d/.__1_0.distcp.tmp-1\"; exit 153;", "exit 153;")
+        .replace("File too large (os error 27)", "something");
     let (g, d) = fake_group("fake-ignoring", &ignoring, true);
     let (rows, _) = g.run(&|_| {}).unwrap();
     let failed: Vec<&str> = rows
@@ -610,9 +625,20 @@ fn scenarios_fail_with_clear_rows_when_train_is_missing_or_wrong() {
         .collect();
     assert_eq!(
         failed,
-        [crate::train::ROW_KILL_SAVE, crate::train::ROW_KILL_TRAIN]
+        [
+            crate::train::ROW_KILL_SAVE,
+            crate::train::ROW_CRASH_WRITE,
+            crate::train::ROW_DISK_FULL,
+            crate::train::ROW_KILL_TRAIN
+        ]
     );
     assert!(rows[3].failures[0].message.contains("status 0"));
+    assert!(rows[4].failures[0]
+        .message
+        .contains("left no partial .distcp.tmp file"));
+    assert!(rows[5].failures[0]
+        .message
+        .contains("without saying 'File too large'"));
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -44,6 +44,46 @@ pub const ROW_UNINTERRUPTED: &str = "uninterrupted run";
 pub const ROW_SAME_MESH: &str = "resume same mesh: bit-identical";
 pub const ROW_OTHER_MESH: &str = "resume other mesh: within tolerance";
 pub const ROW_KILL_SAVE: &str = "kill during save: resume skips the incomplete step";
+pub const ROW_CRASH_WRITE: &str =
+    "crash mid-write of a checkpoint file: resume skips the partial step";
+pub const ROW_DISK_FULL: &str =
+    "disk full during save: the error names the file, resume skips the step";
+
+/// A fault in the step-4 save of scenario 4.
+pub struct SaveFault {
+    /// The `conformance train` flag that sets it (with `--kill-rank 1`).
+    pub flag: &'static str,
+    /// What it is, for progress and verdicts.
+    pub what: &'static str,
+    /// What the failing job's stderr must say.
+    pub says: &'static [&'static str],
+    /// Whether a partial data file (`.__R_0.distcp.tmp-PID`) must be left in the step-4 dir: the
+    /// proof that the process died part-way through writing it.
+    pub leaves_partial: bool,
+}
+
+/// The save faults, in row order: a rank killed after writing its file (before the commit), a
+/// crash part-way through the file (file-size limit, SIGXFSZ), a full disk (EFBIG).
+pub const SAVE_FAULTS: [SaveFault; 3] = [
+    SaveFault {
+        flag: "--kill-in-save-at-step",
+        what: "rank 1 killed in the step-4 save",
+        says: &[],
+        leaves_partial: false,
+    },
+    SaveFault {
+        flag: "--crash-mid-write-at-step",
+        what: "a crash mid-write in the step-4 save",
+        says: &["file-size limit"],
+        leaves_partial: true,
+    },
+    SaveFault {
+        flag: "--disk-full-at-step",
+        what: "a full disk in the step-4 save",
+        says: &[".distcp", "File too large"],
+        leaves_partial: false,
+    },
+];
 pub const ROW_KILL_TRAIN: &str = "kill during training: error in bounded time";
 pub const ROW_DCP: &str = "saved checkpoints (incl. _S placements) pass conformance dcp";
 
@@ -400,6 +440,23 @@ impl Ran {
     }
 }
 
+/// The partial data files a save interrupted mid-write leaves in `dir` (name and bytes).
+fn partial_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let len = e.metadata().ok()?.len();
+            name.contains(".distcp.tmp-")
+                .then(|| format!("{name} ({len} bytes)"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// A passing or failing scenario row.
 fn row(
     backend: &str,
@@ -517,7 +574,152 @@ impl Group {
         Ok(tj)
     }
 
-    /// Runs the five scenarios; `progress` gets a short message before each run.
+    /// The environment of a job with a killed rank: a short collective timeout and a report dir.
+    fn kill_env(&self, tag: &str) -> Vec<(&'static str, String)> {
+        let reports = self.dir.join(format!("{tag}-reports"));
+        let _ = fs::create_dir_all(&reports);
+        vec![
+            (
+                "COLLECTIVES_TIMEOUT_SECS",
+                KILL_COLLECTIVE_TIMEOUT_SECS.to_string(),
+            ),
+            ("COLLECTIVES_REPORT_DIR", reports.display().to_string()),
+        ]
+    }
+
+    /// Scenario 4 with one fault: run `tags.0` saves every 2 steps and meets `fault` in the
+    /// step-4 save (it must fail, by itself, in bounded time, saying what `fault.says`); run
+    /// `tags.1` resumes from step 2, reports step 4 as skipped and matches run A bit for bit.
+    fn fault_in_save(
+        &self,
+        fault: &SaveFault,
+        tags: (&str, &str),
+        a_dir: &str,
+    ) -> Result<(f64, Result<String, String>), String> {
+        let steps = STEPS.to_string();
+        let w = self.world;
+        let (root, out, resumed) = (
+            self.path(tags.0),
+            self.path(&format!("{}-out", tags.0)),
+            self.path(tags.1),
+        );
+        let d = self.train(
+            tags.0,
+            PLAN,
+            w,
+            &[
+                "--steps",
+                &steps,
+                "--ckpt-root",
+                &root,
+                "--save-every",
+                "2",
+                "--kill-rank",
+                "1",
+                fault.flag,
+                "4",
+                "--out-dir",
+                &out,
+            ],
+            &self.kill_env(tags.0),
+            self.timeout,
+        )?;
+        let mut secs = d.out.seconds;
+        let stderr = d.stderr();
+        let verdict = if d.out.ok {
+            Err(format!(
+                "the job with {} exited with status 0; {}",
+                fault.what,
+                d.tail()
+            ))
+        } else if d.out.timed_out {
+            Err(format!(
+                "the job with {} did not end ({}); {}",
+                fault.what,
+                d.out.note,
+                d.tail()
+            ))
+        } else if let Some(missing) = fault.says.iter().find(|w| !stderr.contains(*w)) {
+            Err(format!(
+                "the job with {} failed without saying '{missing}'; {}",
+                fault.what,
+                d.tail()
+            ))
+        } else if fault.leaves_partial
+            && partial_files(&Path::new(&root).join(step_dir(4))).is_empty()
+        {
+            Err(format!(
+                "the job with {} left no partial .distcp.tmp file in {}; {}",
+                fault.what,
+                step_dir(4),
+                d.tail()
+            ))
+        } else {
+            let partial = partial_files(&Path::new(&root).join(step_dir(4)));
+            // The line naming the file, from its "error:" on (a library may print before it).
+            let said = fault.says.first().and_then(|w| {
+                stderr
+                    .lines()
+                    .find(|l| l.contains(w))
+                    .map(|l| l.find("error:").map_or(l, |i| &l[i..]))
+            });
+            let killed_note = if let (true, Some(line)) = (partial.is_empty(), said) {
+                format!(
+                    "failed in {:.1} s ({}): {}",
+                    d.out.seconds,
+                    d.out.note,
+                    line.trim()
+                )
+            } else if partial.is_empty() {
+                format!("failed in {:.1} s ({})", d.out.seconds, d.out.note)
+            } else {
+                format!(
+                    "failed in {:.1} s ({}), leaving {}",
+                    d.out.seconds,
+                    d.out.note,
+                    partial.join(", ")
+                )
+            };
+            let e = self.train(
+                tags.1,
+                PLAN,
+                w,
+                &[
+                    "--steps",
+                    &steps,
+                    "--ckpt-root",
+                    &root,
+                    "--resume",
+                    "--out-dir",
+                    &resumed,
+                ],
+                &[],
+                self.timeout,
+            )?;
+            secs += e.out.seconds;
+            let what = format!("resume {}", tags.1);
+            match self
+                .finished(&e, &what, &resumed, (PLAN, w, 2, STEPS))
+                .and_then(|tj| check_resume(&tj, 2, &[4]).map_err(|e| format!("{what}: {e}")))
+            {
+                Err(e) => Err(format!("{killed_note}; {e}")),
+                Ok(()) => {
+                    let cmp = format!("cmp-A-{}", tags.1);
+                    let (s, v) = self.compare(&cmp, a_dir, &resumed, &["--exact"])?;
+                    secs += s;
+                    v.map(|()| {
+                        format!(
+                            "{killed_note}; resume skipped {} and matched run A bit for bit",
+                            step_dir(4)
+                        )
+                    })
+                }
+            }
+        };
+        Ok((secs, verdict))
+    }
+
+    /// Runs the scenarios; `progress` gets a short message before each run.
     pub fn run(&self, progress: &dyn Fn(&str)) -> Result<(Vec<Row>, Option<Plot>), String> {
         let _ = fs::remove_dir_all(&self.dir);
         fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
@@ -533,8 +735,8 @@ impl Group {
             self.path("B2"),
             self.path("B3"),
         );
-        let (c_root, d_root) = (self.path("C"), self.path("D"));
-        let (d_out, e_dir, f_out) = (self.path("D-out"), self.path("E"), self.path("F"));
+        let c_root = self.path("C");
+        let f_out = self.path("F");
 
         // 1. Uninterrupted reference.
         say("uninterrupted");
@@ -692,96 +894,21 @@ impl Group {
         };
         rows.push(row(b, w, ROW_OTHER_MESH, secs, needs_a(verdict)));
 
-        // 4. A rank dies while saving step 4; the resume skips that dir and restarts from step 2.
-        say("kill during save, resume");
-        let kill_env = |tag: &str| -> Vec<(&'static str, String)> {
-            let reports = self.dir.join(format!("{tag}-reports"));
-            let _ = fs::create_dir_all(&reports);
-            vec![
-                (
-                    "COLLECTIVES_TIMEOUT_SECS",
-                    KILL_COLLECTIVE_TIMEOUT_SECS.to_string(),
-                ),
-                ("COLLECTIVES_REPORT_DIR", reports.display().to_string()),
-            ]
-        };
-        let d = self.train(
-            "D",
-            PLAN,
-            w,
-            &[
-                "--steps",
-                &steps,
-                "--ckpt-root",
-                &d_root,
-                "--save-every",
-                "2",
-                "--kill-rank",
-                "1",
-                "--kill-in-save-at-step",
-                "4",
-                "--out-dir",
-                &d_out,
-            ],
-            &kill_env("D"),
-            self.timeout,
-        )?;
-        let mut secs = d.out.seconds;
-        let verdict = if d.out.ok {
-            Err(format!(
-                "the job with rank 1 killed in the step-4 save exited with status 0; {}",
-                d.tail()
-            ))
-        } else if d.out.timed_out {
-            Err(format!(
-                "the job with rank 1 killed in the step-4 save did not end ({}); {}",
-                d.out.note,
-                d.tail()
-            ))
-        } else {
-            let killed_note = format!(
-                "killed save failed in {:.1} s ({})",
-                d.out.seconds, d.out.note
-            );
-            let e = self.train(
-                "E",
-                PLAN,
-                w,
-                &[
-                    "--steps",
-                    &steps,
-                    "--ckpt-root",
-                    &d_root,
-                    "--resume",
-                    "--out-dir",
-                    &e_dir,
-                ],
-                &[],
-                self.timeout,
-            )?;
-            secs += e.out.seconds;
-            match self
-                .finished(&e, "resume E", &e_dir, (PLAN, w, 2, STEPS))
-                .and_then(|tj| check_resume(&tj, 2, &[4]).map_err(|e| format!("resume E: {e}")))
-            {
-                Err(e) => Err(format!("{killed_note}; {e}")),
-                Ok(()) => {
-                    let (s, v) = self.compare("cmp-A-E", &a_dir, &e_dir, &["--exact"])?;
-                    secs += s;
-                    v.map(|()| {
-                        format!(
-                            "{killed_note}; resume skipped {} and matched run A bit for bit",
-                            step_dir(4)
-                        )
-                    })
-                }
-            }
-        };
-        rows.push(row(b, w, ROW_KILL_SAVE, secs, needs_a(verdict)));
+        // 4. A rank dies while saving step 4 (after its file, mid-file, or its disk fills); the
+        // resume skips that dir and restarts from step 2.
+        for (fault, (tags, row_name)) in SAVE_FAULTS.iter().zip([
+            (("D", "E"), ROW_KILL_SAVE),
+            (("H", "I"), ROW_CRASH_WRITE),
+            (("J", "K"), ROW_DISK_FULL),
+        ]) {
+            say(fault.what);
+            let (secs, verdict) = self.fault_in_save(fault, tags, &a_dir)?;
+            rows.push(row(b, w, row_name, secs, needs_a(verdict)));
+        }
 
         // 5. A rank dies at the start of step 3: error in bounded time.
         say("kill during training");
-        let env = kill_env("F");
+        let env = self.kill_env("F");
         let f = self.train(
             "F",
             PLAN,
