@@ -664,13 +664,13 @@ impl Group {
                     ));
                 }
             } else {
-                let n = slab.shape.len();
+                let last = slab.shape.len() - 1;
                 out.push((
                     0,
                     LocalTensor {
                         key: d.key.clone(),
                         tensor: if d.transposed {
-                            slab.transpose(n - 2, n - 1)?
+                            slab.transpose(last - 1, last)?
                         } else {
                             slab
                         },
@@ -720,18 +720,16 @@ impl Group {
         let nd = self.shape.len();
         let last = nd - 1;
         let dim_map = d.dim_map(nd);
-        let width = d.shape[d.col_dim()];
         let nseg = self.segs.len();
-        let whole = |s: &Segment| s.col0 == 0 && s.step == 1 && s.len == width;
-        let identity = nseg == 1 && whole(&self.segs[0]);
+        // The segments of each disk tensor cover its columns exactly once (the layout tables of
+        // `layer_groups`), so one segment is the whole tensor, and one segment of the native
+        // tensor is the identity map.
+        let identity = nseg == 1;
         let mine: Vec<&Segment> = self.segs.iter().filter(|s| s.src == src).collect();
         let equal = self.segs.iter().all(|s| s.len == self.segs[0].len);
-        // Segment j: native cols [j L, (j + 1) L) at disk cols j, j + n, ... of this one tensor.
-        let interleaved = nseg > 1
-            && mine.len() == nseg
-            && self.segs.iter().enumerate().all(|(j, s)| {
-                s.col0 == j && s.step == nseg && s.start == j * s.len && s.len * nseg == width
-            });
+        // All n > 1 segments in this one tensor: they are interleaved (the tables again), segment
+        // j (native cols [j L, (j + 1) L)) at disk cols j, j + n, ...
+        let interleaved = mine.len() == nseg;
         let packed_dims = lt
             .placements
             .iter()
@@ -748,13 +746,11 @@ impl Group {
                 if *split_factor == nseg && equal && packed_dims == 1);
             let q = match p {
                 _ if identity => Some(p.with_shard_dim(col)),
-                _ if packed && mine.len() == 1 && whole(mine[0]) => Some(Placement::Shard(col)),
+                _ if packed && mine.len() == 1 => Some(Placement::Shard(col)),
                 _ if packed && interleaved => {
-                    let run = match dset.runs() {
-                        [] => true,
-                        [r] => r.start % nseg == 0 && r.len() % nseg == 0,
-                        _ => false,
-                    };
+                    // (a rank holding no column gets no piece, so `dset` is not empty)
+                    let run =
+                        matches!(dset.runs(), [r] if r.start % nseg == 0 && r.len() % nseg == 0);
                     if !run {
                         return Err(AdapterError::Placement(format!(
                             "{}: placement {p} but the native columns held land on {} columns {:?} (not one run of whole gate/up pairs): the index sets are not those of {p}",
@@ -891,4 +887,56 @@ fn reorder_last(t: HostTensor, order: &[usize]) -> Result<HostTensor> {
     let last = sel.len() - 1;
     sel[last] = inv;
     t.gather_vecs(&sel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// `seg_copy` (slice copies, the blocked transpose) moves exactly the element pairs
+        /// `for_seg_pairs` enumerates, one element at a time, for any segment geometry (not only
+        /// those of the layout tables: any column offset, stride, width, transposed or not), both
+        /// ways, for every element size.
+        #[test]
+        fn seg_copy_moves_the_pairs_of_for_seg_pairs(
+            a_len in 1usize..6, c_extra in 0usize..4, len in 1usize..6, start in 0usize..3,
+            col0 in 0usize..4, step in 1usize..4, w_extra in 0usize..3, transposed in any::<bool>(),
+            n in prop::sample::select(vec![1usize, 2, 4, 8]), to_native in any::<bool>(), seed in any::<u8>(),
+        ) {
+            let c_len = start + len + c_extra;
+            let w = col0 + step * (len - 1) + 1 + w_extra;
+            let s = Segment { src: 0, start, len, col0, step };
+            let (nat_bytes, disk_bytes) = (a_len * c_len * n, w * a_len * n);
+            let (src_len, dst_len) = if to_native { (disk_bytes, nat_bytes) } else { (nat_bytes, disk_bytes) };
+            let src: Vec<u8> = (0..src_len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            let mut got = vec![0u8; dst_len];
+            seg_copy_n(n, &mut got, &src, (&s, transposed, a_len, c_len, w), to_native).unwrap();
+            let mut want = vec![0u8; dst_len];
+            for_seg_pairs(&s, transposed, a_len, c_len, w, |no, dof| {
+                let (d, f) = if to_native { (no, dof) } else { (dof, no) };
+                want[d * n..d * n + n].copy_from_slice(&src[f * n..f * n + n]);
+            });
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn another_element_size_is_an_error() {
+        let s = Segment {
+            src: 0,
+            start: 0,
+            len: 1,
+            col0: 0,
+            step: 1,
+        };
+        let e = seg_copy_n(3, &mut [0; 3], &[0; 3], (&s, false, 1, 1, 1), true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "3-byte elements (layouts copy 1-, 2-, 4- and 8-byte elements)"
+        );
+    }
 }

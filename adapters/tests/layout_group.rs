@@ -167,3 +167,97 @@ fn fill_disk_and_fill_experts_check_their_buffers() {
         "{out:?}"
     );
 }
+
+#[test]
+fn the_segments_of_each_disk_tensor_cover_its_columns_once() {
+    // The invariants `Group::disk_placements` relies on (one segment of a disk tensor is the
+    // whole tensor; several are interleaved): every layout table of layer_groups, with I != H
+    // and 2I != H.
+    use adapters::layout::{layer_groups, DiskLayout};
+    let names = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"];
+    for layout in [
+        DiskLayout::PerExpert,
+        DiskLayout::FusedTransposed,
+        DiskLayout::FusedNative,
+        DiskLayout::GptOss,
+        DiskLayout::Step35,
+    ] {
+        for g in layer_groups(layout, 0, "model.layers.0", "mlp", names, (4, 6, 5)) {
+            let n = *g.shape.last().unwrap();
+            // native columns: ascending, contiguous, complete
+            let mut next = 0;
+            for s in &g.segs {
+                assert_eq!(s.start, next, "{layout:?} {}", g.native_key);
+                next += s.len;
+            }
+            assert_eq!(next, n, "{layout:?} {}", g.native_key);
+            for (src, d) in g.disk.iter().enumerate() {
+                // a tensor holding n > 1 segments interleaves them: segment j at j, j + n, ...
+                let mine: Vec<_> = g.segs.iter().filter(|s| s.src == src).collect();
+                if mine.len() > 1 {
+                    for (j, s) in mine.iter().enumerate() {
+                        assert_eq!(
+                            (s.col0, s.step, s.start),
+                            (j, mine.len(), j * s.len),
+                            "{layout:?} {}",
+                            d.key
+                        );
+                    }
+                }
+                let nd = d.shape.len();
+                let width = d.shape[if d.transposed { nd - 2 } else { nd - 1 }];
+                let mut cols: Vec<usize> = g
+                    .segs
+                    .iter()
+                    .filter(|s| s.src == src)
+                    .flat_map(|s| (0..s.len).map(move |c| s.col0 + s.step * c))
+                    .collect();
+                cols.sort_unstable();
+                assert_eq!(
+                    cols,
+                    (0..width).collect::<Vec<_>>(),
+                    "{layout:?} {} {}",
+                    g.native_key,
+                    d.key
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_gate_up_of_a_transformers_fused_tensor_writes_back_strided() {
+    // qwen3_vl_moe_tiny: gate_up_proj [E, 2I, H] holds gate | up along 2I in native order (one
+    // identity segment): native `_S(2, 2)` is `_S(1, 2)` of it, rank 1 holding I/2.. of gate and
+    // of up: disk rows {16..32, 48..64} (I = 32).
+    use adapters::MoeAdapter;
+    use placement::{DeviceMesh, IndexSet, Placement};
+    let ck = HfCheckpoint::open(&common::fixture("qwen3_vl_moe_tiny")).unwrap();
+    let a = FamilyAdapter::from_checkpoint(&ck).unwrap();
+    let key = "model.language_model.layers.0.mlp.experts.gate_and_up_projs";
+    let mesh = DeviceMesh::new(vec![2]).unwrap();
+    let ss = |dim| Placement::StridedShard {
+        dim,
+        split_factor: 2,
+    };
+    let lt = a.from_hf_local(&ck, key, &mesh, &[ss(2)], &[1]).unwrap();
+    let out = a.to_hf_local(&lt).unwrap();
+    assert_eq!(out.len(), 1);
+    let h = &out[0];
+    assert_eq!(
+        h.key,
+        "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    );
+    assert_eq!(h.placements, [ss(1)]);
+    assert_eq!(
+        h.indices,
+        [
+            IndexSet::from_range(0..8),
+            IndexSet::from_runs(vec![16..32, 48..64]),
+            IndexSet::from_range(0..64)
+        ]
+    );
+    assert!(h.placements_match(&mesh, &[1]).unwrap());
+    let disk = ck.tensor(&h.key).unwrap();
+    assert_eq!(h.tensor, disk.gather(&h.indices).unwrap());
+}
