@@ -27,6 +27,7 @@ use crate::family::{spec_for, FamilyConfig};
 use crate::family_adapter::{FamilyAdapter, LayoutChoice};
 use crate::layout::{DiskLayout, Group};
 use crate::local::LocalTensor;
+pub use crate::out_dir::stale_partials;
 use crate::out_dir::{atomic_dir, write_json, write_tensors};
 use crate::stream_write::OutTensor;
 use crate::tensor::{dtype_size, HostTensor};

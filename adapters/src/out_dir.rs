@@ -1,6 +1,7 @@
 //! Writing a checkpoint directory the way every converter here does: into `.DST.partial-PID`,
 //! renamed to `DST` only when complete (a crash never leaves something that looks like a
-//! checkpoint at `DST`), tensors in `model.safetensors` or `model-0000i-of-0000n.safetensors` +
+//! checkpoint at `DST`; the next write to `DST` removes what a dead run left, see
+//! [`stale_partials`]), tensors in `model.safetensors` or `model-0000i-of-0000n.safetensors` +
 //! `model.safetensors.index.json` (the HF layout; units never split across files), each file
 //! streamed by [`crate::stream_write::write_file`].
 
@@ -11,6 +12,37 @@ use crate::tensor::dtype_size;
 use crate::writer::shard_file_name;
 use serde_json::{json, Value};
 use std::path::Path;
+
+/// The partial output directories `.DST.partial-PID` next to `dst` left by runs that died before
+/// finishing (their process `PID` no longer exists: `/proc/PID` is absent), sorted. Every write
+/// to `dst` removes them first ([`atomic_dir`]); a tool reports them before it starts.
+pub fn stale_partials(dst: &Path) -> Vec<std::path::PathBuf> {
+    let (Some(parent), Some(name)) = (dst.parent(), dst.file_name()) else {
+        return Vec::new();
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let prefix = format!(".{}.partial-", name.to_string_lossy());
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&prefix)
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                })
+        })
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
 
 /// Runs `job` on a fresh partial directory next to `dst` and renames it to `dst` when `job`
 /// succeeds (fsyncing it first); removes it when `job` fails. Errors: `dst` exists, I/O, `job`'s.
@@ -25,6 +57,9 @@ pub(crate) fn atomic_dir<R>(dst: &Path, job: impl FnOnce(&Path) -> Result<R>) ->
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
+    for stale in stale_partials(dst) {
+        std::fs::remove_dir_all(&stale).map_err(|e| AdapterError::io(&stale, e))?;
+    }
     let tmp = dst.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| AdapterError::io(&tmp, e))?;

@@ -202,6 +202,12 @@ fn main() -> ExitCode {
         threads,
         verify,
     };
+    for stale in adapters::convert::stale_partials(&dst) {
+        eprintln!(
+            "note: removing {}, the partial output of a run that did not finish",
+            stale.display()
+        );
+    }
     let t0 = Instant::now();
     let tick = |b: u64| bar.inc(b);
     let r = match job {
