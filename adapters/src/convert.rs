@@ -157,7 +157,8 @@ pub fn native_adapter(ckpt: &HfCheckpoint) -> Result<FamilyAdapter> {
             v["model_type"], spec.model_type
         )));
     }
-    let config = FamilyConfig::from_json(&spec, ckpt.config())?;
+    let config = FamilyConfig::from_json(&spec, ckpt.config())
+        .map_err(|e| crate::family_adapter::in_dir(ckpt, e))?;
     let module = v["moe_module"].as_str().unwrap_or("");
     let moe_module = spec
         .moe_modules

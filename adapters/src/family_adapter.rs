@@ -76,6 +76,21 @@ pub struct FamilyAdapter {
     unrename: HashMap<String, String>,
 }
 
+/// A config.json error of `ckpt` with the file's full path (`FamilyConfig` names it
+/// `config.json`).
+pub(crate) fn in_dir(ckpt: &HfCheckpoint, e: AdapterError) -> AdapterError {
+    match e {
+        AdapterError::Config(m) => match m.strip_prefix("config.json:") {
+            Some(rest) => AdapterError::Config(format!(
+                "{}:{rest}",
+                ckpt.dir().join("config.json").display()
+            )),
+            None => AdapterError::Config(m),
+        },
+        other => other,
+    }
+}
+
 /// Layer index and the rest of `key` under `prefix.` (`None` if the key is not a layer key).
 fn split_layer<'a>(prefix: &str, key: &'a str) -> Option<(usize, &'a str)> {
     let rest = key.strip_prefix(prefix)?.strip_prefix('.')?;
@@ -102,7 +117,7 @@ impl FamilyAdapter {
     /// bad config, a checkpoint mixing layouts.
     pub fn from_checkpoint(ckpt: &HfCheckpoint) -> Result<Self> {
         let spec = spec_for(ckpt.model_type()?)?;
-        let config = FamilyConfig::from_json(&spec, ckpt.config())?;
+        let config = FamilyConfig::from_json(&spec, ckpt.config()).map_err(|e| in_dir(ckpt, e))?;
         let keys = ckpt.keys();
         let prefix = if keys
             .iter()
@@ -340,7 +355,7 @@ impl FamilyAdapter {
             .collect();
         if !unexpected.is_empty() {
             return Err(AdapterError::UnexpectedKeys(format!(
-                "{}: unexpected expert keys for {} ({:?} layout, {} experts, MoE layers {:?}): {} ({} unexpected)",
+                "{}: unexpected expert keys for {} ({:?} layout, {} experts, MoE layers {:?} by config.json): {} ({} unexpected)",
                 ckpt.dir().display(),
                 self.spec.model_type,
                 self.layout,
@@ -378,7 +393,7 @@ impl FamilyAdapter {
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     return Err(AdapterError::Shape(format!(
-                        "{file}: tensor '{k}' has shape {:?} but config (E={}, H={}, I={}) gives {want:?}",
+                        "{file}: tensor '{k}' has shape {:?} but config.json (E={}, H={}, I={}) gives {want:?}",
                         info.shape,
                         e,
                         self.config.hidden_size,
@@ -420,7 +435,7 @@ impl FamilyAdapter {
                     )
                     } else {
                         format!(
-                        "native key '{key}': layer {l} is not a MoE layer of this config (MoE layers {:?})",
+                        "native key '{key}': layer {l} is not a MoE layer of this config.json (MoE layers {:?})",
                         self.config.moe_layers()
                     )
                     },
@@ -684,7 +699,7 @@ fn fused_orientation(
     let seen = seen.join(", ");
     if fits.is_empty() {
         return Err(AdapterError::Shape(format!(
-            "layer {layer}: fused experts {seen} fit neither {} nor {} for E = {e}, H = {h}, I = {i}",
+            "layer {layer}: fused experts {seen} fit neither {} nor {} for config.json's E = {e}, H = {h}, I = {i}",
             ALL[0].name(),
             ALL[1].name()
         )));
@@ -734,7 +749,7 @@ impl MoeAdapter for FamilyAdapter {
     fn native_moe_keys(&self, layer: usize) -> Result<NativeMoeKeys> {
         if !self.config.is_moe_layer(layer) {
             return Err(AdapterError::Config(format!(
-                "layer {layer} is not a MoE layer of this {} config (MoE layers {:?})",
+                "layer {layer} is not a MoE layer of this {} config.json (MoE layers {:?})",
                 self.spec.model_type,
                 self.config.moe_layers()
             )));

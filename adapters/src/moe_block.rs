@@ -159,7 +159,7 @@ pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
                         (true, None) => format!(", Is={} as the shared gate_proj", s[0]),
                     };
                     return Err(AdapterError::Shape(format!(
-                        "{file}: tensor '{k}' has shape {:?} but config (E={}, H={}{is}) gives {s:?} {}",
+                        "{file}: tensor '{k}' has shape {:?} but config.json (E={}, H={}{is}) gives {s:?} {}",
                         info.shape, c.num_experts, c.hidden_size, t.dims
                     )));
                 }

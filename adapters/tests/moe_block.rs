@@ -70,7 +70,7 @@ fn a_wrongly_shaped_router_is_named() {
     assert!(
         e.ends_with(
             "model.safetensors: tensor 'model.layers.1.mlp.gate.weight' has shape [8, 63] but \
-             config (E=8, H=64) gives [8, 64] [E, H]"
+             config.json (E=8, H=64) gives [8, 64] [E, H]"
         ),
         "{e}"
     );
@@ -103,7 +103,7 @@ fn a_missing_score_correction_bias_or_router_bias_is_named() {
     });
     assert!(
         e.ends_with(
-            "tensor 'model.layers.1.mlp.router.bias' has shape [7] but config (E=8, H=64) gives \
+            "tensor 'model.layers.1.mlp.router.bias' has shape [7] but config.json (E=8, H=64) gives \
              [8] [E]"
         ),
         "{e}"
@@ -123,7 +123,7 @@ fn a_wrongly_shaped_shared_expert_is_named_with_is() {
     assert!(
         e.ends_with(
             "tensor 'model.layers.1.mlp.shared_expert.down_proj.weight' has shape [64, 32] but \
-             config (E=8, H=64, Is=48) gives [64, 48] [H, Is]"
+             config.json (E=8, H=64, Is=48) gives [64, 48] [H, Is]"
         ),
         "{e}"
     );
