@@ -245,3 +245,35 @@ fn the_sidecar_cannot_drop_a_module_config_json_has() {
         )
     );
 }
+
+#[test]
+fn the_sidecar_cannot_add_a_module_the_family_lacks() {
+    // qwen3_moe has no shared expert: a sidecar saying it has one is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let nat = to_native("qwen3_moe_tiny", tmp.path());
+    let side = nat.join(NATIVE_SIDECAR);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&side).unwrap()).unwrap();
+    assert_eq!(
+        v["optional"],
+        serde_json::json!([false, false, false, false])
+    );
+    v["optional"][2] = true.into();
+    std::fs::write(&side, v.to_string()).unwrap();
+    let e = convert(
+        &nat,
+        &tmp.path().join("hf"),
+        Direction::NativeToHf,
+        &ConvertOptions::default(),
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: optional[2] (shared expert) is true but config.json says false",
+            side.display()
+        )
+    );
+}
