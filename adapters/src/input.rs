@@ -58,8 +58,22 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| AdapterError::io(path, e))
 }
 
-/// The text of the regular file at `path` (see [`read_regular`]; errors also for non-UTF-8).
+/// Largest text (JSON) input read: config.json, an index, a sidecar. The largest published
+/// indexes are a few MB (about 100 bytes per tensor); a bigger file is refused before it is
+/// read, so a damaged one costs no more memory than this.
+pub const MAX_TEXT_BYTES: u64 = 32 << 20;
+
+/// The text of the regular file at `path` (see [`read_regular`]). Errors also for non-UTF-8 and
+/// for more than [`MAX_TEXT_BYTES`] bytes.
 pub fn read_regular_string(path: &Path) -> Result<String> {
+    if let Some(n) = regular_file_len(path)? {
+        if n > MAX_TEXT_BYTES {
+            return Err(AdapterError::Format(format!(
+                "{}: {n} bytes, more than the {MAX_TEXT_BYTES} a JSON input may have",
+                path.display()
+            )));
+        }
+    }
     String::from_utf8(read_regular(path)?)
         .map_err(|e| AdapterError::Format(format!("{}: not UTF-8 text: {e}", path.display())))
 }
@@ -165,6 +179,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.ends_with("is a device, not a regular file"), "{e}");
+        let big = tmp.path().join("big.json");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_TEXT_BYTES + 1)
+            .unwrap();
+        let e = read_regular_string(&big).unwrap_err().to_string();
+        assert!(
+            e.ends_with("33554433 bytes, more than the 33554432 a JSON input may have"),
+            "{e}"
+        );
         std::fs::write(tmp.path().join("f"), b"xyz").unwrap();
         assert_eq!(regular_file_len(&tmp.path().join("f")).unwrap(), Some(3));
         assert_eq!(read_regular(&tmp.path().join("f")).unwrap(), b"xyz");
