@@ -42,6 +42,13 @@ pub struct TensorInfo {
     pub file: PathBuf,
 }
 
+impl TensorInfo {
+    /// The name of the file holding the tensor (for error messages).
+    pub fn file_name(&self) -> String {
+        fname(&self.file)
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     file: usize,

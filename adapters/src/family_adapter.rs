@@ -387,11 +387,7 @@ impl FamilyAdapter {
             for (k, want) in g.disk_keys(e) {
                 let info = ckpt.info(&k)?;
                 if info.shape != want {
-                    let file = info
-                        .file
-                        .file_name()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+                    let file = info.file_name();
                     return Err(AdapterError::Shape(format!(
                         "{file}: tensor '{k}' has shape {:?} but config.json (E={}, H={}, I={}) gives {want:?}",
                         info.shape,

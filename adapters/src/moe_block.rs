@@ -148,11 +148,7 @@ pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
             });
             if let Some(s) = shape {
                 if info.shape != s {
-                    let file = info
-                        .file
-                        .file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+                    let file = info.file_name();
                     let is = match (t.dims.contains("Is"), c.shared_intermediate_size) {
                         (false, _) => String::new(),
                         (true, Some(i)) => format!(", Is={i}"),

@@ -4,6 +4,8 @@
 //! `capacity overflow` panic, an abort or seconds of key building), on the HF and the native
 //! side.
 
+mod common;
+
 use adapters::convert::{convert, ConvertOptions, Direction};
 use adapters::{adapter_for, HfCheckpoint};
 use serde_json::Value;
@@ -18,13 +20,7 @@ fn fixture(name: &str) -> PathBuf {
 /// Copies `src`'s files into `dst`, then sets `field` (of `text_config` when the config has one)
 /// in its config.json to `value`.
 fn copy_with(src: &Path, dst: &Path, field: &str, value: Value) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    common::copy_dir(src, dst);
     let path = dst.join("config.json");
     let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let obj = match cfg.get_mut("text_config") {

@@ -14,16 +14,6 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 fn mkfifo(p: &Path) {
     let ok = std::process::Command::new("mkfifo")
         .arg(p)
@@ -47,7 +37,7 @@ fn a_fifo_or_directory_in_place_of_a_file_is_named_not_read() {
             ("a directory", |p: &Path| std::fs::create_dir(p).unwrap()),
         ] {
             let tmp = tempfile::tempdir().unwrap();
-            copy_dir(&fixture("qwen3_moe_tiny"), tmp.path());
+            common::copy_dir(&fixture("qwen3_moe_tiny"), tmp.path());
             let p = tmp.path().join(file);
             std::fs::remove_file(&p).unwrap();
             make(&p);
@@ -64,7 +54,7 @@ fn a_fifo_or_directory_in_place_of_a_file_is_named_not_read() {
 #[test]
 fn a_shard_named_by_the_index_must_be_a_regular_file() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture("qwen3_moe_tiny_sharded"), tmp.path());
+    common::copy_dir(&fixture("qwen3_moe_tiny_sharded"), tmp.path());
     let shard = tmp.path().join("model-00002-of-00003.safetensors");
     assert!(shard.is_file());
     std::fs::remove_file(&shard).unwrap();
@@ -96,7 +86,7 @@ fn a_repeated_key_in_a_header_or_config_is_an_error() {
     );
 
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture("qwen3_moe_tiny"), tmp.path());
+    common::copy_dir(&fixture("qwen3_moe_tiny"), tmp.path());
     let cfg = tmp.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let text = text.replacen('{', r#"{"num_local_experts": 4,"#, 1);

@@ -218,15 +218,16 @@ fn the_native_side_checks_the_block_too() {
     assert!(!back.exists());
 }
 
-#[test]
-fn the_sidecar_cannot_drop_a_module_config_json_has() {
+/// The converter's error on `fixture`'s native checkpoint after its sidecar's `optional` (which
+/// must read `was` first) gets `value` at `index`, and the sidecar's path.
+fn sidecar_error(fixture: &str, was: [bool; 4], index: usize, value: bool) -> (String, String) {
     let tmp = tempfile::tempdir().unwrap();
-    let nat = to_native("deepseek_v3_tiny", tmp.path());
+    let nat = to_native(fixture, tmp.path());
     let side = nat.join(NATIVE_SIDECAR);
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&side).unwrap()).unwrap();
-    assert_eq!(v["optional"], serde_json::json!([false, true, true, false]));
-    v["optional"][1] = false.into();
+    assert_eq!(v["optional"], serde_json::json!(was));
+    v["optional"][index] = value.into();
     std::fs::write(&side, v.to_string()).unwrap();
     let e = convert(
         &nat,
@@ -237,43 +238,24 @@ fn the_sidecar_cannot_drop_a_module_config_json_has() {
     )
     .unwrap_err()
     .to_string();
+    (side.display().to_string(), e)
+}
+
+#[test]
+fn the_sidecar_cannot_drop_a_module_config_json_has() {
+    let (side, e) = sidecar_error("deepseek_v3_tiny", [false, true, true, false], 1, false);
     assert_eq!(
         e,
-        format!(
-            "{}: optional[1] (score-correction bias) is false but config.json says true",
-            side.display()
-        )
+        format!("{side}: optional[1] (score-correction bias) is false but config.json says true")
     );
 }
 
 #[test]
 fn the_sidecar_cannot_add_a_module_the_family_lacks() {
     // qwen3_moe has no shared expert: a sidecar saying it has one is refused.
-    let tmp = tempfile::tempdir().unwrap();
-    let nat = to_native("qwen3_moe_tiny", tmp.path());
-    let side = nat.join(NATIVE_SIDECAR);
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&side).unwrap()).unwrap();
-    assert_eq!(
-        v["optional"],
-        serde_json::json!([false, false, false, false])
-    );
-    v["optional"][2] = true.into();
-    std::fs::write(&side, v.to_string()).unwrap();
-    let e = convert(
-        &nat,
-        &tmp.path().join("hf"),
-        Direction::NativeToHf,
-        &ConvertOptions::default(),
-        &|_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let (side, e) = sidecar_error("qwen3_moe_tiny", [false; 4], 2, true);
     assert_eq!(
         e,
-        format!(
-            "{}: optional[2] (shared expert) is true but config.json says false",
-            side.display()
-        )
+        format!("{side}: optional[2] (shared expert) is true but config.json says false")
     );
 }

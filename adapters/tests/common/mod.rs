@@ -209,3 +209,14 @@ pub fn edited_copy(
     write_ckpt(dir, &config, &tensors, 1);
     HfCheckpoint::open(dir).unwrap()
 }
+
+/// Copies the files (not subdirectories) of `src` into `dst`, creating it.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
