@@ -184,7 +184,7 @@ pub fn native_adapter(ckpt: &HfCheckpoint) -> Result<FamilyAdapter> {
         .as_str()
         .ok_or_else(|| bad("no 'prefix'".into()))?
         .to_string();
-    crate::family_adapter::check_native_sizes(&config, ckpt, &prefix)?;
+    let config = crate::family_adapter::check_native_sizes(config, ckpt, &prefix)?;
     // The sidecar records the optional modules; config.json decides those it gives.
     let from_config = crate::family_adapter::optional_modules(&spec, &config, |_| true);
     let undecided = crate::family_adapter::optional_modules(&spec, &config, |_| false);

@@ -245,6 +245,13 @@ pub struct FamilyConfig {
     /// (transformers' `e_score_correction_bias` buffer), `use_moe_router_bias` for Step3.5,
     /// never for the others; `None` when config.json does not say.
     pub router_e_bias: Option<bool>,
+    /// DeepSeek-V3 / GLM-4.5 `num_nextn_predict_layers`: multi-token-prediction layers a
+    /// checkpoint may hold after the last layer (`model.layers.{L}...`, MoE layers like the
+    /// others; transformers itself skips them on load). 0 for the other families.
+    pub num_nextn_predict_layers: usize,
+    /// How many of those the checkpoint holds (set from its keys by the adapter; 0 from
+    /// [`FamilyConfig::from_json`]): they count as MoE layers.
+    pub mtp_layers: usize,
 }
 
 fn get_usize(cfg: &Value, field: &str, mt: &str) -> Result<Option<usize>> {
@@ -410,12 +417,19 @@ impl FamilyConfig {
             rule,
             shared_intermediate_size,
             router_e_bias,
+            num_nextn_predict_layers: match spec.model_type {
+                "deepseek_v3" | "glm4_moe" => {
+                    get_usize(cfg, "num_nextn_predict_layers", mt)?.unwrap_or(0)
+                }
+                _ => 0,
+            },
+            mtp_layers: 0,
         })
     }
 
     /// Whether layer `l` has a routed-expert block.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        if l >= self.num_hidden_layers || self.num_experts == 0 {
+        if l >= self.num_hidden_layers + self.mtp_layers || self.num_experts == 0 {
             return false;
         }
         match &self.rule {
@@ -430,7 +444,7 @@ impl FamilyConfig {
 
     /// MoE layer indices, ascending.
     pub fn moe_layers(&self) -> Vec<usize> {
-        (0..self.num_hidden_layers)
+        (0..self.num_hidden_layers + self.mtp_layers)
             .filter(|&l| self.is_moe_layer(l))
             .collect()
     }

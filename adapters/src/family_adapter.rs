@@ -117,7 +117,8 @@ impl FamilyAdapter {
     /// bad config, a checkpoint mixing layouts.
     pub fn from_checkpoint(ckpt: &HfCheckpoint) -> Result<Self> {
         let spec = spec_for(ckpt.model_type()?)?;
-        let config = FamilyConfig::from_json(&spec, ckpt.config()).map_err(|e| in_dir(ckpt, e))?;
+        let mut config =
+            FamilyConfig::from_json(&spec, ckpt.config()).map_err(|e| in_dir(ckpt, e))?;
         let keys = ckpt.keys();
         let prefix = if keys
             .iter()
@@ -138,7 +139,7 @@ impl FamilyAdapter {
                     .any(|k| split_layer(&prefix, k).is_some() && k.contains(&pat))
             })
             .unwrap_or(spec.moe_modules[0]);
-        check_layer_count(&config, ckpt, &prefix)?;
+        config.mtp_layers = check_layer_count(&config, ckpt, &prefix)?;
         let layout = detect_layout(&spec, &config, ckpt, &prefix, moe_module)?;
         if layout == DiskLayout::PerExpert {
             check_expert_count(&config, ckpt, &prefix, moe_module)?;
@@ -512,14 +513,15 @@ fn layer_indices(ckpt: &HfCheckpoint, prefix: &str) -> std::collections::BTreeSe
         .collect()
 }
 
-/// config.json's `num_hidden_layers` against the keys, before it sizes anything (every layer up
-/// to it has keys; later layers, such as DeepSeek's MTP layer, may follow). Error: names the
-/// field, its value and the last layer the checkpoint has.
+/// config.json's `num_hidden_layers` against the keys, before it sizes anything: every layer up
+/// to it has keys, and no layer after it but the `num_nextn_predict_layers` MTP layers. Returns
+/// how many MTP layers the checkpoint holds. Errors name the field, its value and the layer the
+/// checkpoint has or lacks.
 pub(crate) fn check_layer_count(
     config: &FamilyConfig,
     ckpt: &HfCheckpoint,
     prefix: &str,
-) -> Result<()> {
+) -> Result<usize> {
     let layers = layer_indices(ckpt, prefix);
     let l = config.num_hidden_layers;
     if let Some(missing) = (0..l).find(|x| !layers.contains(x)) {
@@ -532,7 +534,24 @@ pub(crate) fn check_layer_count(
             }
         )));
     }
-    Ok(())
+    // Layers past num_hidden_layers: only the multi-token-prediction layers DeepSeek-V3 and
+    // GLM-4.5 publish there (`num_nextn_predict_layers`), in order.
+    let nextn = config.num_nextn_predict_layers;
+    let mtp = (l..l.saturating_add(nextn))
+        .take_while(|x| layers.contains(x))
+        .count();
+    if let Some(&extra) = layers.range(l + mtp..).next() {
+        return Err(AdapterError::UnexpectedKeys(format!(
+            "{}: keys under '{prefix}.{extra}.' but config.json's num_hidden_layers is {l}{}",
+            ckpt.dir().display(),
+            if nextn > 0 {
+                format!(" (+ {nextn} num_nextn_predict_layers)")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(mtp)
 }
 
 /// config.json's expert count E against the per-expert keys `prefix.L.<moe>.experts.X.*` of
@@ -579,15 +598,16 @@ fn check_expert_count(
     Ok(())
 }
 
-/// For a native checkpoint: `num_hidden_layers` as in [`check_layer_count`], and config.json's E
+/// For a native checkpoint: `num_hidden_layers` as in [`check_layer_count`] (returns `config`
+/// with the MTP layers found), and config.json's E
 /// against dim 0 of each MoE layer's `prefix.L.mlp.experts.gate_and_up_projs` (`[E, H, 2I]`),
 /// before E sizes the key lists of the HF layout.
 pub(crate) fn check_native_sizes(
-    config: &FamilyConfig,
+    mut config: FamilyConfig,
     ckpt: &HfCheckpoint,
     prefix: &str,
-) -> Result<()> {
-    check_layer_count(config, ckpt, prefix)?;
+) -> Result<FamilyConfig> {
+    config.mtp_layers = check_layer_count(&config, ckpt, prefix)?;
     let e = config.num_experts;
     for l in config.moe_layers() {
         let key = format!("{prefix}.{l}.mlp.experts.gate_and_up_projs");
@@ -600,7 +620,7 @@ pub(crate) fn check_native_sizes(
             )));
         }
     }
-    Ok(())
+    Ok(config)
 }
 
 fn detect_layout(

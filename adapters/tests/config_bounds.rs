@@ -172,3 +172,59 @@ fn a_size_beyond_2_pow_32_is_refused_before_any_arithmetic() {
         );
     }
 }
+
+#[test]
+fn a_layer_beyond_num_hidden_layers_is_an_error_unless_it_is_an_mtp_layer() {
+    // qwen3_moe_tiny has layers 0 and 1: with num_hidden_layers 1, layer 1 is unexpected.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_with(
+        &fixture("qwen3_moe_tiny"),
+        tmp.path(),
+        "num_hidden_layers",
+        1.into(),
+    );
+    let err = adapter_error(tmp.path());
+    assert!(
+        err.ends_with("keys under 'model.layers.1.' but config.json's num_hidden_layers is 1"),
+        "{err}"
+    );
+    // deepseek_v3_tiny (layer 0 dense, 1 MoE) read as one layer plus one MTP layer: the MTP
+    // layer is a MoE layer like the others.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_with(
+        &fixture("deepseek_v3_tiny"),
+        tmp.path(),
+        "num_hidden_layers",
+        1.into(),
+    );
+    let p = tmp.path().join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c["num_nextn_predict_layers"] = 1.into();
+    std::fs::write(&p, c.to_string()).unwrap();
+    let ck = HfCheckpoint::open(tmp.path()).unwrap();
+    let a = adapter_for(&ck).unwrap();
+    let native = a.from_hf(&ck).unwrap();
+    assert!(native.contains_key("model.layers.1.mlp.experts.gate_and_up_projs"));
+    assert_eq!(
+        a.native_moe_keys(1).unwrap().gate_weight,
+        "model.layers.1.mlp.gate.weight"
+    );
+    // through the converter, to native and back, bit for bit
+    let (nat, back) = (tmp.path().join("nat"), tmp.path().join("back"));
+    let opts = ConvertOptions::default();
+    convert(tmp.path(), &nat, Direction::HfToNative, &opts, &|_| {}).unwrap();
+    convert(&nat, &back, Direction::NativeToHf, &opts, &|_| {}).unwrap();
+    let back = HfCheckpoint::open(&back).unwrap();
+    assert_eq!(back.keys(), ck.keys());
+    for k in ck.keys() {
+        assert_eq!(back.tensor(k).unwrap(), ck.tensor(k).unwrap(), "{k}");
+    }
+    // and with num_nextn_predict_layers 0 layer 1 is unexpected
+    c["num_nextn_predict_layers"] = 0.into();
+    std::fs::write(&p, c.to_string()).unwrap();
+    let err = adapter_error(tmp.path());
+    assert!(
+        err.ends_with("keys under 'model.layers.1.' but config.json's num_hidden_layers is 1"),
+        "{err}"
+    );
+}
