@@ -324,6 +324,13 @@ fn corpus() -> Vec<Case> {
         "model.layers.0.mlp.gate.bias",
     );
     add(
+        "qwen3_moe_tiny",
+        "a layer past num_hidden_layers",
+        Damage::Add("model.layers.5.mlp.gate.weight"),
+        "rgs",
+        "model.layers.5.",
+    );
+    add(
         "deepseek_v3_tiny",
         "e_score_correction_bias missing",
         Damage::Remove("model.layers.1.mlp.gate.e_score_correction_bias"),
