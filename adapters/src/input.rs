@@ -49,13 +49,22 @@ pub fn regular_file_len(path: &Path) -> Result<Option<u64>> {
 
 /// The bytes of the regular file at `path`. Errors: absent, not a regular file, unreadable.
 pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
-    if regular_file_len(path)?.is_none() {
-        return Err(AdapterError::io(
+    read_bounded(path, u64::MAX)
+}
+
+/// [`read_regular`] refusing more than `max` bytes (one metadata call, then the read).
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    match regular_file_len(path)? {
+        None => Err(AdapterError::io(
             path,
             std::io::Error::from(std::io::ErrorKind::NotFound),
-        ));
+        )),
+        Some(n) if n > max => Err(AdapterError::Format(format!(
+            "{}: {n} bytes, more than the {max} a JSON input may have",
+            path.display()
+        ))),
+        Some(_) => std::fs::read(path).map_err(|e| AdapterError::io(path, e)),
     }
-    std::fs::read(path).map_err(|e| AdapterError::io(path, e))
 }
 
 /// Largest text (JSON) input read: config.json, an index, a sidecar. The largest published
@@ -66,15 +75,7 @@ pub const MAX_TEXT_BYTES: u64 = 32 << 20;
 /// The text of the regular file at `path` (see [`read_regular`]). Errors also for non-UTF-8 and
 /// for more than [`MAX_TEXT_BYTES`] bytes.
 pub fn read_regular_string(path: &Path) -> Result<String> {
-    if let Some(n) = regular_file_len(path)? {
-        if n > MAX_TEXT_BYTES {
-            return Err(AdapterError::Format(format!(
-                "{}: {n} bytes, more than the {MAX_TEXT_BYTES} a JSON input may have",
-                path.display()
-            )));
-        }
-    }
-    String::from_utf8(read_regular(path)?)
+    String::from_utf8(read_bounded(path, MAX_TEXT_BYTES)?)
         .map_err(|e| AdapterError::Format(format!("{}: not UTF-8 text: {e}", path.display())))
 }
 

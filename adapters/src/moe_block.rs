@@ -111,6 +111,24 @@ pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
         Side::Hf => a.layout_choice().moe_module,
         Side::Native => "mlp",
     };
+    // Keys under some layer's MoE module, by layer (one pass over the keys, not one per layer).
+    let mut under_module: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
+    let lp = format!("{}.", a.prefix());
+    for k in ckpt.keys() {
+        let Some((l, rest)) = k
+            .strip_prefix(&lp)
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
+        else {
+            continue;
+        };
+        if rest
+            .strip_prefix(module)
+            .is_some_and(|r| r.starts_with('.'))
+        {
+            under_module.entry(l).or_default().push(k);
+        }
+    }
     for l in c.moe_layers() {
         let want = block_tensors(a, l);
         let name = |t: &BlockTensor| match side {
@@ -161,11 +179,10 @@ pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
                 }
             }
         }
-        let under = format!("{}.{l}.{module}.", a.prefix());
-        let stray: Vec<&str> = ckpt
-            .keys()
+        let stray: Vec<&str> = under_module
+            .remove(&l)
+            .unwrap_or_default()
             .into_iter()
-            .filter(|k| k.starts_with(&under))
             .filter(|k| match side {
                 Side::Hf => !a.is_expert_disk_key(k),
                 Side::Native => a.group_of(k).is_none(),
