@@ -241,6 +241,7 @@ fn plan(a: &FamilyAdapter, src: &HfCheckpoint, dir: Direction) -> Result<Vec<Ite
         }
         Direction::NativeToHf => {
             crate::moe_block::check(a, src, crate::moe_block::Side::Native)?;
+            crate::model_keys::check(a, src, crate::moe_block::Side::Native)?;
             let e = a.config().num_experts;
             let by_key: BTreeMap<&str, usize> = a
                 .groups()

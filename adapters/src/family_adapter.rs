@@ -411,6 +411,7 @@ impl FamilyAdapter {
             dtypes.push(dtype.map(|(d, _)| d).unwrap_or(Dtype::F32));
         }
         crate::moe_block::check(self, ckpt, crate::moe_block::Side::Hf)?;
+        crate::model_keys::check(self, ckpt, crate::moe_block::Side::Hf)?;
         Ok(dtypes)
     }
 

@@ -16,6 +16,7 @@ pub mod family_adapter;
 pub mod input;
 pub mod layout;
 pub mod local;
+pub mod model_keys;
 pub mod model_shapes;
 pub mod moe_block;
 mod out_dir;

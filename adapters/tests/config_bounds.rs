@@ -7,7 +7,7 @@
 mod common;
 
 use adapters::convert::{convert, ConvertOptions, Direction};
-use adapters::{adapter_for, HfCheckpoint};
+use adapters::{adapter_for, Dtype, HfCheckpoint, HostTensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -189,18 +189,34 @@ fn a_layer_beyond_num_hidden_layers_is_an_error_unless_it_is_an_mtp_layer() {
         "{err}"
     );
     // deepseek_v3_tiny (layer 0 dense, 1 MoE) read as one layer plus one MTP layer: the MTP
-    // layer is a MoE layer like the others.
+    // layer is a MoE layer like the others, and holds the MTP head's own tensors (enorm, hnorm
+    // [H], eh_proj [H, 2H], shared_head.norm [H]).
+    let mtp_config = |c: &mut Value| {
+        c["num_hidden_layers"] = 1.into();
+        c["num_nextn_predict_layers"] = 1.into();
+    };
     let tmp = tempfile::tempdir().unwrap();
-    copy_with(
-        &fixture("deepseek_v3_tiny"),
-        tmp.path(),
-        "num_hidden_layers",
-        1.into(),
+    let _ = common::edited_copy("deepseek_v3_tiny", tmp.path(), mtp_config, |_| {});
+    let err = adapter_error(tmp.path());
+    assert!(
+        err.contains("missing 'model.layers.1.enorm.weight' (deepseek_v3 [H], from config.json) (4 missing keys)"),
+        "{err}"
     );
+    let tmp = tempfile::tempdir().unwrap();
+    let _ = common::edited_copy("deepseek_v3_tiny", tmp.path(), mtp_config, |t| {
+        for (k, shape) in [
+            ("enorm", vec![64]),
+            ("hnorm", vec![64]),
+            ("shared_head.norm", vec![64]),
+            ("eh_proj", vec![64, 128]),
+        ] {
+            let n = shape.iter().product::<usize>();
+            let tensor = HostTensor::new(Dtype::BF16, shape, vec![7; 2 * n]).unwrap();
+            t.insert(format!("model.layers.1.{k}.weight"), tensor);
+        }
+    });
     let p = tmp.path().join("config.json");
     let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    c["num_nextn_predict_layers"] = 1.into();
-    std::fs::write(&p, c.to_string()).unwrap();
     let ck = HfCheckpoint::open(tmp.path()).unwrap();
     let a = adapter_for(&ck).unwrap();
     let native = a.from_hf(&ck).unwrap();

@@ -124,14 +124,16 @@ fn large_groups_split_into_pieces_and_windows_are_bit_identical() {
             i: 66,
         };
         let mut tensors = common::hf_tensors(d, dtype, fused);
-        tensors.insert(
-            "lm_head.weight".into(),
-            common::rand_tensor(7, dtype, &[5000, d.h]),
-        );
+        // a vocabulary of 5000: embed_tokens and lm_head [5000, H] are the largest tensors
+        for (seed, k) in [(7, "lm_head.weight"), (8, "model.embed_tokens.weight")] {
+            tensors.insert(k.into(), common::rand_tensor(seed, dtype, &[5000, d.h]));
+        }
+        let mut cfg = common::config(d, "qwen3_moe");
+        cfg["vocab_size"] = 5000.into();
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
         std::fs::create_dir(&src).unwrap();
-        common::write_ckpt(&src, &common::config(d, "qwen3_moe"), &tensors, 2);
+        common::write_ckpt(&src, &cfg, &tensors, 2);
         let (nat, back) = (tmp.path().join("native"), tmp.path().join("hf"));
         let opts = ConvertOptions {
             max_shard_bytes: shard,

@@ -41,7 +41,8 @@ fn family_ckpt(family: &str, fused: bool, nshards: usize) -> Ckpt {
     } else {
         "model.layers"
     };
-    add("model.embed_tokens.weight".into(), bf, &[11, H]);
+    let text = if vl { "model.language_model" } else { "model" };
+    add(format!("{text}.embed_tokens.weight"), bf, &[11, H]);
     for l in 0..2 {
         let p = format!("{pre}.{l}");
         add(format!("{p}.input_layernorm.weight"), bf, &[H]);
@@ -160,6 +161,7 @@ fn family_ckpt(family: &str, fused: bool, nshards: usize) -> Ckpt {
     if vl {
         cfg = json!({"model_type": "qwen3_vl_moe", "text_config": cfg});
     }
+    common::complete_model(&mut cfg, &mut hf);
     let dir = tempfile::tempdir().unwrap();
     common::write_ckpt(dir.path(), &cfg, &hf, nshards);
     let ckpt = HfCheckpoint::open(dir.path()).unwrap();
@@ -631,8 +633,9 @@ fn vl_orientation_detected_from_shapes_even_when_2i_equals_h() {
             format!("{p}.experts.down_proj"),
             rand_tensor(3, Dtype::F32, &down_shape),
         );
-        let cfg = json!({"model_type": "qwen3_vl_moe", "text_config": {"num_hidden_layers": 1,
+        let mut cfg = json!({"model_type": "qwen3_vl_moe", "text_config": {"num_hidden_layers": 1,
             "num_experts": E, "hidden_size": h, "moe_intermediate_size": i}});
+        common::complete_model(&mut cfg, &mut hf);
         let dir = tempfile::tempdir().unwrap();
         common::write_ckpt(dir.path(), &cfg, &hf, 1);
         let ck = HfCheckpoint::open(dir.path()).unwrap();
@@ -671,13 +674,14 @@ fn fused_ckpt(
     );
     let text = json!({"num_hidden_layers": 1, "num_experts": E, "hidden_size": h,
         "moe_intermediate_size": i});
-    let cfg = if vl {
+    let mut cfg = if vl {
         json!({"model_type": model_type, "text_config": text})
     } else {
         let mut c = text;
         c["model_type"] = json!(model_type);
         c
     };
+    common::complete_model(&mut cfg, &mut hf);
     let dir = tempfile::tempdir().unwrap();
     common::write_ckpt(dir.path(), &cfg, &hf, 1);
     (dir, hf)

@@ -1,5 +1,5 @@
 //! Bounded fuzzing of the safetensors / index reading and of the adapters on what it accepts:
-//! random bytes, mutated valid headers, truncations and random index.json contents must give
+//! random bytes, random headers of a plausible length and random index.json contents must give
 //! `Ok` or a one-line error, never a panic (proptest; the case counts bound the run time).
 mod common;
 
@@ -55,24 +55,6 @@ proptest! {
     fn random_header_with_plausible_length_never_panics(header in "[ -~]{0,120}", data in prop::collection::vec(any::<u8>(), 0..40)) {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("model.safetensors"), raw_file(&header, &data)).unwrap();
-        exercise(d.path());
-    }
-
-    #[test]
-    fn mutated_valid_file_never_panics(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
-                                       cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
-        let mut b = valid_file();
-        for (i, v) in flips {
-            let k = i.index(b.len());
-            b[k] = v;
-        }
-        if truncate {
-            let n = cut.index(b.len());
-            b.truncate(n);
-        }
-        let d = tempfile::tempdir().unwrap();
-        write_config(d.path());
-        std::fs::write(d.path().join("model.safetensors"), &b).unwrap();
         exercise(d.path());
     }
 

@@ -42,8 +42,9 @@ fn gpt_oss(i: usize) -> Ckpt {
         add(format!("{p}.experts.down_proj"), bf, &[E, i, H]);
         add(format!("{p}.experts.down_proj_bias"), bf, &[E, H]);
     }
-    let cfg = json!({"model_type": "gpt_oss", "num_hidden_layers": 2, "hidden_size": H,
+    let mut cfg = json!({"model_type": "gpt_oss", "num_hidden_layers": 2, "hidden_size": H,
         "vocab_size": 11, "num_local_experts": E, "intermediate_size": i});
+    common::complete_model(&mut cfg, &mut hf);
     let dir = tempfile::tempdir().unwrap();
     common::write_ckpt(dir.path(), &cfg, &hf, 2);
     let ckpt = HfCheckpoint::open(dir.path()).unwrap();

@@ -54,6 +54,10 @@ pub fn config(d: Dims, model_type: &str) -> serde_json::Value {
         "decoder_sparse_step": 1,
         "mlp_only_layers": [0],
         "vocab_size": 11,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 3,
+        "tie_word_embeddings": true,
     })
 }
 
@@ -69,8 +73,19 @@ pub fn hf_tensors(d: Dims, dtype: Dtype, fused: bool) -> BTreeMap<String, HostTe
     add(&mut m, "model.norm.weight".into(), &[d.h]);
     for l in 0..d.layers {
         let p = format!("model.layers.{l}");
-        add(&mut m, format!("{p}.self_attn.q_proj.weight"), &[d.h, d.h]);
+        // Qwen3-MoE attention with nh = 2, kv = 1, d = 3 (config()).
+        add(&mut m, format!("{p}.self_attn.q_proj.weight"), &[6, d.h]);
+        add(&mut m, format!("{p}.self_attn.k_proj.weight"), &[3, d.h]);
+        add(&mut m, format!("{p}.self_attn.v_proj.weight"), &[3, d.h]);
+        add(&mut m, format!("{p}.self_attn.o_proj.weight"), &[d.h, 6]);
+        add(&mut m, format!("{p}.self_attn.q_norm.weight"), &[3]);
+        add(&mut m, format!("{p}.self_attn.k_norm.weight"), &[3]);
         add(&mut m, format!("{p}.input_layernorm.weight"), &[d.h]);
+        add(
+            &mut m,
+            format!("{p}.post_attention_layernorm.weight"),
+            &[d.h],
+        );
         if l == 0 {
             add(&mut m, format!("{p}.mlp.gate_proj.weight"), &[7, d.h]);
             add(&mut m, format!("{p}.mlp.up_proj.weight"), &[7, d.h]);
@@ -154,6 +169,56 @@ pub fn write_ckpt(
     }
     let idx = json!({"metadata": {"total_size": 0}, "weight_map": wm});
     std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
+}
+
+/// Completes a synthetic MoE checkpoint into a whole model: adds to `cfg` (its `text_config`
+/// when it has one) the attention fields of a tiny model (nh = 2, kv = 1, d = 3, MLA ranks 4 /
+/// 2 / 2 / 2, full attention everywhere, a dense Id = 7) where absent, and to `tensors` every
+/// required tensor of `model_keys::expected` that is absent (random bf16; free dims 1). The
+/// tensors already there are kept, so the MoE blocks stay as the test built them. A checkpoint
+/// the adapter refuses (a test of that refusal) gets the config fields only.
+pub fn complete_model(cfg: &mut serde_json::Value, tensors: &mut BTreeMap<String, HostTensor>) {
+    let text = match cfg.get("text_config") {
+        Some(t) if t.is_object() => cfg.get_mut("text_config").unwrap(),
+        _ => &mut *cfg,
+    };
+    for (f, v) in [
+        ("num_attention_heads", json!(2)),
+        ("num_key_value_heads", json!(1)),
+        ("head_dim", json!(3)),
+        ("intermediate_size", json!(7)),
+        ("vocab_size", json!(11)),
+        ("kv_lora_rank", json!(4)),
+        ("q_lora_rank", json!(4)),
+        ("qk_nope_head_dim", json!(2)),
+        ("qk_rope_head_dim", json!(2)),
+        ("v_head_dim", json!(2)),
+        ("full_attention_interval", json!(1)),
+    ] {
+        if text.get(f).is_none() {
+            text[f] = v;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_ckpt(dir.path(), cfg, tensors, 1);
+    let ck = HfCheckpoint::open(dir.path()).unwrap();
+    let Ok(a) = adapters::FamilyAdapter::from_checkpoint(&ck) else {
+        return;
+    };
+    let want = adapters::model_keys::expected(&a, cfg).unwrap();
+    for (i, r) in want.rules.iter().enumerate() {
+        if r.required && !tensors.contains_key(&r.key) {
+            let shape: Vec<usize> = r
+                .shape
+                .iter()
+                .map(|&d| if d == adapters::model_keys::ANY { 1 } else { d })
+                .collect();
+            tensors.insert(
+                r.key.clone(),
+                rand_tensor(900 + i as u64, Dtype::BF16, &shape),
+            );
+        }
+    }
 }
 
 /// 8-byte LE header length + header + data: a hand-crafted safetensors file.
