@@ -254,7 +254,7 @@ pub struct FamilyConfig {
     pub mtp_layers: usize,
 }
 
-fn get_usize(cfg: &Value, field: &str, mt: &str) -> Result<Option<usize>> {
+pub(crate) fn get_usize(cfg: &Value, field: &str, mt: &str) -> Result<Option<usize>> {
     match cfg.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {

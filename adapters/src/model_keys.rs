@@ -47,7 +47,7 @@
 
 use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
-use crate::family::MAX_DIM;
+use crate::family::{get_usize, MAX_DIM};
 use crate::family_adapter::FamilyAdapter;
 use crate::moe_block::{block_tensors, Side};
 use serde_json::Value;
@@ -86,15 +86,12 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn opt(&self, f: &str) -> Result<Option<usize>> {
-        match self.cfg.get(f) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(x) if x as usize <= MAX_DIM => Ok(Some(x as usize)),
-                _ => Err(AdapterError::Config(format!(
-                    "config.json: field '{f}' is {v}, not an integer in 0..={MAX_DIM} ({})",
-                    self.mt
-                ))),
-            },
+        match get_usize(self.cfg, f, self.mt)? {
+            Some(x) if x > MAX_DIM => Err(AdapterError::Config(format!(
+                "config.json: field '{f}' = {x} is absurd (more than {MAX_DIM}) ({})",
+                self.mt
+            ))),
+            v => Ok(v),
         }
     }
     fn need(&self, f: &str) -> Result<usize> {
@@ -404,16 +401,17 @@ fn linear_attention(f: &Fields, ly: &mut Layer, h: usize) -> Result<()> {
 }
 
 /// Whether `key` belongs to the MoE block of a MoE layer (checked by [`crate::moe_block`] and
-/// the expert groups): under the MoE module, or one of the block's tensors.
+/// the expert groups): under the MoE module `module` of a layer of `block` (keys after the
+/// layer prefix `lp`), or one of the block's tensors.
 fn in_moe_block(
     a: &FamilyAdapter,
     side: Side,
+    (lp, module): (&str, &str),
     block: &BTreeMap<usize, Vec<String>>,
     key: &str,
 ) -> bool {
-    let lp = format!("{}.", a.prefix());
     let Some((l, rest)) = key
-        .strip_prefix(&lp)
+        .strip_prefix(lp)
         .and_then(|r| r.split_once('.'))
         .and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest)))
     else {
@@ -421,10 +419,6 @@ fn in_moe_block(
     };
     let Some(names) = block.get(&l) else {
         return false;
-    };
-    let module = match side {
-        Side::Hf => a.layout_choice().moe_module,
-        Side::Native => "mlp",
     };
     rest.strip_prefix(module)
         .is_some_and(|r| r.starts_with('.'))
@@ -459,9 +453,16 @@ pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
         })
         .collect();
     let by_key: BTreeMap<&str, &KeyRule> = want.rules.iter().map(|r| (r.key.as_str(), r)).collect();
+    let lp = format!("{}.", a.prefix());
+    let module = match side {
+        Side::Hf => a.layout_choice().moe_module,
+        Side::Native => "mlp",
+    };
     let mut unknown = Vec::new();
     for k in ckpt.keys() {
-        if want.passthrough.iter().any(|p| k.starts_with(p)) || in_moe_block(a, side, &block, k) {
+        if want.passthrough.iter().any(|p| k.starts_with(p))
+            || in_moe_block(a, side, (&lp, module), &block, k)
+        {
             continue;
         }
         let Some(r) = by_key.get(k) else {

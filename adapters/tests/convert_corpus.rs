@@ -9,8 +9,8 @@ mod corpus;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_adapters");
 const BOUND: Duration = Duration::from_secs(20);
@@ -51,34 +51,14 @@ fn the_converter_rejects_every_damaged_checkpoint_in_one_line_and_writes_nothing
         corpus::apply(&src, &c.damage);
         let before = snapshot(&src);
         let dst = case.join("native");
-        let t0 = Instant::now();
-        let mut child = Command::new(BIN)
-            .args(["convert", "--from", "hf", "--to", "native", "--quiet"])
-            .arg(&src)
-            .arg(&dst)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if t0.elapsed() > BOUND {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{}: no answer within {BOUND:?} (a hang)", c.name);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let (code, err, _) = corpus::run_bounded(
+            Command::new(BIN)
+                .args(["convert", "--from", "hf", "--to", "native", "--quiet"])
+                .arg(&src)
+                .arg(&dst),
+            BOUND,
+            &c.name,
+        );
         runs += 1;
         let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
         let left: Vec<String> = std::fs::read_dir(&case)
@@ -86,12 +66,8 @@ fn the_converter_rejects_every_damaged_checkpoint_in_one_line_and_writes_nothing
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n != "src")
             .collect();
-        if !matches!(status.code(), Some(1) | Some(2)) {
-            problems.push(format!(
-                "{}: exit {:?}; stderr: {err}",
-                c.name,
-                status.code()
-            ));
+        if !matches!(code, Some(1) | Some(2)) {
+            problems.push(format!("{}: exit {code:?}; stderr: {err}", c.name));
         } else if err.contains("panicked") {
             problems.push(format!("{}: panicked: {err}", c.name));
         } else if lines.len() != 1 || !lines[0].contains(&c.names) {

@@ -9,10 +9,10 @@
 
 mod corpus;
 
-use corpus::{apply, copy_dir, corpus};
+use corpus::{apply, copy_dir, corpus, run_bounded};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_conformance");
 /// A rejected input gets its error within this (the fixtures take well under a second).
@@ -28,32 +28,11 @@ fn fixture(name: &str) -> PathBuf {
 /// Runs `conformance ARGS` with a bound; returns (exit code, stderr, seconds). Panics on a hang
 /// (after killing the child).
 fn run(args: &[&str]) -> (Option<i32>, String, f64) {
-    let t0 = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code(), err, t0.elapsed().as_secs_f64());
-        }
-        if t0.elapsed() > BOUND {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("conformance {args:?}: no answer within {BOUND:?} (a hang)");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    run_bounded(
+        Command::new(BIN).args(args),
+        BOUND,
+        &format!("conformance {args:?}"),
+    )
 }
 
 fn max_child_rss_kb() -> i64 {

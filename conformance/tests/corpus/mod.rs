@@ -6,7 +6,8 @@
 
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// What a damaged copy is made from: which fixture, what is done to it, which commands must
 /// reject it, and what the error must name.
@@ -469,4 +470,34 @@ pub fn corpus() -> Vec<Case> {
         );
     }
     v
+}
+
+/// Runs `cmd` (stdout discarded) until it exits or `bound` passes; returns (exit code, stderr,
+/// seconds). Panics on a hang, naming `what`, after killing the child.
+pub fn run_bounded(cmd: &mut Command, bound: Duration, what: &str) -> (Option<i32>, String, f64) {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code(), err, t0.elapsed().as_secs_f64());
+        }
+        if t0.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: no answer within {bound:?} (a hang)");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
