@@ -55,11 +55,17 @@ fn from_autograd(e: AutogradError) -> CheckError {
     }
 }
 
-/// Integer-valued data in `-4..=4` of `shape`, a function of `(seed, index)` only.
+/// Integer-valued data in `-4..=4` of `shape`, a function of `(seed, index)` only: a
+/// multiplicative hash of both (the SplitMix64 constants), so the ranks' inputs of a case all
+/// differ (a weaker mix gave several ranks the same data, hiding a rank-order fault).
 fn data(shape: &[usize], seed: usize) -> LocalTensor<f64> {
     let n: usize = shape.iter().product();
+    let key = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let v = (0..n)
-        .map(|i| ((i * 7 + seed * 13 + (i * i + seed) % 5) % 9) as f64 - 4.0)
+        .map(|i| {
+            let h = ((i as u64) ^ key).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            ((h >> 29) % 9) as f64 - 4.0
+        })
         .collect();
     LocalTensor::new(shape.to_vec(), v).unwrap_or_else(|_| LocalTensor::empty())
 }
@@ -214,6 +220,12 @@ fn sum_all(xs: &[LocalTensor<f64>]) -> Result<LocalTensor<f64>, AutogradError> {
     LocalTensor::new(first.shape().to_vec(), acc)
 }
 
+/// Rows rank `i` sends to rank `j` in the all_to_all adjoint case: 0 to 3, with zeros, and
+/// not symmetric (`i -> j` differs from `j -> i`), so a send/recv mix-up is seen.
+fn a2a_split(i: usize, j: usize, salt: usize) -> usize {
+    (i * 2 + j * 3 + salt) % 4
+}
+
 fn offset(sizes: &[usize], r: usize) -> usize {
     sizes[..r].iter().sum()
 }
@@ -230,7 +242,7 @@ fn adjoint_all<T: Real>(
         "g" => adjoint_case::<T, _>(comm, &ReduceFromTp, &full, &sum_all, 2, fails)?,
         "a2a" => {
             for salt in 0..2 {
-                let split = |i: usize, j: usize| (i * 2 + j * 3 + salt) % 4;
+                let split = |i: usize, j: usize| a2a_split(i, j, salt);
                 let op = AllToAllV {
                     send_splits: (0..w).map(|j| split(me, j)).collect(),
                     recv_splits: (0..w).map(|j| split(j, me)).collect(),
@@ -513,6 +525,18 @@ fn shard_of(
     local_shard(global, mesh, ps, coord).map_err(|e| wrong(e.to_string()))
 }
 
+/// The data seed of the rank at mesh coordinate `c` for a redistribute source `src` on a mesh of
+/// `w` ranks: the Partial terms differ along Partial mesh dims only (equal along the others, as
+/// the shards of one term must be).
+fn partial_seed(src: &[Placement], c: &[usize], w: usize) -> usize {
+    src.iter()
+        .enumerate()
+        .filter(|(_, p)| p.is_partial())
+        .map(|(m, _)| c[m] * (w + 1).pow(m as u32 + 1))
+        .sum::<usize>()
+        + 1
+}
+
 /// Number of ranks holding each element (product of the `Replicate` mesh dims).
 fn replication(mesh: &DeviceMesh, ps: &[Placement]) -> f64 {
     ps.iter()
@@ -538,15 +562,7 @@ fn redistribute_case(
         Redistribute::new(&global, mesh, src, dst).map_err(|e| wrong(format!("{what}: {e}")))?;
     let w = comm.size();
     let coord_of = |r: usize| mesh.coordinate(r).map_err(|e| wrong(e.to_string()));
-    // Partial terms differ along Partial mesh dims only.
-    let seed = |c: &[usize]| -> usize {
-        src.iter()
-            .enumerate()
-            .filter(|(_, p)| p.is_partial())
-            .map(|(m, _)| c[m] * (w + 1).pow(m as u32 + 1))
-            .sum::<usize>()
-            + 1
-    };
+    let seed = |c: &[usize]| partial_seed(src, c, w);
     let mut seeds = Vec::new();
     for r in 0..w {
         let s = seed(&coord_of(r)?);
@@ -645,4 +661,133 @@ pub fn run_autograd_checks(comm: &dyn Communicator) -> Vec<(String, CheckResult)
         check_bad_sizes_fail_every_rank(comm),
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    //! The properties the checks above rely on in their data, their seeds and their split
+    //! sizes (any choice with these properties is as strong a check).
+    use super::*;
+
+    #[test]
+    fn data_is_small_varied_integers() {
+        for seed in 0..60 {
+            for shape in [&BASE[..], &[5, 3], &[7, 3], &[2, 4, 2]] {
+                let t = data(shape, seed);
+                assert_eq!(t.shape(), shape);
+                // Integers in -4..=4: every sum of up to 8 ranks' products is exact in f32.
+                assert!(t
+                    .data()
+                    .iter()
+                    .all(|&v| v.fract() == 0.0 && (-4.0..=4.0).contains(&v)));
+                // At least 4 distinct values: a misplaced element changes the result.
+                let mut vals: Vec<i64> = t.data().iter().map(|&v| v as i64).collect();
+                vals.sort_unstable();
+                vals.dedup();
+                assert!(vals.len() >= 4, "seed {seed} {shape:?}: {vals:?}");
+            }
+        }
+        // The ranks' inputs of one case differ from each other and from the replicated one.
+        for salt in 0..40 {
+            let mut seen = vec![data(&BASE, seed_of(Layout::Replicated, salt, 0))];
+            for r in 0..8 {
+                let t = data(&BASE, seed_of(Layout::PerRank, salt, r));
+                assert!(!seen.contains(&t), "salt {salt} rank {r}");
+                seen.push(t);
+            }
+        }
+    }
+
+    #[test]
+    fn seeds_are_shared_when_replicated_and_differ_per_rank() {
+        for salt in 0..20 {
+            let rep: Vec<usize> = (0..8)
+                .map(|r| seed_of(Layout::Replicated, salt, r))
+                .collect();
+            assert!(rep.iter().all(|&s| s == salt));
+            let per: Vec<usize> = (0..8).map(|r| seed_of(Layout::PerRank, salt, r)).collect();
+            for (a, &x) in per.iter().enumerate() {
+                assert_ne!(x, salt, "a per-rank seed equals the replicated one");
+                for &y in &per[a + 1..] {
+                    assert_ne!(x, y, "two ranks share a seed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn partial_terms_differ_along_partial_mesh_dims_only() {
+        use Placement::{Replicate as R, Shard as S};
+        let p = Placement::Partial(PartialOp::Sum);
+        for (w, shape) in [
+            (2, vec![2]),
+            (4, vec![2, 2]),
+            (6, vec![2, 3]),
+            (8, vec![2, 4]),
+        ] {
+            let mesh = DeviceMesh::new(shape.clone()).unwrap();
+            let srcs: Vec<Vec<Placement>> = if shape.len() == 1 {
+                vec![vec![p], vec![S(0)]]
+            } else {
+                vec![vec![p, p], vec![p, S(0)], vec![S(0), p], vec![R, S(1)]]
+            };
+            for src in srcs {
+                for a in 0..w {
+                    for b in 0..w {
+                        let (ca, cb) = (mesh.coordinate(a).unwrap(), mesh.coordinate(b).unwrap());
+                        let same_term =
+                            (0..shape.len()).all(|m| !src[m].is_partial() || ca[m] == cb[m]);
+                        let (sa, sb) = (partial_seed(&src, &ca, w), partial_seed(&src, &cb, w));
+                        assert_eq!(sa == sb, same_term, "{src:?} {ca:?} {cb:?}");
+                        // The terms' data differ, not only their seeds.
+                        if !same_term {
+                            assert_ne!(data(&[5, 3], sa), data(&[5, 3], sb));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn replication_counts_the_replicate_mesh_dims() {
+        use Placement::{Replicate as R, Shard as S};
+        let p = Placement::Partial(PartialOp::Sum);
+        let mesh = DeviceMesh::new(vec![2, 3]).unwrap();
+        assert_eq!(replication(&mesh, &[R, R]), 6.0);
+        assert_eq!(replication(&mesh, &[R, S(0)]), 2.0);
+        assert_eq!(replication(&mesh, &[S(1), R]), 3.0);
+        assert_eq!(replication(&mesh, &[p, S(0)]), 1.0);
+        assert_eq!(replication(&mesh, &[S(0), S(1)]), 1.0);
+    }
+
+    #[test]
+    fn split_lists_are_uneven_with_zero_length_shards() {
+        for w in 1..=8 {
+            let lists = size_lists(w);
+            assert_eq!(lists[0], chunk_sizes(5, w).unwrap());
+            let irregular = &lists[1];
+            assert_eq!(irregular.len(), w);
+            assert!(irregular.iter().all(|&s| s <= 3));
+            if w >= 2 {
+                assert!(
+                    irregular.iter().any(|&s| s != irregular[0]),
+                    "{irregular:?}"
+                );
+            }
+            if w >= 3 {
+                assert!(irregular.contains(&0), "{irregular:?}");
+            }
+        }
+        for salt in 0..2 {
+            let s = |i, j| a2a_split(i, j, salt);
+            assert!((0..4).all(|i| (0..4).all(|j| s(i, j) <= 3)));
+            assert!((0..4).any(|i| (0..4).any(|j| s(i, j) == 0)));
+            assert!((0..4).any(|i| (0..4).any(|j| s(i, j) != s(j, i))));
+            assert!(
+                (0..2).any(|i| s(i, 1 - i) != s(1 - i, i)),
+                "asymmetric at world 2"
+            );
+        }
+    }
 }
