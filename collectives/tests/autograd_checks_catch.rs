@@ -23,17 +23,25 @@ enum Fault {
     ReduceScatter,
     AllToAll,
     GatherOrder,
+    /// The bit flip of `AllGather`, on the sub-communicators of a mesh dim only (those smaller
+    /// than the world).
+    SubMeshAllGather,
 }
 
 struct Faulty {
     inner: Box<dyn Communicator>,
     fault: Fault,
+    world: usize,
 }
 
 impl Faulty {
     fn corrupt(&self, kind: Fault, buf: &mut [u8], dtype: DType) {
         let w = dtype.size();
-        if kind == self.fault && self.inner.rank() == 0 && buf.len() >= w {
+        let fault = match self.fault {
+            Fault::SubMeshAllGather if self.inner.size() < self.world => Fault::AllGather,
+            f => f,
+        };
+        if kind == fault && self.inner.rank() == 0 && buf.len() >= w {
             let n = buf.len();
             buf[n - 1] ^= 0x10;
         }
@@ -97,6 +105,7 @@ impl Communicator for Faulty {
         Ok(Box::new(Faulty {
             inner: self.inner.split(color, key)?,
             fault: self.fault,
+            world: self.world,
         }))
     }
 }
@@ -118,7 +127,14 @@ fn reverse_blocks(v: &[u8], counts: &[usize], width: usize) -> Vec<u8> {
 fn failing(w: usize, fault: Option<Fault>) -> BTreeSet<String> {
     let results = spawn_world_with_timeout(w, Duration::from_secs(60), |c| {
         let comm: Box<dyn Communicator> = match fault {
-            Some(fault) => Box::new(Faulty { inner: c, fault }),
+            Some(fault) => {
+                let world = c.size();
+                Box::new(Faulty {
+                    inner: c,
+                    fault,
+                    world,
+                })
+            }
             None => c,
         };
         run_autograd_checks(&*comm)
@@ -200,6 +216,20 @@ fn an_all_gather_in_the_wrong_rank_order_fails_the_gathering_ops_only() {
     ]);
     for w in [2, 4] {
         assert_eq!(failing(w, Some(Fault::GatherOrder)), want, "world {w}");
+    }
+}
+
+/// Only the redistributions on a 2-D mesh (run from world size 4, on even world sizes) use
+/// communicators smaller than the world.
+#[test]
+fn a_corrupt_mesh_dim_all_gather_fails_the_2d_redistributions_only() {
+    assert_eq!(failing(2, Some(Fault::SubMeshAllGather)), set(&[]));
+    for w in [4, 6] {
+        assert_eq!(
+            failing(w, Some(Fault::SubMeshAllGather)),
+            set(&["redistribute"]),
+            "world {w}"
+        );
     }
 }
 
