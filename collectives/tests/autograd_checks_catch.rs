@@ -165,6 +165,28 @@ fn no_fault_no_failure() {
     }
 }
 
+/// Under `fault`, at each world size of `worlds`, exactly the checks `names` fail.
+fn expect_failing(fault: Fault, worlds: &[usize], names: &[&str]) {
+    for &w in worlds {
+        assert_eq!(
+            failing(w, Some(fault)),
+            set(names),
+            "{fault:?} at world {w}"
+        );
+    }
+}
+
+/// The checks of the ops that call all_gather: the forward of gather_from_tp and sp_all_gather,
+/// the backward of scatter_to_tp and sp_reduce_scatter, and Shard -> Replicate.
+const GATHERING: [&str; 6] = [
+    "adjoint_gather",
+    "adjoint_scatter",
+    "adjoint_sp_all_gather",
+    "adjoint_sp_reduce_scatter",
+    "rank_valued",
+    "redistribute",
+];
+
 /// all_reduce carries `f`'s backward and `g`'s forward, the Partial -> Replicate
 /// redistribution, and the checks' own inner products. Gather and scatter have a replicated
 /// side, whose equal-across-ranks check (an all_reduce max / min) sees rank 0's corrupt copy.
@@ -172,65 +194,36 @@ fn no_fault_no_failure() {
 /// per-rank sums, corrupted alike (the same bit of the same value): they pass.
 #[test]
 fn a_corrupt_all_reduce_fails_the_ops_that_reduce_or_replicate() {
-    let want = set(&[
+    let names = [
         "adjoint_f",
         "adjoint_g",
         "adjoint_gather",
         "adjoint_scatter",
         "rank_valued",
         "redistribute",
-    ]);
-    for w in [2, 4] {
-        assert_eq!(failing(w, Some(Fault::AllReduce)), want, "world {w}");
-    }
+    ];
+    expect_failing(Fault::AllReduce, &[2, 4], &names);
 }
 
-/// all_gather is the forward of gather_from_tp and sp_all_gather and the backward of
-/// scatter_to_tp and sp_reduce_scatter; f, g and all_to_all never call it.
+/// f, g and all_to_all never call all_gather.
 #[test]
 fn a_corrupt_all_gather_fails_the_gathering_ops_only() {
-    let want = set(&[
-        "adjoint_gather",
-        "adjoint_scatter",
-        "adjoint_sp_all_gather",
-        "adjoint_sp_reduce_scatter",
-        "rank_valued",
-        "redistribute",
-    ]);
-    for w in [2, 4] {
-        assert_eq!(failing(w, Some(Fault::AllGather)), want, "world {w}");
-    }
+    expect_failing(Fault::AllGather, &[2, 4], &GATHERING);
 }
 
-/// The same ops, when all_gather puts the ranks in the wrong order: rank r's input differs from
-/// rank r's neighbour's in every check of these ops.
+/// The same ops, when all_gather puts the ranks in the wrong order: every rank's input differs
+/// from every other's in these checks.
 #[test]
 fn an_all_gather_in_the_wrong_rank_order_fails_the_gathering_ops_only() {
-    let want = set(&[
-        "adjoint_gather",
-        "adjoint_scatter",
-        "adjoint_sp_all_gather",
-        "adjoint_sp_reduce_scatter",
-        "rank_valued",
-        "redistribute",
-    ]);
-    for w in [2, 4] {
-        assert_eq!(failing(w, Some(Fault::GatherOrder)), want, "world {w}");
-    }
+    expect_failing(Fault::GatherOrder, &[2, 4], &GATHERING);
 }
 
 /// Only the redistributions on a 2-D mesh (run from world size 4, on even world sizes) use
 /// communicators smaller than the world.
 #[test]
 fn a_corrupt_mesh_dim_all_gather_fails_the_2d_redistributions_only() {
-    assert_eq!(failing(2, Some(Fault::SubMeshAllGather)), set(&[]));
-    for w in [4, 6] {
-        assert_eq!(
-            failing(w, Some(Fault::SubMeshAllGather)),
-            set(&["redistribute"]),
-            "world {w}"
-        );
-    }
+    expect_failing(Fault::SubMeshAllGather, &[2], &[]);
+    expect_failing(Fault::SubMeshAllGather, &[4, 6], &["redistribute"]);
 }
 
 /// reduce_scatter is sp_reduce_scatter's forward and sp_all_gather's backward: the backward
@@ -238,25 +231,20 @@ fn a_corrupt_mesh_dim_all_gather_fails_the_2d_redistributions_only() {
 /// the adjoint case).
 #[test]
 fn a_corrupt_reduce_scatter_fails_the_sp_ops_only() {
-    let want = set(&[
+    let names = [
         "adjoint_sp_all_gather",
         "adjoint_sp_reduce_scatter",
         "rank_valued",
         "redistribute",
-    ]);
-    for w in [2, 4] {
-        assert_eq!(failing(w, Some(Fault::ReduceScatter)), want, "world {w}");
-    }
+    ];
+    expect_failing(Fault::ReduceScatter, &[2, 4], &names);
 }
 
 /// all_to_all is the EP dispatch/combine op, forward and backward; Redistribute moves
 /// Shard -> Shard by all_gather and a local chunk, so it passes.
 #[test]
 fn a_corrupt_all_to_all_fails_the_a2a_checks_only() {
-    let want = set(&["adjoint_a2a", "rank_valued"]);
-    for w in [2, 4] {
-        assert_eq!(failing(w, Some(Fault::AllToAll)), want, "world {w}");
-    }
+    expect_failing(Fault::AllToAll, &[2, 4], &["adjoint_a2a", "rank_valued"]);
 }
 
 /// The ops' names are what reports and errors print: Megatron's region names with the f / g of
