@@ -20,7 +20,7 @@ use crate::communicator::{Communicator, CommunicatorExt};
 use crate::dtype::{Element, ReduceOp};
 use crate::error::CommError;
 use crate::selftest::{CheckError, CheckResult};
-use placement::{local_shard, DeviceMesh, LocalShard, PartialOp, Placement};
+use placement::{local_data, local_shard, DeviceMesh, LocalShard, PartialOp, Placement};
 
 /// Float element types the checks run on.
 trait Real: Element {
@@ -489,31 +489,11 @@ fn check_bad_sizes_fail_every_rank(comm: &dyn Communicator) -> CheckResult {
     }
 }
 
-/// The elements of `g` at the shard's global indices (row-major), shaped as the shard.
+/// The elements of `g` at the shard's global indices (row-major), shaped as the shard
+/// (`placement::local_data`).
 fn take(g: &LocalTensor<f64>, shard: &LocalShard) -> Result<LocalTensor<f64>, CheckError> {
-    let shape = g.shape();
-    let idx: Vec<Vec<usize>> = (0..shape.len())
-        .map(|d| shard.dim_indices(d, shape[d]).to_vec())
-        .collect();
-    let out_shape: Vec<usize> = idx.iter().map(Vec::len).collect();
-    let n: usize = out_shape.iter().product();
-    let mut data = Vec::with_capacity(n);
-    let mut pos = vec![0usize; shape.len()];
-    for _ in 0..n {
-        let mut flat = 0;
-        for d in 0..shape.len() {
-            flat = flat * shape[d] + idx[d][pos[d]];
-        }
-        data.push(g.data()[flat]);
-        for d in (0..shape.len()).rev() {
-            pos[d] += 1;
-            if pos[d] < out_shape[d] {
-                break;
-            }
-            pos[d] = 0;
-        }
-    }
-    LocalTensor::new(out_shape, data).map_err(from_autograd)
+    let data = local_data(g.data(), g.shape(), shard).map_err(|e| wrong(e.to_string()))?;
+    LocalTensor::new(shard.local_shape.clone(), data).map_err(from_autograd)
 }
 
 fn shard_of(
