@@ -2,7 +2,8 @@
 """Oracle generator: placement cases from PyTorch DTensor's own code (torch 2.15, CPU).
 
 Writes placement/oracle/cases.json in the placement-cases/1 format (read by placement::cases):
-kinds `local`, `global_from_local`, `view`, `redistribute`.
+kinds `local`, `global_from_local`, `view`, `redistribute`, and `fsdp2` (fsdp2_worker.py: torch's
+own `fully_shard`, one fake-process-group process per rank).
 
 Set-up: one subprocess per world size W runs
 `dist.init_process_group("fake", rank=0, world_size=W)` and `init_device_mesh("cpu", shape)`;
@@ -26,6 +27,7 @@ import sys
 import time
 
 WORLD_SIZES = [1, 2, 3, 4, 6, 8]
+FSDP2_WORLD_SIZES = [2, 4, 8]
 SIZES = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 15, 16, 18, 24]
 
 
@@ -249,6 +251,23 @@ def worker(w, seed=0):
                 case["error"] = True
             cases.append(case)
 
+    def rank_disagreements(mesh, shape, g, pl, op, want, what):
+        """Runs `op` on a DTensor of global shape g with placements pl on every rank (local data
+        laid out without communication): the ranks whose output placements differ from `want`
+        or whose op raises."""
+        fails = []
+        for coord in coords(shape):
+            set_coord(mesh, coord)
+            try:
+                local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in pl], src_data_rank=None).to_local()
+                x = DTensor.from_local(local, mesh, pl, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                y = op(x)
+                if ps(y.placements) != want:
+                    fails.append(f"rank coord {list(coord)} gives {ps(y.placements)}")
+            except Exception as e:  # noqa: BLE001
+                fails.append(f"rank coord {list(coord)}: {what} raises {type(e).__name__}")
+        return fails
+
     # ---- view (Tensor.view: strict view rules) ----
     from torch.distributed.tensor._ops._view_ops import propagate_shape_and_sharding, view_groups
 
@@ -319,17 +338,7 @@ def worker(w, seed=0):
                 )
             # The rule is rank independent; the local op is not: run the view on every rank.
             if "output_placements" in case:
-                fails = []
-                for coord in coords(shape):
-                    set_coord(mesh, coord)
-                    try:
-                        local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in pl], src_data_rank=None).to_local()
-                        x = DTensor.from_local(local, mesh, pl, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
-                        y = x.view(*tgt)
-                        if ps(y.placements) != case["output_placements"]:
-                            fails.append(f"rank coord {list(coord)} gives {ps(y.placements)}")
-                    except Exception as e:  # noqa: BLE001
-                        fails.append(f"rank coord {list(coord)}: local op raises {type(e).__name__}")
+                fails = rank_disagreements(mesh, shape, g, pl, lambda x: x.view(*tgt), case["output_placements"], "local op")
                 if fails:
                     case["excluded"] = (
                         "PyTorch's view rule accepts this view but the op disagrees on some ranks ("
@@ -602,7 +611,141 @@ def worker(w, seed=0):
             cases.append(case)
     sp.propagate_op_sharding_non_cached = orig_prop
 
+    # ---- reshape: the non-strict view rule (aten.reshape / aten.view_copy), its own random
+    # stream after every other case so those keep their ids and values ----
+    rr = random.Random(7000 + w + 100003 * seed)
+
+    def rr_placements(g, n):
+        pl = []
+        for _ in range(n):
+            k = rr.choice(["S", "S", "S", "R", "P", "SS"])
+            d = rr.randrange(len(g))
+            if k == "S":
+                pl.append(Shard(d))
+            elif k == "R":
+                pl.append(Replicate())
+            elif k == "P":
+                pl.append(Partial("sum"))
+            else:
+                pl.append(_StridedShard(d, split_factor=rr.choice([2, 3, 4, 6])))
+        return pl
+
+    def rr_target(g):
+        nd = len(g)
+        total = prod(g)
+        out = []
+        for a in range(nd):
+            for b in range(a + 1, nd):
+                out.append(g[:a] + [prod(g[a : b + 1])] + g[b + 1 :])
+        for a in range(nd):
+            for d in divisors(g[a]) if g[a] > 0 else []:
+                if 1 < d < g[a]:
+                    out.append(g[:a] + [d, g[a] // d] + g[a + 1 :])
+        if total > 0:
+            f, rest = [], total
+            for _ in range(rr.choice([1, 2, 3]) - 1):
+                d = rr.choice(divisors(rest))
+                f.append(d)
+                rest //= d
+            f.append(rest)
+            out.append(f)
+        out.append([total])
+        t = list(rr.choice(out))
+        if rr.random() < 0.15 and len(t) > 1:
+            t[rr.randrange(len(t))] = -1
+        return t
+
+    for shape, mesh in meshes.items():
+        per = max(8, 150 // len(meshes))
+        for i in range(per):
+            ndim = rr.choice([1, 2, 2, 3, 3])
+            g = [rr.choice([1, 2, 3, 4, 5, 6, 8, 9, 12]) for _ in range(ndim)]
+            pl = rr_placements(g, len(shape))
+            if rr.random() < 0.3 and ndim >= 2:
+                # A reshape back of a flatten: the strict view's _StridedShard output as input.
+                try:
+                    flat = [prod(g)]
+                    _, mid = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(flat)), tuple(shape), strict_view=True)
+                    pl, tgt, g = list(mid), list(g), flat
+                except Exception:  # noqa: BLE001
+                    tgt = rr_target(g)
+            else:
+                tgt = rr_target(g)
+            case = {
+                "id": f"view/w{w}/m{'x'.join(map(str, shape))}/reshape/{i}",
+                "kind": "view",
+                "op": "reshape",
+                "args": list(tgt),
+                "global_shape": list(g),
+                "mesh_shape": list(shape),
+                "placements": ps(pl),
+            }
+            clear_caches()
+            try:
+                used, out = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(tgt)), tuple(shape), strict_view=False)
+                case["output_placements"] = ps(out)
+                case["input_placements_used"] = [ps(used)]
+            except RuntimeError:
+                case["error"] = True
+            except Exception as e:  # noqa: BLE001
+                case["error"] = True
+                case["excluded"] = (
+                    f"PyTorch's reshape rule crashes with {type(e).__name__} ({' '.join(str(e).split())[:120]}); "
+                    "treated as a refusal here"
+                )
+            # The op that reaches this rule as a DTensor op (eager x.reshape decomposes to the
+            # strict aten.view): aten.view_copy, on every rank.
+            if "output_placements" in case:
+                fails = rank_disagreements(
+                    mesh, shape, g, pl, lambda x: torch.ops.aten.view_copy.default(x, tgt), case["output_placements"], "aten.view_copy"
+                )
+                if fails:
+                    case["excluded"] = (
+                        "PyTorch's reshape rule accepts this reshape but aten.view_copy disagrees on some ranks ("
+                        + "; ".join(fails[:2])
+                        + "); the rule's answer is kept as expected"
+                    )
+            cases.append(case)
+
     json.dump(cases, sys.stdout)
+
+
+def fsdp2_cases(seed):
+    """The `fsdp2` cases: fsdp2_worker.py once per rank of each world size, two at a time."""
+    cases = []
+    # FSDP2 fully_shard: one process per rank (fsdp2_worker.py), two at a time.
+    here = os.path.dirname(os.path.abspath(__file__))
+    jobs = [(w, r) for w in FSDP2_WORLD_SIZES for r in range(w)]
+    for i in range(0, len(jobs), 2):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(here, "fsdp2_worker.py"), str(w), str(r), str(seed)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            for w, r in jobs[i : i + 2]
+        ]
+        for (w, r), proc in zip(jobs[i : i + 2], procs):
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"fsdp2_worker.py {w} {r} failed")
+            cases.extend(json.loads(out))
+    # fully_shard checks only its own rank's TP-local size for evenness: a parameter some ranks
+    # accept and others refuse fails the job; this crate refuses it on every rank.
+    by_config = {}
+    for c in cases:
+        if c["kind"] == "fsdp2":
+            by_config.setdefault(c["id"].rsplit("/", 1)[0], []).append(c)
+    for group in by_config.values():
+        if len({bool(c.get("error")) for c in group}) > 1:
+            for c in group:
+                c["excluded"] = (
+                    "fully_shard raises on some ranks and accepts on others (uneven TP-local size on a "
+                    "dim > 0: each rank checks its own); this crate refuses on every rank"
+                )
+
+    return cases
 
 
 def main():
@@ -610,6 +753,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases.json"))
     ap.add_argument("--worker", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="another seed gives another file of fresh cases")
+    ap.add_argument(
+        "--only-fsdp2",
+        action="store_true",
+        help="regenerate the fsdp2 cases only, keeping the other cases of the --out file",
+    )
     a = ap.parse_args()
     if a.worker is not None:
         worker(a.worker, a.seed)
@@ -618,7 +766,10 @@ def main():
 
     t0 = time.time()
     cases = []
-    for w in WORLD_SIZES:
+    if a.only_fsdp2:
+        with open(a.out) as f:
+            cases = [c for c in json.load(f)["cases"] if c["kind"] != "fsdp2"]
+    for w in [] if a.only_fsdp2 else WORLD_SIZES:
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--seed", str(a.seed)],
             check=True,
@@ -628,6 +779,8 @@ def main():
         got = json.loads(out)
         print(f"world size {w}: {len(got)} cases", file=sys.stderr)
         cases.extend(got)
+    cases.extend(fsdp2_cases(a.seed))
+    print(f"fsdp2: {sum(c['kind'] == 'fsdp2' for c in cases)} cases", file=sys.stderr)
     cases.sort(key=lambda c: c["id"])
     ids = [c["id"] for c in cases]
     assert len(ids) == len(set(ids)), "duplicate ids"

@@ -1,7 +1,7 @@
 //! The case checker: evaluates every case of a `placement-cases/1` JSON file (the document
 //! `oracle/generate_cases.py` writes: `format`, `torch_version`, and `cases`, objects with `id`, `kind`
 //! and the kind's fields) against this crate and reports pass, fail
-//! or excluded per case. Kinds: `local`, `global_from_local`, `view`, `redistribute`.
+//! or excluded per case. Kinds: `local`, `global_from_local`, `view`, `redistribute`, `fsdp2`.
 //!
 //! A case carrying an `"excluded": "reason"` field is a documented PyTorch self-disagreement
 //! (e.g. uneven `_StridedShard`, issue 168134): it is reported as [`CaseOutcome::Excluded`] and
@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::error::{PlacementError, Result};
 use crate::local::{infer_global_shape, local_shard};
 use crate::mesh::DeviceMesh;
+use crate::parallel::{fsdp2_sharding, ModelParallel};
 use crate::placement::{normalize_dim, Placement};
 use crate::redistribute::{plan_redistribute, DeviceType};
 use crate::view::{permute_placements, transpose_placements};
@@ -138,6 +139,7 @@ pub fn check_case(i: usize, case: &Value) -> CaseResult {
         "global_from_local" => check_global_from_local(case),
         "view" => check_view(case),
         "redistribute" => check_redistribute(case),
+        "fsdp2" => check_fsdp2(case),
         other => Err(format!("unknown case kind `{other}`")),
     };
     let outcome = match outcome {
@@ -204,6 +206,79 @@ fn mesh(case: &Value) -> std::result::Result<DeviceMesh, String> {
 
 fn compare(expected: Value, got: Value) -> Check {
     Ok((expected != got).then(|| (expected.to_string(), got.to_string())))
+}
+
+/// An FSDP2 `fully_shard` case (torch's own `fully_shard` on one rank of a fake process group):
+/// `global_shape`, `fsdp_mesh_shape` (`[dp]`, or `[replicate, dp]` when `hsdp`), `shard_dim`
+/// (what `shard_placement_fn` returned, `null` for the default), `tp` (`null`, or the
+/// parameter's `mesh_shape` and `placements` before `fully_shard`) and the rank's `coordinate`
+/// on the whole mesh; expected: `mesh_shape`, `placements`, `local_shape` and `indices` (the
+/// global indices along every dim, `null` for an empty local tensor), or `error: true`.
+fn check_fsdp2(case: &Value) -> Check {
+    let g = usizes(case, "global_shape")?;
+    let fsdp = usizes(case, "fsdp_mesh_shape")?;
+    let hsdp = field(case, "hsdp")?
+        .as_bool()
+        .ok_or("`hsdp` is not a bool")?;
+    let (replicate, dp) = match (hsdp, fsdp.as_slice()) {
+        (false, [dp]) => (None, *dp),
+        (true, [r, dp]) => (Some(*r), *dp),
+        _ => {
+            return Err(format!(
+                "`fsdp_mesh_shape` {fsdp:?} does not fit hsdp = {hsdp}"
+            ))
+        }
+    };
+    let shard_dim = match field(case, "shard_dim")? {
+        Value::Null => None,
+        v => Some(v.as_i64().ok_or("`shard_dim` is not an integer")?),
+    };
+    let tp = match field(case, "tp")? {
+        Value::Null => None,
+        t => Some(ModelParallel {
+            mesh_shape: usizes(t, "mesh_shape")?,
+            placements: placements(t, "placements")?,
+        }),
+    };
+    let coord = usizes(case, "coordinate")?;
+    let got = fsdp2_sharding(&g, dp, replicate, shard_dim, tp.as_ref());
+    if case.get("error").and_then(Value::as_bool) == Some(true) {
+        return Ok(got.ok().map(|s| {
+            (
+                "an FSDP refusal".to_string(),
+                format!("{:?} on {:?}", s.placements, s.mesh_shape),
+            )
+        }));
+    }
+    let expected = serde_json::json!({
+        "mesh_shape": field(case, "mesh_shape")?,
+        "placements": field(case, "placements")?,
+        "local_shape": field(case, "local_shape")?,
+        "indices": field(case, "indices")?,
+    });
+    let s = match got {
+        Ok(s) => s,
+        Err(e) => return Ok(Some((expected.to_string(), format!("error: {e}")))),
+    };
+    let mesh = DeviceMesh::new(s.mesh_shape.clone()).map_err(|e| e.to_string())?;
+    let shard = match local_shard(&g, &mesh, &s.placements, &coord) {
+        Ok(shard) => shard,
+        Err(e) => return Ok(Some((expected.to_string(), format!("error: {e}")))),
+    };
+    let indices = if expected["indices"].is_null() {
+        Value::Null
+    } else {
+        serde_json::json!((0..g.len())
+            .map(|d| shard.dim_indices(d, g[d]).to_vec())
+            .collect::<Vec<_>>())
+    };
+    let got = serde_json::json!({
+        "mesh_shape": s.mesh_shape,
+        "placements": s.placements.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "local_shape": shard.local_shape,
+        "indices": indices,
+    });
+    compare(expected, got)
 }
 
 fn check_local(case: &Value) -> Check {
@@ -285,6 +360,7 @@ fn check_view(case: &Value) -> Check {
         "narrow" | "select" | "cat" | "split" => {
             return check_strategy_op(case, op, &g, &args, &mesh, &p);
         }
+        "reshape" => return check_reshape(case, &g, &args, &mesh, &p),
         other => match check_other_op(other, &g, &args, mesh.shape(), &p) {
             Some(r) => r,
             None => return Err(format!("unknown view op `{other}`")),
@@ -370,6 +446,34 @@ fn check_strategy_op(
             }
             v
         }
+    };
+    compare(expected, got)
+}
+
+/// `reshape [sizes..]` by the non-strict view rule: `output_placements`, and
+/// `input_placements_used` (one list: the placements the input is redistributed to first).
+fn check_reshape(
+    case: &Value,
+    g: &[usize],
+    args: &[i64],
+    mesh: &DeviceMesh,
+    p: &[Placement],
+) -> Check {
+    let text = |q: &[Placement]| q.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let expected = if case.get("error").and_then(Value::as_bool) == Some(true) {
+        serde_json::json!({"error": true})
+    } else {
+        serde_json::json!({
+            "output_placements": field(case, "output_placements")?,
+            "input_placements_used": field(case, "input_placements_used")?,
+        })
+    };
+    let got = match crate::view_rule::reshape_placements(g, args, mesh.shape(), p) {
+        Ok(r) => serde_json::json!({
+            "output_placements": text(&r.output),
+            "input_placements_used": [text(&r.input)],
+        }),
+        Err(_) => serde_json::json!({"error": true}),
     };
     compare(expected, got)
 }

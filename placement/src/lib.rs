@@ -52,7 +52,7 @@ pub use view_more::{
     flatten_placements, squeeze_placements, stack_placements, unflatten_placements,
     unsqueeze_placements,
 };
-pub use view_rule::view_placements;
+pub use view_rule::{reshape_placements, view_placements, ReshapeSharding};
 
 /// The README's usage example, compiled and run as a doctest.
 #[cfg(doctest)]

@@ -160,8 +160,11 @@ fn view_groups(from: &[usize], to: &[usize]) -> Option<Vec<DimSpec>> {
 /// Phase 1 result: input placements after demotion, and input dim -> output dims.
 type Analysis = (Vec<Placement>, BTreeMap<usize, Vec<usize>>);
 
-/// The strict view propagator (`_ViewShardingPropagator`, `strict_view=True`).
+/// The view propagator (`_ViewShardingPropagator`): strict (`strict_view=True`, `Tensor.view`)
+/// refuses what needs a redistribution; non-strict (`aten.reshape` / `aten.view_copy`) demotes
+/// the mesh dims concerned to `Replicate` instead.
 struct Propagator<'a> {
+    strict: bool,
     src: &'a [Placement],
     global: &'a [usize],
     rule: &'a [DimSpec],
@@ -223,13 +226,24 @@ impl Propagator<'_> {
                 continue;
             };
             let (n, k) = (self.global[dim], self.mesh[m]);
-            if i != dims.len() - 1 && n % k != 0 {
-                return Err(format!(
-                    "cannot flatten unevenly sharded tensor: dimension {dim} (size {n}) is not evenly divisible by mesh dimension {m} (size {k})"
-                ));
-            }
-            sharded.push(dim);
-            self.shard_allowed.insert(dim, vec![true; self.mesh.len()]);
+            let allowed = if self.strict {
+                if i != dims.len() - 1 && n % k != 0 {
+                    return Err(format!(
+                        "cannot flatten unevenly sharded tensor: dimension {dim} (size {n}) is not evenly divisible by mesh dimension {m} (size {k})"
+                    ));
+                }
+                sharded.push(dim);
+                true
+            } else if i == 0 {
+                // Non-strict keeps a shard of the first flattened dim when it is even, and
+                // replicates a shard of any later one (torch 2.15 has no rewrite for it yet).
+                sharded.push(dim);
+                n % k == 0
+            } else {
+                false
+            };
+            self.shard_allowed
+                .insert(dim, vec![allowed; self.mesh.len()]);
         }
         if sharded.is_empty() {
             Ok(vec![dims[0]])
@@ -284,7 +298,7 @@ impl Propagator<'_> {
         if split_id == 0 {
             let allowed: Vec<bool> = self.mesh.iter().map(|&k| out_size % k == 0).collect();
             self.shard_allowed.insert(in_dim, allowed);
-            if let Some(pm) = self.find_plain_shard(in_dim) {
+            if let Some(pm) = self.find_plain_shard(in_dim).filter(|_| self.strict) {
                 if !self.shard_allowed[&in_dim][pm] {
                     return Err(format!(
                         "cannot unflatten unevenly sharded tensor: output dimension {split_id} (size {out_size}) is not evenly divisible by mesh dimension {pm} (size {})",
@@ -295,7 +309,7 @@ impl Propagator<'_> {
         }
         if let Some((m, Placement::StridedShard { .. })) = found {
             let is_last = split_id == group_shape.len() - 1;
-            if !is_last && out_size % self.mesh[m] != 0 {
+            if self.strict && !is_last && out_size % self.mesh[m] != 0 {
                 return Err(format!(
                     "cannot unflatten unevenly sharded tensor: output dimension {split_id} (size {out_size}) is not evenly divisible by mesh dimension {m} (size {})",
                     self.mesh[m]
@@ -372,7 +386,7 @@ impl Propagator<'_> {
         for (m, p) in self.src.iter().enumerate() {
             match p.shard_dim() {
                 Some(d) if !self.shard_allowed[&d][m] => {
-                    if !self.fallback.contains(&(d, m)) {
+                    if self.strict && !self.fallback.contains(&(d, m)) {
                         return Err(format!(
                             "this operation would remove or reshape sharded dimension {d}, which requires redistribution"
                         ));
@@ -490,9 +504,10 @@ impl Propagator<'_> {
                     let o = match keep {
                         Some(o) => o,
                         None => {
-                            if dims
-                                .iter()
-                                .any(|&o| matches!(self.rule[o], DimSpec::Split { .. }))
+                            if self.strict
+                                && dims
+                                    .iter()
+                                    .any(|&o| matches!(self.rule[o], DimSpec::Split { .. }))
                             {
                                 return Err(format!(
                                     "cannot unflatten tensor with _StridedShard placement: split_factor={sf} does not match any output dimension"
@@ -552,7 +567,8 @@ impl Propagator<'_> {
 }
 
 /// Output placements of `x.view(*sizes)` for a DTensor of `global_shape` with `placements` on a
-/// mesh of `mesh_shape` (one `-1` allowed in `sizes`), by PyTorch's strict view rule.
+/// mesh of `mesh_shape` (one `-1` allowed in `sizes`), by PyTorch's strict view rule
+/// (`propagate_shape_and_sharding(..., strict_view=True)`, the rule of `aten.view.default`).
 ///
 /// Errors ([`PlacementError::ViewRejected`]): sizes that do not fit the element count, a view
 /// that would reshape a sharded dim unevenly or otherwise need redistribution (PyTorch raises
@@ -564,10 +580,58 @@ pub fn view_placements(
     mesh_shape: &[usize],
     placements: &[Placement],
 ) -> Result<Vec<Placement>> {
+    propagate("view", true, global_shape, sizes, mesh_shape, placements).map(|r| r.output)
+}
+
+/// What the non-strict view rule does with a reshape: the placements the input is redistributed
+/// to first, and the output's placements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReshapeSharding {
+    /// The input's placements after the redistribution the rule asks for: a mesh dim whose shard
+    /// the reshape cannot carry becomes `Replicate`; the others are unchanged (equal to the
+    /// input's placements when nothing moves).
+    pub input: Vec<Placement>,
+    /// The output's placements, on the same mesh.
+    pub output: Vec<Placement>,
+}
+
+/// `x.reshape(*sizes)` by PyTorch's non-strict view rule
+/// (`propagate_shape_and_sharding(..., strict_view=False)` in torch 2.15's `_ops/_view_ops.py`,
+/// the rule registered for `aten.reshape.default` and `aten.view_copy.default`): where the strict
+/// rule refuses (an uneven flatten or unflatten, a shard of a non-first flattened dim, a
+/// `_StridedShard` whose split factor fits no output dim), the mesh dim is replicated first.
+/// Note: eager `DTensor.reshape` decomposes to `aten.view` (the strict rule) in torch 2.15.
+///
+/// Errors as [`view_placements`], except the refusals that a redistribution resolves; PyTorch
+/// still refuses an uneven shard of a flattened dim that is not the group's last shard.
+pub fn reshape_placements(
+    global_shape: &[usize],
+    sizes: &[i64],
+    mesh_shape: &[usize],
+    placements: &[Placement],
+) -> Result<ReshapeSharding> {
+    propagate(
+        "reshape",
+        false,
+        global_shape,
+        sizes,
+        mesh_shape,
+        placements,
+    )
+}
+
+fn propagate(
+    op: &str,
+    strict: bool,
+    global_shape: &[usize],
+    sizes: &[i64],
+    mesh_shape: &[usize],
+    placements: &[Placement],
+) -> Result<ReshapeSharding> {
     let mesh = crate::mesh::DeviceMesh::new(mesh_shape.to_vec())?;
     crate::local::check_placements(&mesh, placements, global_shape.len())?;
     let err = |reason: String| PlacementError::ViewRejected {
-        op: format!("view({global_shape:?} -> {sizes:?})"),
+        op: format!("{op}({global_shape:?} -> {sizes:?})"),
         shape: global_shape.to_vec(),
         placements: format_placements(placements),
         reason,
@@ -585,6 +649,7 @@ pub fn view_placements(
         ))
     })?;
     let mut prop = Propagator {
+        strict,
         src: placements,
         global: global_shape,
         rule: &rule,
@@ -594,7 +659,8 @@ pub fn view_placements(
         fallback: BTreeSet::new(),
     };
     let (tgt, map) = prop.analyze().map_err(err)?;
-    prop.rewrite(&tgt, &map).map_err(err)
+    let output = prop.rewrite(&tgt, &map).map_err(err)?;
+    Ok(ReshapeSharding { input: tgt, output })
 }
 
 #[cfg(test)]
@@ -619,6 +685,41 @@ mod tests {
         assert_eq!(v(&[24], &[6, 4], &[2], "[_S(0, 6)]").unwrap(), "[S(1)]");
         assert_eq!(v(&[2, 3, 4], &[2, -1], &[2], "[R]").unwrap(), "[R]");
         assert!(v(&[2, 3], &[7], &[2], "[R]").is_err());
+    }
+
+    fn r(g: &[usize], sizes: &[i64], mesh: &[usize], p: &str) -> (String, String) {
+        let s = reshape_placements(g, sizes, mesh, &parse_placements(p).unwrap()).unwrap();
+        (format_placements(&s.input), format_placements(&s.output))
+    }
+
+    #[test]
+    fn reshape_replicates_where_view_refuses() {
+        // torch 2.15 on a fake 4-rank CPU mesh, aten.view_copy (the non-strict rule): an uneven
+        // unflatten and a flatten of a non-first sharded dim all-gather first.
+        assert!(v(&[6], &[2, 3], &[4], "[S(0)]").is_err());
+        assert_eq!(
+            r(&[6], &[2, 3], &[4], "[S(0)]"),
+            ("[R]".into(), "[R]".into())
+        );
+        assert_eq!(v(&[4, 6], &[24], &[4], "[S(1)]").unwrap(), "[_S(0, 4)]");
+        assert_eq!(
+            r(&[4, 6], &[24], &[4], "[S(1)]"),
+            ("[R]".into(), "[R]".into())
+        );
+        // What the strict rule carries, the non-strict one carries the same way.
+        assert_eq!(
+            r(&[6, 4], &[24], &[2], "[S(0)]"),
+            ("[S(0)]".into(), "[S(0)]".into())
+        );
+        assert_eq!(
+            r(&[24], &[6, 4], &[2], "[_S(0, 6)]"),
+            ("[_S(0, 6)]".into(), "[S(1)]".into())
+        );
+        // An uneven first flattened dim is replicated; the strict rule keeps it only when last.
+        assert_eq!(
+            r(&[5, 4], &[20], &[2], "[S(0)]"),
+            ("[R]".into(), "[R]".into())
+        );
     }
 
     #[test]
