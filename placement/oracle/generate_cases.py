@@ -251,6 +251,24 @@ def worker(w, seed=0):
                 case["error"] = True
             cases.append(case)
 
+    def apply_view_rule(case, pl, g, tgt, shape, strict):
+        """Fills `case` with propagate_shape_and_sharding's answer: output placements (and, for
+        the non-strict rule, the input redistribution), or `error` when it raises RuntimeError,
+        or `error` and `excluded` when it crashes otherwise."""
+        try:
+            used, out = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(tgt)), tuple(shape), strict_view=strict)
+            case["output_placements"] = ps(out)
+            if not strict:
+                case["input_placements_used"] = [ps(used)]
+        except RuntimeError:
+            case["error"] = True
+        except Exception as e:  # noqa: BLE001
+            case["error"] = True
+            case["excluded"] = (
+                f"PyTorch's {'view' if strict else 'reshape'} rule crashes with {type(e).__name__} ({' '.join(str(e).split())[:120]}); "
+                "treated as a refusal here"
+            )
+
     def rank_disagreements(mesh, shape, g, pl, op, want, what):
         """Runs `op` on a DTensor of global shape g with placements pl on every rank (local data
         laid out without communication): the ranks whose output placements differ from `want`
@@ -325,17 +343,7 @@ def worker(w, seed=0):
                 "placements": ps(pl),
             }
             i += 1
-            try:
-                _, out = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(tgt)), tuple(shape), strict_view=True)
-                case["output_placements"] = ps(out)
-            except RuntimeError:
-                case["error"] = True
-            except Exception as e:  # noqa: BLE001
-                case["error"] = True
-                case["excluded"] = (
-                    f"PyTorch's view rule crashes with {type(e).__name__} ({' '.join(str(e).split())[:120]}); "
-                    "treated as a refusal here"
-                )
+            apply_view_rule(case, pl, g, tgt, shape, strict=True)
             # The rule is rank independent; the local op is not: run the view on every rank.
             if "output_placements" in case:
                 fails = rank_disagreements(mesh, shape, g, pl, lambda x: x.view(*tgt), case["output_placements"], "local op")
@@ -681,18 +689,7 @@ def worker(w, seed=0):
                 "placements": ps(pl),
             }
             clear_caches()
-            try:
-                used, out = propagate_shape_and_sharding(pl, tuple(g), view_groups(tuple(g), tuple(tgt)), tuple(shape), strict_view=False)
-                case["output_placements"] = ps(out)
-                case["input_placements_used"] = [ps(used)]
-            except RuntimeError:
-                case["error"] = True
-            except Exception as e:  # noqa: BLE001
-                case["error"] = True
-                case["excluded"] = (
-                    f"PyTorch's reshape rule crashes with {type(e).__name__} ({' '.join(str(e).split())[:120]}); "
-                    "treated as a refusal here"
-                )
+            apply_view_rule(case, pl, g, tgt, shape, strict=False)
             # The op that reaches this rule as a DTensor op (eager x.reshape decomposes to the
             # strict aten.view): aten.view_copy, on every rank.
             if "output_placements" in case:
