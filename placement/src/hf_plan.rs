@@ -4,10 +4,24 @@
 //! A plan maps module patterns to style strings: the config class's `base_model_tp_plan`
 //! (patterns relative to the base model, e.g. `layers.*.self_attn.q_proj`, applied under the
 //! `model.` prefix) and the model class's own `_tp_plan` (e.g. `lm_head`). A `*` stands for one
-//! path segment (a layer index). Source: transformers `integrations/tensor_parallel.py`
-//! (`ColwiseParallel`, `RowwiseParallel`, `PackedColwiseParallel`, ...), and what
-//! `from_pretrained(..., tp_plan="auto")` does with each seed family on CPU
-//! (`conformance/fixtures/tp_plans.json`, written by `generate_tp_plans.py`).
+//! path segment (a layer index). Sources: transformers 5.23 `distributed/tensor_parallel.py`
+//! (the styles: `colwise`, `rowwise`, `packed_colwise`, `embedding_rowwise`, ...) and
+//! `distributed/mixin.py` (how the plans merge), and what `from_pretrained(...,
+//! tp_plan="auto")` does with each seed family on CPU (`conformance/fixtures/tp_plans.json`,
+//! written by `conformance/fixtures/generate_tp_plans.py`).
+//!
+//! ```
+//! use placement::hf_plan::HfTpPlan;
+//! use placement::Placement;
+//! let base = [("layers.*.self_attn.o_proj".to_string(), "rowwise".to_string())];
+//! let plan = HfTpPlan::new(&base, "model.", &[]);
+//! let o = plan.placement("model.layers.3.self_attn.o_proj.weight", 2).unwrap();
+//! assert_eq!(o, Some(Placement::Shard(1)));
+//! // transformers shards the vocabulary of the input embedding when a base plan exists.
+//! let e = plan.placement("model.embed_tokens.weight", 2).unwrap();
+//! assert_eq!(e, Some(Placement::Shard(0)));
+//! assert_eq!(plan.placement("model.norm.weight", 1).unwrap(), None);
+//! ```
 
 use crate::error::{PlacementError, Result};
 use crate::parallel::{tp_placement, ParamKind, TpStyle};
