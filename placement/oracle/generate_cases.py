@@ -292,8 +292,9 @@ def worker(w, seed=0):
     def divisors(n):
         return [d for d in range(1, n + 1) if n % d == 0]
 
-    def view_targets(g):
-        """Flattens of a dim range, unflattens of one dim, and a random refactorisation."""
+    def view_targets(g, rng=rng):
+        """Flattens of a dim range, unflattens of one dim, and a random refactorisation (drawn
+        from `rng`)."""
         out = []
         nd = len(g)
         for a in range(nd):
@@ -639,25 +640,7 @@ def worker(w, seed=0):
         return pl
 
     def rr_target(g):
-        nd = len(g)
-        total = prod(g)
-        out = []
-        for a in range(nd):
-            for b in range(a + 1, nd):
-                out.append(g[:a] + [prod(g[a : b + 1])] + g[b + 1 :])
-        for a in range(nd):
-            for d in divisors(g[a]) if g[a] > 0 else []:
-                if 1 < d < g[a]:
-                    out.append(g[:a] + [d, g[a] // d] + g[a + 1 :])
-        if total > 0:
-            f, rest = [], total
-            for _ in range(rr.choice([1, 2, 3]) - 1):
-                d = rr.choice(divisors(rest))
-                f.append(d)
-                rest //= d
-            f.append(rest)
-            out.append(f)
-        out.append([total])
+        out = view_targets(g, rr)
         t = list(rr.choice(out))
         if rr.random() < 0.15 and len(t) > 1:
             t[rr.randrange(len(t))] = -1
