@@ -102,7 +102,6 @@ def main():
                 raise AssertionError(f"fully_shard changed the global shape {g} -> {list(p.shape)}")
             # Global indices along every dim: the local values are flat global indices.
             if local.numel() > 0:
-                flat = local.contiguous().reshape(-1).to(torch.int64)
                 idx = []
                 stride = 1
                 strides = []
@@ -111,7 +110,6 @@ def main():
                     stride *= s
                 strides.reverse()
                 for d in range(ndim):
-                    sel = [0] * ndim
                     line = local
                     for dd in range(ndim - 1, -1, -1):
                         if dd != d:
@@ -119,7 +117,6 @@ def main():
                     vals = line.to(torch.int64).tolist()
                     idx.append([(v // strides[d]) % g[d] for v in vals])
                 case["indices"] = idx
-                del flat, sel
             else:
                 case["indices"] = None
             # What DTensor's own placement semantics say this rank holds: where the data
