@@ -195,7 +195,10 @@ pub fn route_backward<F: Real>(
 }
 
 /// `w_j = r * s_j / (S + eps)` (or `r * s_j` without norm), `s = sigmoid(z)`:
-/// `ds_j = r (dw_j / D - <dw, s_sel> / D^2)`, `dz = ds * s (1 - s)`.
+/// `ds_j = r (dw_j / D - <dw, s_sel> / D^2)`, evaluated as `r (dw_j - <dw, s_sel / D>) / D`,
+/// `dz = ds * s (1 - s)`. That form has no cancellation of two separately rounded terms: with
+/// `k = 1`, `s / D` is exactly 1 in any precision, so the gradient is exactly the 0 it is in exact
+/// arithmetic (the subtracted form leaves float noise of size `u |dw / D|`).
 fn sigmoid_backward_row<F: Real>(
     idx: &[usize],
     dw: &[F],
@@ -210,9 +213,9 @@ fn sigmoid_backward_row<F: Real>(
     match norm_eps {
         Some(eps) => {
             let denom: F = idx.iter().map(|&e| s[e]).sum::<F>() + eps;
-            let dw_dot_s: F = idx.iter().zip(dw).map(|(&e, &d)| d * s[e]).sum();
+            let dw_dot_w: F = idx.iter().zip(dw).map(|(&e, &d)| d * (s[e] / denom)).sum();
             for (&e, &d) in idx.iter().zip(dw) {
-                let ds = r * (d / denom - dw_dot_s / (denom * denom));
+                let ds = r * ((d - dw_dot_w) / denom);
                 grad_logits[[t, e]] = ds * s[e] * (one - s[e]);
             }
         }

@@ -243,13 +243,14 @@ extern "C" __global__ void route_backward_f32(const float* __restrict__ probs,
         for (int j = 0; j < k; ++j) d[idx[j]] = w[j] * (dw[j] - dw_dot_w);
     } else {
         if (renorm) {
-            float denom = 0.0f, dw_dot_s = 0.0f;
+            // r (dw_j - <dw, s / D>) / D: no cancellation of two rounded terms (routing.rs).
+            float denom = 0.0f, dw_dot_sn = 0.0f;
             for (int j = 0; j < k; ++j) denom += p[idx[j]];
             denom += eps;
-            for (int j = 0; j < k; ++j) dw_dot_s += dw[j] * p[idx[j]];
+            for (int j = 0; j < k; ++j) dw_dot_sn += dw[j] * (p[idx[j]] / denom);
             for (int j = 0; j < k; ++j) {
                 float s = p[idx[j]];
-                float ds = scale * (dw[j] / denom - dw_dot_s / (denom * denom));
+                float ds = scale * ((dw[j] - dw_dot_sn) / denom);
                 d[idx[j]] = ds * s * (1.0f - s);
             }
         } else {
