@@ -158,3 +158,34 @@ fn router_errors_name_the_problem() {
         })
     ));
 }
+
+#[test]
+fn deepseek_renormalisation_epsilon_counts_at_tiny_scores() {
+    // s = sigmoid(z) ~ [1e-20, 2e-20, ~0, ~0]: the denominator's `+ 1e-20` is a quarter of it, so
+    // w = 2.5 * [1, 2] / 4 (not / 3), and the backward must use the same denominator: dL/dz
+    // against central differences of L(z) = <dw, w(z)> (f64; relative step 1e-6, truncation
+    // error ~1e-12 of the value, so 1e-6 relative judges it with room for the roundings).
+    let z0 = [(1e-20f64).ln(), (2e-20f64).ln(), -100.0, -100.0];
+    let kind = deepseek(1, 1);
+    let z = Array1::from(z0.to_vec()).insert_axis(ndarray::Axis(0));
+    let r = route(z.view(), &kind, 2, None).unwrap();
+    assert_eq!(r.top_k_index.row(0).to_vec(), vec![1, 0]);
+    assert_relative_eq!(r.top_k_weights[[0, 0]], 1.25, max_relative = 1e-9);
+    assert_relative_eq!(r.top_k_weights[[0, 1]], 0.625, max_relative = 1e-9);
+    let dw = array![[0.7f64, -1.3]];
+    let loss = |zz: &[f64]| {
+        let zz = Array1::from(zz.to_vec()).insert_axis(ndarray::Axis(0));
+        let r = route(zz.view(), &kind, 2, None).unwrap();
+        (0..2).map(|j| dw[[0, j]] * r.top_k_weights[[0, j]]).sum::<f64>()
+    };
+    let g = moe_kernels::route_backward(&kind, &r, dw.view()).unwrap();
+    for e in 0..2 {
+        let h = 1e-6 * z0[e].abs();
+        let (mut zp, mut zm) = (z0, z0);
+        zp[e] += h;
+        zm[e] -= h;
+        let fd = (loss(&zp) - loss(&zm)) / (2.0 * h);
+        assert!(fd.abs() > 0.1, "expert {e}: the check needs a non-trivial gradient ({fd})");
+        assert_relative_eq!(g[[0, e]], fd, max_relative = 1e-6);
+    }
+}
