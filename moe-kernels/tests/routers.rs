@@ -176,7 +176,9 @@ fn deepseek_renormalisation_epsilon_counts_at_tiny_scores() {
     let loss = |zz: &[f64]| {
         let zz = Array1::from(zz.to_vec()).insert_axis(ndarray::Axis(0));
         let r = route(zz.view(), &kind, 2, None).unwrap();
-        (0..2).map(|j| dw[[0, j]] * r.top_k_weights[[0, j]]).sum::<f64>()
+        (0..2)
+            .map(|j| dw[[0, j]] * r.top_k_weights[[0, j]])
+            .sum::<f64>()
     };
     let g = moe_kernels::route_backward(&kind, &r, dw.view()).unwrap();
     for e in 0..2 {
@@ -185,7 +187,10 @@ fn deepseek_renormalisation_epsilon_counts_at_tiny_scores() {
         zp[e] += h;
         zm[e] -= h;
         let fd = (loss(&zp) - loss(&zm)) / (2.0 * h);
-        assert!(fd.abs() > 0.1, "expert {e}: the check needs a non-trivial gradient ({fd})");
+        assert!(
+            fd.abs() > 0.1,
+            "expert {e}: the check needs a non-trivial gradient ({fd})"
+        );
         assert_relative_eq!(g[[0, e]], fd, max_relative = 1e-6);
     }
 }

@@ -14,7 +14,7 @@ propagation caches between ranks.
 Deterministic: every random choice comes from `random.Random(seed)` with a fixed seed per world
 size; the output is sorted by id.
 
-Usage: python3 placement/oracle/generate_cases.py [--out PATH]
+Usage: python3 placement/oracle/generate_cases.py [--out PATH] [--only-fsdp2 | --only-strided-redistribute]
 """
 
 import argparse
@@ -25,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+import traceback
 
 WORLD_SIZES = [1, 2, 3, 4, 6, 8]
 FSDP2_WORLD_SIZES = [2, 4, 8]
@@ -53,7 +54,7 @@ def mesh_shapes(w):
     return res
 
 
-def worker(w, seed=0):
+def worker(w, seed=0, only_strided=False):
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -108,6 +109,120 @@ def worker(w, seed=0):
 
     def ps(pl):
         return [str(p) for p in pl]
+
+    def strided_redistribute_cases():
+        """`_S` sources and targets: torch decodes the split factors into shard orders and runs
+        its graph planner (Dijkstra over sharding states), or its greedy walk when a split factor
+        decodes into no order. Each case gets a fresh planner: torch caches one planner per
+        (mesh, tensor meta) whose sets of target `_S` and Partial ops grow with every call.
+        Its own random stream, so every other case keeps its id and values."""
+        from torch.distributed.tensor._dtensor_spec import ShardOrderEntry
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+
+        rs = random.Random(9000 + w + 100003 * seed)
+        out = []
+
+        def ordered(ndim, shape, mesh):
+            """S / R / P(sum) placements, each tensor dim's mesh dims in a random order, written
+            as torch writes an order: `_S(d, sf)` (_convert_shard_order_to_StridedShard)."""
+            pl = []
+            hot = rs.randrange(ndim)  # most shards on one tensor dim, so that orders arise
+            for _ in shape:
+                k = rs.choice(["S", "S", "S", "R", "P"])
+                d = hot if rs.random() < 0.7 else rs.randrange(ndim)
+                pl.append(Shard(d) if k == "S" else Replicate() if k == "R" else Partial("sum"))
+            by_dim = {}
+            for m, p in enumerate(pl):
+                if isinstance(p, Shard):
+                    by_dim.setdefault(p.dim, []).append(m)
+            entries = []
+            for d in sorted(by_dim):
+                ms = by_dim[d]
+                rs.shuffle(ms)
+                if len(ms) > 1 and ms == sorted(ms) and rs.random() < 0.7:
+                    ms.reverse()
+                entries.append(ShardOrderEntry(tensor_dim=d, mesh_dims=tuple(ms)))
+            return list(DTensorSpec._convert_shard_order_to_StridedShard(tuple(entries), tuple(pl), mesh))
+
+        def undecodable(ndim, shape):
+            """Placements with a `_S(d, sf)` whose split factor may encode no order."""
+            pl = []
+            for _ in shape:
+                k = rs.choice(["S", "S", "R", "P", "SS"])
+                d = rs.randrange(ndim)
+                pl.append(
+                    Shard(d) if k == "S" else Replicate() if k == "R" else Partial("sum") if k == "P"
+                    else _StridedShard(d, split_factor=rs.choice([2, 3, 4, 6]))
+                )
+            pl[rs.randrange(len(shape))] = _StridedShard(rs.randrange(ndim), split_factor=rs.choice([2, 3, 4, 6]))
+            return pl
+
+        for shape, mesh in meshes.items():
+            for i in range(max(10, 240 // len(meshes))):
+                ndim = rs.choice([1, 2, 2, 3])
+                g = [rs.choice(SIZES) for _ in range(ndim)]
+                for _ in range(20):
+                    src = ordered(ndim, shape, mesh) if len(shape) > 1 and rs.random() < 0.9 else undecodable(ndim, shape)
+                    dst = ordered(ndim, shape, mesh) if len(shape) > 1 and rs.random() < 0.9 else undecodable(ndim, shape)
+                    if rs.random() < 0.25:
+                        dst = [Replicate() if p.is_partial() else p for p in dst]
+                    if any(isinstance(p, _StridedShard) for p in src + dst):
+                        break
+                else:
+                    src = undecodable(ndim, shape)
+                case = {
+                    "id": f"redistribute/w{w}/m{'x'.join(map(str, shape))}/ss{i}",
+                    "kind": "redistribute",
+                    "global_shape": list(g),
+                    "mesh_shape": list(shape),
+                    "src": ps(src),
+                    "dst": ps(dst),
+                    "device_type": "cpu",
+                }
+                set_coord(mesh, [0] * len(shape))
+                clear_redistribute_planner_cache()
+                try:
+                    local = distribute_tensor(
+                        torch.zeros(g), mesh, [Replicate() if p.is_partial() else p for p in src], src_data_rank=None
+                    ).to_local()
+                    x = DTensor.from_local(local, mesh, src, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+                    meta = TensorMeta(torch.Size(g), torch.zeros(g).stride(), torch.float32)
+                    infos = _gen_transform_infos_non_cached(
+                        DTensorSpec(mesh, tuple(src), tensor_meta=meta),
+                        DTensorSpec(mesh, tuple(dst), tensor_meta=meta),
+                    )
+                    case["steps"] = [
+                        {"mesh_dim": t.mesh_dim, "src": str(t.src_dst_placements[0]), "dst": str(t.src_dst_placements[1])}
+                        for t in infos
+                    ]
+                except Exception:  # noqa: BLE001
+                    case["error"] = True
+                    out.append(case)
+                    continue
+                # torch's own execution of its plan: the counts, or the error it raises (torch
+                # plans these but its local steps refuse the shard sizes; the plan is still the
+                # expected answer, and the case records where torch's execution stops).
+                clear_redistribute_planner_cache()
+                try:
+                    with CommDebugMode() as cdm:
+                        x.redistribute(mesh, dst)
+                    counts = {str(k): int(v) for k, v in cdm.get_comm_counts().items() if v}
+                    case["comm_counts"] = dict(sorted(counts.items()))
+                except Exception as e:  # noqa: BLE001
+                    tb = [f for f in traceback.extract_tb(e.__traceback__) if "torch/distributed" in f.filename]
+                    if tb and tb[-1].filename.endswith("tensor/_api.py"):
+                        # DTensor.redistribute's own checks refuse it before any planning.
+                        del case["steps"]
+                        case["error"] = True
+                    else:
+                        where = tb[-1].name if tb else "?"
+                        case["execution_error"] = f"{type(e).__name__} in {where}"
+                out.append(case)
+        return out
+
+    if only_strided:
+        json.dump(strided_redistribute_cases(), sys.stdout)
+        return
 
     # ---- local ----
     per_mesh_local = max(3, 220 // len(meshes) // max(1, min(w, 8)) + 2)
@@ -687,6 +802,7 @@ def worker(w, seed=0):
                     )
             cases.append(case)
 
+    cases.extend(strided_redistribute_cases())
     json.dump(cases, sys.stdout)
 
 
@@ -738,20 +854,32 @@ def main():
         action="store_true",
         help="regenerate the fsdp2 cases only, keeping the other cases of the --out file",
     )
+    ap.add_argument(
+        "--only-strided-redistribute",
+        action="store_true",
+        help="regenerate the redistribute cases with _StridedShard only (ids .../ss<i>), keeping the others",
+    )
     a = ap.parse_args()
     if a.worker is not None:
-        worker(a.worker, a.seed)
+        worker(a.worker, a.seed, a.only_strided_redistribute)
         return
     import torch
 
     t0 = time.time()
     cases = []
+    def strided(c):
+        return c["kind"] == "redistribute" and c["id"].rsplit("/", 1)[-1].startswith("ss")
+
     if a.only_fsdp2:
         with open(a.out) as f:
             cases = [c for c in json.load(f)["cases"] if c["kind"] != "fsdp2"]
+    if a.only_strided_redistribute:
+        with open(a.out) as f:
+            cases = [c for c in json.load(f)["cases"] if not strided(c)]
+    extra = ["--only-strided-redistribute"] if a.only_strided_redistribute else []
     for w in [] if a.only_fsdp2 else WORLD_SIZES:
         out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--seed", str(a.seed)],
+            [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--seed", str(a.seed)] + extra,
             check=True,
             capture_output=True,
             text=True,
@@ -759,7 +887,8 @@ def main():
         got = json.loads(out)
         print(f"world size {w}: {len(got)} cases", file=sys.stderr)
         cases.extend(got)
-    cases.extend(fsdp2_cases(a.seed))
+    if not a.only_strided_redistribute:
+        cases.extend(fsdp2_cases(a.seed))
     print(f"fsdp2: {sum(c['kind'] == 'fsdp2' for c in cases)} cases", file=sys.stderr)
     cases.sort(key=lambda c: c["id"])
     ids = [c["id"] for c in cases]

@@ -532,8 +532,16 @@ fn check_redistribute(case: &Value) -> Check {
         Some("cuda") => &[DeviceType::Cuda],
         Some(other) => return Err(format!("unknown device_type `{other}`")),
     };
+    // `execution_error`: PyTorch plans the case but its own execution of the plan raises (the
+    // generator records where); the plan (`steps`) is still PyTorch's answer, without counts.
+    let plan_only = case
+        .get("execution_error")
+        .and_then(Value::as_str)
+        .is_some();
     let expected = if case.get("error").and_then(Value::as_bool) == Some(true) {
         serde_json::json!({"error": true})
+    } else if plan_only {
+        serde_json::json!({"steps": field(case, "steps")?})
     } else {
         let steps = field(case, "steps")?;
         let counts = field(case, "comm_counts")?;
@@ -554,6 +562,10 @@ fn check_redistribute(case: &Value) -> Check {
         let got_cmp = match got {
             Value::Object(mut m) if m.contains_key("error") => {
                 m.remove("message");
+                Value::Object(m)
+            }
+            Value::Object(mut m) if plan_only => {
+                m.remove("comm_counts");
                 Value::Object(m)
             }
             other => other,

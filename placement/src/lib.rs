@@ -21,6 +21,7 @@ pub mod cases;
 mod checked;
 pub mod chunks;
 mod error;
+mod graph_plan;
 pub mod hf_plan;
 mod index_set;
 mod local;

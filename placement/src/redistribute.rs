@@ -9,9 +9,14 @@
 use std::collections::BTreeMap;
 
 use crate::error::{PlacementError, Result};
+pub use crate::graph_plan::CostModel;
+use crate::graph_plan::{graph_steps, DistState, GraphStep};
 use crate::local::{check_placements, local_shard};
 use crate::mesh::DeviceMesh;
 use crate::placement::{check_partial_ops, Placement};
+use crate::shard_order::{
+    default_shard_order, placements_to_shard_order, shard_order_to_placements, ShardOrderEntry,
+};
 
 /// What one step does on its mesh dim (see the table in `placement.md`, "Redistribution").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,11 +81,25 @@ pub struct Step {
     pub dst: Placement,
     /// What runs (collectives named as CommDebugMode names them by [`Collective::comm_name`]).
     pub collective: Collective,
-    /// Placements of all mesh dims before this step.
+    /// Placements of all mesh dims before this step (`_S` where the shard order is not left to
+    /// right, so that [`crate::local_shard`] gives each rank's data before the step).
     pub before: Vec<Placement>,
+    /// Shard order before this step: the mesh dims splitting each tensor dim, first to last. A
+    /// step on a shard moves the last mesh dim of its tensor dim's order.
+    pub shard_order: Vec<ShardOrderEntry>,
 }
 
-/// A redistribution plan: PyTorch's default greedy steps, in order.
+/// Which of PyTorch's planners made a plan (`_gen_transform_infos_non_cached`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Planner {
+    /// `generate_greedy_transform_infos`: no `_S`, or a split factor that decodes into no order.
+    Greedy,
+    /// `generate_graph_based_transform_infos`: a `_S` in the source or target that decodes into
+    /// a shard order (Dijkstra over sharding states, module `graph_plan`).
+    Graph,
+}
+
+/// A redistribution plan: PyTorch's steps, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedistributePlan {
     /// The steps, in execution order.
@@ -93,6 +112,8 @@ pub struct RedistributePlan {
     pub src: Vec<Placement>,
     /// Target placements.
     pub dst: Vec<Placement>,
+    /// The planner PyTorch uses for this pair.
+    pub planner: Planner,
     /// A plan with fewer collectives where one exists (see [`cheaper_alternative`]); PyTorch's
     /// plan stays the default.
     pub alternative: Option<AlternativePlan>,
@@ -197,8 +218,15 @@ fn step_collective(
 /// differ between current and target placements, the target becomes `R` for now; emit a step
 /// when current != target. Then walk first to last and emit what still differs. Steps on mesh
 /// dims of size 1 are listed with [`Collective::Noop`]. `(S0,S0)->(R,S0)`: m1 S0->R, m0 S0->R,
-/// m1 R->S0. Plans with `_S` follow the same walk (PyTorch uses its graph planner there; every
-/// `_S` step goes through all-gather as in `placement.md`).
+/// m1 R->S0.
+///
+/// With a `_StridedShard` in `src` or `dst` whose split factors decode into shard orders,
+/// PyTorch's graph planner instead (module `graph_plan`, costs of [`CostModel::default`]:
+/// float32 on a CPU mesh; [`plan_redistribute_with`] sets others): the steps then name plain
+/// `S(d)` placements, each moving the last mesh dim of its tensor dim's shard order
+/// ([`Step::shard_order`]). `[_S(0, 2), S(0)] -> [R, R]` on `[2, 2]` (order: mesh dim 1, then 0)
+/// is m0 S(0)->R, then m1 S(0)->R. An undecodable `_S` (e.g. `_S(0, 3)` on a 1-D mesh) keeps the
+/// greedy walk, as PyTorch does.
 ///
 /// Errors: placement counts, shard dims out of range, mixed Partial ops, and conversions to
 /// Partial that the public API rejects ([`PlacementError::UnsupportedRedistribute`]).
@@ -207,6 +235,20 @@ pub fn plan_redistribute(
     mesh: &DeviceMesh,
     src: &[Placement],
     dst: &[Placement],
+) -> Result<RedistributePlan> {
+    plan_redistribute_with(global_shape, mesh, src, dst, CostModel::default())
+}
+
+/// [`plan_redistribute`] with the element size and devices per host of `model`, which the graph
+/// planner's costs (and so its choice between paths) depend on.
+///
+/// Errors: as [`plan_redistribute`].
+pub fn plan_redistribute_with(
+    global_shape: &[usize],
+    mesh: &DeviceMesh,
+    src: &[Placement],
+    dst: &[Placement],
+    model: CostModel,
 ) -> Result<RedistributePlan> {
     check_placements(mesh, src, global_shape.len())?;
     check_placements(mesh, dst, global_shape.len())?;
@@ -219,18 +261,34 @@ pub fn plan_redistribute(
             step_collective(m, sizes[m], s, d)?;
         }
     }
-    let mut current = src.to_vec();
     let mut steps = Vec::new();
-    for (m, from, to) in greedy_steps(sizes, src, dst) {
-        let collective = step_collective(m, sizes[m], from, to)?;
-        steps.push(Step {
-            mesh_dim: m,
-            src: from,
-            dst: to,
-            collective,
-            before: current.clone(),
-        });
-        current[m] = to;
+    let mut planner = Planner::Greedy;
+    if let Some(graph) = graph_plan(global_shape, mesh, src, dst, model)? {
+        planner = Planner::Graph;
+        for (state, m, from, to) in graph {
+            steps.push(Step {
+                mesh_dim: m,
+                src: from,
+                dst: to,
+                collective: step_collective(m, sizes[m], from, to)?,
+                before: shard_order_to_placements(&state.entries(), &state.placements, mesh)?,
+                shard_order: state.entries(),
+            });
+        }
+    } else {
+        let mut current = src.to_vec();
+        for (m, from, to) in greedy_steps(sizes, src, dst) {
+            let collective = step_collective(m, sizes[m], from, to)?;
+            steps.push(Step {
+                mesh_dim: m,
+                src: from,
+                dst: to,
+                collective,
+                shard_order: default_shard_order(&current),
+                before: current.clone(),
+            });
+            current[m] = to;
+        }
     }
     let mut plan = RedistributePlan {
         steps,
@@ -238,10 +296,44 @@ pub fn plan_redistribute(
         mesh_shape: sizes.to_vec(),
         src: src.to_vec(),
         dst: dst.to_vec(),
+        planner,
         alternative: None,
     };
     plan.alternative = cheaper_alternative(&plan);
     Ok(plan)
+}
+
+/// PyTorch's choice of planner (`_gen_transform_infos_non_cached`): with a `_StridedShard` in the
+/// source or target, the graph planner on the decoded shard orders (`_S(d, sf)` read as `S(d)` in
+/// the order its split factor encodes, [`placements_to_shard_order`]); `None` (the greedy walk)
+/// without `_S` or when a split factor decodes into no order (`_StridedShardNotDecodableError`).
+fn graph_plan(
+    global_shape: &[usize],
+    mesh: &DeviceMesh,
+    src: &[Placement],
+    dst: &[Placement],
+    model: CostModel,
+) -> Result<Option<Vec<GraphStep>>> {
+    if !src.iter().chain(dst).any(Placement::is_strided_shard) {
+        return Ok(None);
+    }
+    let (Some(so), Some(dso)) = (
+        placements_to_shard_order(src, mesh)?,
+        placements_to_shard_order(dst, mesh)?,
+    ) else {
+        return Ok(None);
+    };
+    let plain = |p: &[Placement]| -> Vec<Placement> {
+        p.iter()
+            .map(|&q| match q {
+                Placement::StridedShard { dim, .. } => Placement::Shard(dim),
+                q => q,
+            })
+            .collect()
+    };
+    let from = DistState::new(plain(src), &so);
+    let to = DistState::new(plain(dst), &dso);
+    graph_steps(global_shape, mesh.shape(), &from, &to, model).map(Some)
 }
 
 /// The `(mesh_dim, from, to)` transforms of PyTorch's greedy planner
@@ -459,6 +551,33 @@ mod tests {
         );
         assert_eq!(p.steps[1].collective, Collective::AllToAll);
         assert_eq!(p.steps[2].collective, Collective::Local);
+    }
+
+    #[test]
+    fn strided_source_takes_the_graph_planner() {
+        // [_S(0, 2), S(0)] on [2, 2] is tensor dim 0 split by mesh dim 1, then mesh dim 0: the
+        // last split (mesh dim 0) is gathered first.
+        let p = plan(&[8], &[2, 2], "[_S(0, 2), S(0)]", "[R, R]").unwrap();
+        assert_eq!(p.planner, Planner::Graph);
+        assert_eq!(
+            brief(&p),
+            vec![
+                (0, "S(0)".into(), "R".into()),
+                (1, "S(0)".into(), "R".into())
+            ]
+        );
+        assert_eq!(
+            p.steps[0].before,
+            parse_placements("[_S(0, 2), S(0)]").unwrap()
+        );
+        assert_eq!(p.steps[0].shard_order[0].mesh_dims, vec![1, 0]);
+        // The greedy walk would gather mesh dim 1 first.
+        let g = plan(&[8], &[2, 2], "[S(0), S(0)]", "[R, R]").unwrap();
+        assert_eq!(g.planner, Planner::Greedy);
+        assert_eq!(g.steps[0].mesh_dim, 1);
+        // A split factor no order gives: greedy, as PyTorch falls back.
+        let u = plan(&[12], &[2], "[_S(0, 3)]", "[R]").unwrap();
+        assert_eq!(u.planner, Planner::Greedy);
     }
 
     #[test]

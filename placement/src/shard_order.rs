@@ -12,7 +12,7 @@ use crate::mesh::DeviceMesh;
 use crate::placement::{format_placements, Placement};
 
 /// One entry of a shard order: `tensor_dim` is split by `mesh_dims`, first to last.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ShardOrderEntry {
     /// The tensor dim.
     pub tensor_dim: usize,

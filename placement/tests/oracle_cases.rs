@@ -77,6 +77,53 @@ fn committed_oracle_cases_all_pass() {
         assert!(c.0 > least, "too few passing {op} cases");
     }
 
+    // Redistributions with `_StridedShard`: PyTorch's graph planner where the split factors
+    // decode into shard orders, its greedy walk where not.
+    let mut strided = std::collections::BTreeMap::new();
+    for (r, c) in report
+        .results
+        .iter()
+        .zip(doc["cases"].as_array().expect("cases"))
+    {
+        let has_ss = ["src", "dst"].iter().any(|k| {
+            c[*k].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with("_S")))
+            })
+        });
+        if r.kind != "redistribute" || !has_ss || !matches!(r.outcome, CaseOutcome::Pass) {
+            continue;
+        }
+        let which = if c.get("error").is_some() {
+            "refused"
+        } else {
+            let parse = |k: &str| {
+                let v: Vec<String> = serde_json::from_value(c[k].clone()).expect("placements");
+                placement::parse_placements(&format!("[{}]", v.join(", "))).expect("placements")
+            };
+            let shape: Vec<usize> =
+                serde_json::from_value(c["global_shape"].clone()).expect("shape");
+            let mesh: Vec<usize> = serde_json::from_value(c["mesh_shape"].clone()).expect("mesh");
+            let plan = placement::redistribute::plan_redistribute(
+                &shape,
+                &placement::DeviceMesh::new(mesh).expect("mesh"),
+                &parse("src"),
+                &parse("dst"),
+            )
+            .expect("a passing case with steps plans");
+            match plan.planner {
+                placement::redistribute::Planner::Graph => "graph planner",
+                placement::redistribute::Planner::Greedy => "greedy planner",
+            }
+        };
+        *strided.entry(which).or_insert(0usize) += 1;
+    }
+    println!("_StridedShard redistributions passed, by PyTorch's planner: {strided:?}");
+    assert!(
+        strided.get("graph planner").copied().unwrap_or(0) >= 300,
+        "too few passing _StridedShard redistributions through the graph planner"
+    );
+
     // Informative: the excluded cases evaluated anyway against the answer the file records.
     let mut doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
     if let Some(cases) = doc.get_mut("cases").and_then(|c| c.as_array_mut()) {
