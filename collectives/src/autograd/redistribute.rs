@@ -12,21 +12,25 @@
 //! | size-1 mesh dim (Noop) | identity | identity |
 //!
 //! The chunk sizes of tensor dim i on mesh dim m follow the torch.chunk rule applied to the size
-//! dim i has after the sharding of mesh dims `< m` (`compute_local_shape_and_global_offset`).
-//! Source: `redistribute_local_tensor` and `Redistribute.backward` in
+//! dim i has after the mesh dims before m in i's shard order ([`Step::shard_order`]; left to
+//! right, `compute_local_shape_and_global_offset`, unless a `_StridedShard` encodes another
+//! order). Source: `redistribute_local_tensor` and `Redistribute.backward` in
 //! `torch/distributed/tensor/_redistribute.py` (torch 2.15).
 //!
-//! Supported: `Shard`, `Replicate` and `Partial(sum)` sources, `Shard`/`Replicate` targets.
-//! Rejected at construction ([`AutogradError::Shape`]): `_StridedShard`, other Partial ops,
-//! Partial targets, and a step whose tensor dim is also sharded by a later mesh dim (PyTorch's
-//! planner avoids this by replicating the later dim first).
+//! Supported: `Shard`, `Replicate` and `Partial(sum)` sources, `Shard`/`Replicate` targets, and
+//! `_StridedShard` on either side where its split factor encodes a shard order (PyTorch's graph
+//! planner then plans on plain `S`, every step moving the last mesh dim of an order; the data
+//! is that of nested torch.chunk splits in that order, which `_S` describes exactly when the
+//! splits are even). Rejected at construction ([`AutogradError::Shape`]): other `_S`, other
+//! Partial ops, Partial targets, and a greedy step whose tensor dim is also sharded by a later
+//! mesh dim (PyTorch's planner avoids this by replicating the later dim first).
 
 use super::ops::{all_reduce_sum, chunk_dim, gather_dim, reduce_scatter_dim};
 use super::{AutogradError, LocalTensor};
 use crate::communicator::Communicator;
 use crate::dtype::Element;
 use crate::mesh::mesh_dim_comm;
-use placement::redistribute::{plan_redistribute, Collective, RedistributePlan, Step};
+use placement::redistribute::{plan_redistribute, Collective, Planner, RedistributePlan, Step};
 use placement::{DeviceMesh, PartialOp, Placement};
 
 type Result<T> = std::result::Result<T, AutogradError>;
@@ -35,6 +39,15 @@ const OP: &str = "redistribute";
 
 fn unsupported(reason: String) -> AutogradError {
     AutogradError::Shape { op: OP, reason }
+}
+
+/// The mesh dims splitting tensor dim `d` before `step`, first to last.
+fn order_of(step: &Step, d: usize) -> &[usize] {
+    step.shard_order
+        .iter()
+        .find(|e| e.tensor_dim == d)
+        .map(|e| e.mesh_dims.as_slice())
+        .unwrap_or(&[])
 }
 
 /// A redistribution `src -> dst` of a tensor of `global_shape` on `mesh`, as a
@@ -59,10 +72,13 @@ impl Redistribute {
     ) -> Result<Self> {
         let plan = plan_redistribute(global_shape, mesh, src, dst)
             .map_err(|e| unsupported(e.to_string()))?;
+        let graph = plan.planner == Planner::Graph;
         for p in src {
             match p {
-                Placement::StridedShard { .. } => {
-                    return Err(unsupported("_StridedShard source".into()))
+                Placement::StridedShard { .. } if !graph => {
+                    return Err(unsupported(
+                        "_StridedShard source whose split factor encodes no shard order".into(),
+                    ))
                 }
                 Placement::Partial(op) if *op != PartialOp::Sum => {
                     return Err(unsupported(format!("Partial({}) source", op.as_str())))
@@ -71,11 +87,14 @@ impl Redistribute {
             }
         }
         for p in dst {
-            if !matches!(p, Placement::Shard(_) | Placement::Replicate) {
+            let strided_ok = graph && p.is_strided_shard();
+            if !strided_ok && !matches!(p, Placement::Shard(_) | Placement::Replicate) {
                 return Err(unsupported(format!("target placement {p:?}")));
             }
         }
-        for s in &plan.steps {
+        // A graph plan's steps each move the last mesh dim of their tensor dim's shard order
+        // (or append one): the planner has no other moves. Greedy steps follow the mesh dims.
+        for s in plan.steps.iter().filter(|_| !graph) {
             for d in [s.src.shard_dim(), s.dst.shard_dim()].into_iter().flatten() {
                 let later = s.before[s.mesh_dim + 1..]
                     .iter()
@@ -100,16 +119,17 @@ impl Redistribute {
         &self.plan
     }
 
-    /// Size of tensor dim `d` before mesh dim `m` splits it: the global size chunked by every
-    /// earlier mesh dim that shards `d` (at this rank's coordinates).
+    /// Size of tensor dim `d` before the step's mesh dim splits it: the global size chunked by
+    /// every mesh dim before it in `d`'s shard order (at this rank's coordinates).
     fn parent_size(&self, step: &Step, coord: &[usize], d: usize) -> Result<usize> {
         let mut n = self.plan.global_shape[d];
-        for (m, p) in step.before[..step.mesh_dim].iter().enumerate() {
-            if p.shard_dim() == Some(d) {
-                n = placement::chunk(n, self.mesh.shape()[m], coord[m])
-                    .map_err(|e| unsupported(e.to_string()))?
-                    .0;
-            }
+        for &m in order_of(step, d)
+            .iter()
+            .take_while(|&&m| m != step.mesh_dim)
+        {
+            n = placement::chunk(n, self.mesh.shape()[m], coord[m])
+                .map_err(|e| unsupported(e.to_string()))?
+                .0;
         }
         Ok(n)
     }
