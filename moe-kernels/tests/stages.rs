@@ -111,6 +111,8 @@ fn chain_forward(c: &Case<f32>, cfg: &MoeConfig) -> Chain {
     .unwrap();
     let shared = p.shared.as_ref().map(|s| {
         let (out, sa) = shared_expert_forward(c.x.view(), s).unwrap();
+        // The saved activations name the T tokens they were computed for.
+        assert_eq!(sa.tokens(), c.x.nrows());
         output += &out;
         sa
     });
