@@ -154,3 +154,53 @@ fn unused_expert_gets_exact_zero_gradient() {
             .any(|&v| v != 0.0));
     }
 }
+
+/// The reference takes views in any memory layout: the router and shared-expert weights given
+/// column-major (rows not contiguous, the reference's strided path) give the output and every
+/// gradient of the row-major call, within f64 reassociation (terms O(1), H < 40: a relative
+/// 1e-12 leaves 100x room over `H u` and catches any wrong product, which is O(1) off).
+#[test]
+fn reference_accepts_column_major_weights() {
+    for family in [Family::Qwen3Next, Family::DeepseekV3, Family::GptOss] {
+        let c: Case<f64> = family.case(11, 5, 19, 6, 8);
+        let cfg = family.config(8, 2);
+        let go: Array2<f64> = Rng(99).a2((5, 19), 1.0);
+        let col = |a: &Array2<f64>| a.t().as_standard_layout().into_owned();
+        let (gw, sh) = (
+            col(&c.gate_weight),
+            c.shared
+                .as_ref()
+                .map(|s| (col(&s.gate_proj), col(&s.up_proj), col(&s.down_proj))),
+        );
+        let mut p = c.params();
+        p.gate_weight = gw.t();
+        assert!(p.gate_weight.row(0).as_slice().is_none());
+        if let (Some(ps), Some((g, u, d))) = (p.shared.as_mut(), sh.as_ref()) {
+            ps.gate_proj = g.t();
+            ps.up_proj = u.t();
+            ps.down_proj = d.t();
+        }
+        let f_row = moe_forward(c.x.view(), &c.params(), &cfg).unwrap();
+        let f_col = moe_forward(c.x.view(), &p, &cfg).unwrap();
+        let g_row = moe_backward(c.x.view(), &c.params(), &cfg, &f_row, go.view()).unwrap();
+        let g_col = moe_backward(c.x.view(), &p, &cfg, &f_col, go.view()).unwrap();
+        let close = |name: &str, a: &[f64], b: &[f64]| {
+            let scale = 1.0 + b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= 1e-12 * scale, "{family:?} {name}: {err}");
+        };
+        close(
+            "output",
+            f_col.output.as_slice().unwrap(),
+            f_row.output.as_slice().unwrap(),
+        );
+        for name in NAMES {
+            if let (Some(a), Some(b)) = (grad_of(&g_col, name), grad_of(&g_row, name)) {
+                close(name, a, b);
+            }
+        }
+    }
+}
