@@ -56,6 +56,46 @@ fn input(
     LocalTensor::new(shard.local_shape, data).unwrap()
 }
 
+/// Runs `r` on every rank of a threads world (integer-valued data, so sums are exact) and holds
+/// each rank's result against the direct slice of the full tensor under `dst`.
+fn executed_equals_direct(
+    r: &Redistribute,
+    shape: &[usize],
+    mesh: &DeviceMesh,
+    src: &[Placement],
+    dst: &[Placement],
+) -> Result<(), TestCaseError> {
+    let full: Vec<f64> = (0..shape.iter().product::<usize>())
+        .map(|i| (i % 97) as f64 - 40.0)
+        .collect();
+    let results = spawn_world(mesh.size(), |comm| {
+        let coord = mesh.coordinate(comm.rank()).unwrap();
+        let x = input(&full, shape, mesh, src, &coord);
+        let y = r.forward(comm.as_ref(), &x).map_err(|e| e.to_string())?;
+        let want_shard = local_shard(shape, mesh, dst, &coord).unwrap();
+        let want = local_data(&full, shape, &want_shard).unwrap();
+        Ok::<_, String>((
+            y.shape().to_vec(),
+            y.into_data(),
+            want_shard.local_shape,
+            want,
+        ))
+    });
+    for (rank, res) in results.into_iter().enumerate() {
+        let (got_shape, got, want_shape, want) = res.unwrap().unwrap();
+        prop_assert_eq!(
+            &got_shape,
+            &want_shape,
+            "rank {} {:?} -> {:?}",
+            rank,
+            src,
+            dst
+        );
+        prop_assert_eq!(&got, &want, "rank {} {:?} -> {:?}", rank, src, dst);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, max_global_rejects: 4096, ..ProptestConfig::default() })]
 
@@ -67,20 +107,7 @@ proptest! {
         let r = Redistribute::new(&shape, &mesh, &src, &dst);
         prop_assume!(r.is_ok());
         let r = r.unwrap();
-        let full: Vec<f64> = (0..shape.iter().product::<usize>()).map(|i| (i % 97) as f64 - 40.0).collect();
-        let results = spawn_world(mesh.size(), |comm| {
-            let coord = mesh.coordinate(comm.rank()).unwrap();
-            let x = input(&full, &shape, &mesh, &src, &coord);
-            let y = r.forward(comm.as_ref(), &x).map_err(|e| e.to_string())?;
-            let want_shard = local_shard(&shape, &mesh, &dst, &coord).unwrap();
-            let want = local_data(&full, &shape, &want_shard).unwrap();
-            Ok::<_, String>((y.shape().to_vec(), y.into_data(), want_shard.local_shape, want))
-        });
-        for (rank, res) in results.into_iter().enumerate() {
-            let (got_shape, got, want_shape, want) = res.unwrap().unwrap();
-            prop_assert_eq!(&got_shape, &want_shape, "rank {} {:?} -> {:?}", rank, src, dst);
-            prop_assert_eq!(&got, &want, "rank {} {:?} -> {:?}", rank, src, dst);
-        }
+        executed_equals_direct(&r, &shape, &mesh, &src, &dst)?;
     }
 }
 
@@ -148,19 +175,6 @@ proptest! {
         prop_assert!(r.is_ok(), "{:?} -> {:?}: {:?}", src, dst, r.err());
         let r = r.unwrap();
         prop_assert_eq!(r.plan().planner, placement::redistribute::Planner::Graph);
-        let full: Vec<f64> = (0..shape.iter().product::<usize>()).map(|i| (i % 97) as f64 - 40.0).collect();
-        let results = spawn_world(mesh.size(), |comm| {
-            let coord = mesh.coordinate(comm.rank()).unwrap();
-            let x = input(&full, &shape, &mesh, &src, &coord);
-            let y = r.forward(comm.as_ref(), &x).map_err(|e| e.to_string())?;
-            let want_shard = local_shard(&shape, &mesh, &dst, &coord).unwrap();
-            let want = local_data(&full, &shape, &want_shard).unwrap();
-            Ok::<_, String>((y.shape().to_vec(), y.into_data(), want_shard.local_shape, want))
-        });
-        for (rank, res) in results.into_iter().enumerate() {
-            let (got_shape, got, want_shape, want) = res.unwrap().unwrap();
-            prop_assert_eq!(&got_shape, &want_shape, "rank {} {:?} -> {:?}", rank, src, dst);
-            prop_assert_eq!(&got, &want, "rank {} {:?} -> {:?}", rank, src, dst);
-        }
+        executed_equals_direct(&r, &shape, &mesh, &src, &dst)?;
     }
 }

@@ -110,6 +110,38 @@ def worker(w, seed=0, only_strided=False):
     def ps(pl):
         return [str(p) for p in pl]
 
+    def redistribute_case(shape, g, src, dst, name):
+        """A `redistribute` case's inputs. `device_type`: CommDebugMode counts on a CPU mesh,
+        where `shard_dim_alltoall` falls back to all_gather + chunk (_collective_utils.py), so
+        S(i)->S(j) counts an all_gather."""
+        return {
+            "id": f"redistribute/w{w}/m{'x'.join(map(str, shape))}/{name}",
+            "kind": "redistribute",
+            "global_shape": list(g),
+            "mesh_shape": list(shape),
+            "src": ps(src),
+            "dst": ps(dst),
+            "device_type": "cpu",
+        }
+
+    def planned(mesh, g, src, dst):
+        """A DTensor of `g` placed as `src` (rank 0's local shape) and torch's plan to `dst`
+        (`_gen_transform_infos_non_cached`) as the case's `steps`."""
+        local = distribute_tensor(
+            torch.zeros(g), mesh, [Replicate() if p.is_partial() else p for p in src], src_data_rank=None
+        ).to_local()
+        x = DTensor.from_local(local, mesh, src, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
+        meta = TensorMeta(torch.Size(g), torch.zeros(g).stride(), torch.float32)
+        infos = _gen_transform_infos_non_cached(
+            DTensorSpec(mesh, tuple(src), tensor_meta=meta),
+            DTensorSpec(mesh, tuple(dst), tensor_meta=meta),
+        )
+        steps = [
+            {"mesh_dim": t.mesh_dim, "src": str(t.src_dst_placements[0]), "dst": str(t.src_dst_placements[1])}
+            for t in infos
+        ]
+        return x, steps
+
     def strided_redistribute_cases():
         """`_S` sources and targets: torch decodes the split factors into shard orders and runs
         its graph planner (Dijkstra over sharding states), or its greedy walk when a split factor
@@ -170,31 +202,11 @@ def worker(w, seed=0, only_strided=False):
                         break
                 else:
                     src = undecodable(ndim, shape)
-                case = {
-                    "id": f"redistribute/w{w}/m{'x'.join(map(str, shape))}/ss{i}",
-                    "kind": "redistribute",
-                    "global_shape": list(g),
-                    "mesh_shape": list(shape),
-                    "src": ps(src),
-                    "dst": ps(dst),
-                    "device_type": "cpu",
-                }
+                case = redistribute_case(shape, g, src, dst, f"ss{i}")
                 set_coord(mesh, [0] * len(shape))
                 clear_redistribute_planner_cache()
                 try:
-                    local = distribute_tensor(
-                        torch.zeros(g), mesh, [Replicate() if p.is_partial() else p for p in src], src_data_rank=None
-                    ).to_local()
-                    x = DTensor.from_local(local, mesh, src, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
-                    meta = TensorMeta(torch.Size(g), torch.zeros(g).stride(), torch.float32)
-                    infos = _gen_transform_infos_non_cached(
-                        DTensorSpec(mesh, tuple(src), tensor_meta=meta),
-                        DTensorSpec(mesh, tuple(dst), tensor_meta=meta),
-                    )
-                    case["steps"] = [
-                        {"mesh_dim": t.mesh_dim, "src": str(t.src_dst_placements[0]), "dst": str(t.src_dst_placements[1])}
-                        for t in infos
-                    ]
+                    x, case["steps"] = planned(mesh, g, src, dst)
                 except Exception:  # noqa: BLE001
                     case["error"] = True
                     out.append(case)
@@ -577,33 +589,14 @@ def worker(w, seed=0, only_strided=False):
             src = [Partial("sum") if p.is_partial() else p for p in src]
             dst = [rand_placement(ndim, allow_ss=False) for _ in shape]
             dst = [Partial("sum") if p.is_partial() else p for p in dst]
-            case = {
-                "id": f"redistribute/w{w}/m{'x'.join(map(str, shape))}/{i}",
-                "kind": "redistribute",
-                "global_shape": list(g),
-                "mesh_shape": list(shape),
-                "src": ps(src),
-                "dst": ps(dst),
-                # CommDebugMode counts on a CPU mesh: there `shard_dim_alltoall` falls back to
-                # all_gather + chunk (_collective_utils.py), so S(i)->S(j) counts an all_gather.
-                "device_type": "cpu",
-            }
+            case = redistribute_case(shape, g, src, dst, str(i))
             set_coord(mesh, [0] * len(shape))
             try:
-                local = distribute_tensor(torch.zeros(g), mesh, [p if not p.is_partial() else Replicate() for p in src], src_data_rank=None).to_local()
-                x = DTensor.from_local(local, mesh, src, run_check=False, shape=torch.Size(g), stride=torch.zeros(g).stride())
-                meta = TensorMeta(torch.Size(g), torch.zeros(g).stride(), torch.float32)
-                infos = _gen_transform_infos_non_cached(
-                    DTensorSpec(mesh, tuple(src), tensor_meta=meta),
-                    DTensorSpec(mesh, tuple(dst), tensor_meta=meta),
-                )
+                x, steps = planned(mesh, g, src, dst)
                 with CommDebugMode() as cdm:
                     x.redistribute(mesh, dst)
                 counts = {str(k): int(v) for k, v in cdm.get_comm_counts().items() if v}
-                case["steps"] = [
-                    {"mesh_dim": t.mesh_dim, "src": str(t.src_dst_placements[0]), "dst": str(t.src_dst_placements[1])}
-                    for t in infos
-                ]
+                case["steps"] = steps
                 case["comm_counts"] = dict(sorted(counts.items()))
             except Exception:  # noqa: BLE001
                 case["error"] = True
