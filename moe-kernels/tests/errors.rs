@@ -136,4 +136,17 @@ fn backward_rejects_a_wrong_grad_output() {
     let go4 = Array2::<f32>::zeros((4, 6));
     let err = fast::moe_backward(c.x.view(), &c.params(), &cfg, &f3, go4.view()).unwrap_err();
     assert!(names(&err, "fwd.routing"), "{err}");
+    // Each routing tensor alone of the wrong shape is refused (k = 2, E = 8, T = 4).
+    let mut bad_w = f.clone();
+    bad_w.routing.top_k_weights = Array2::zeros((4, 3));
+    let mut bad_p = f.clone();
+    bad_p.routing.probs = Array2::zeros((4, 7));
+    for bad in [bad_w, bad_p] {
+        for err in [
+            reference::moe_backward(c.x.view(), &c.params(), &cfg, &bad, go4.view()).unwrap_err(),
+            fast::moe_backward(c.x.view(), &c.params(), &cfg, &bad, go4.view()).unwrap_err(),
+        ] {
+            assert!(err.to_string().contains("routing"), "{err}");
+        }
+    }
 }

@@ -24,39 +24,17 @@
 //! | 7 | toward a `P(sum)` target: the last mesh dim of an order becomes `P(sum)` | 0 |
 //!
 //! PyTorch's cases 9 and 12 (`_S` -> `R`, `R` -> `_S`) cannot arise: decoding leaves no `_S`.
-//! Costs (microseconds) follow PyTorch's model: `b = bytes / num_shards / 2^30` of the current
-//! state, latency `6.6 + hops * l`, bandwidth term `b * hops / n / bw * 1e6`, with `bw = 87.7` GB/s
-//! and `l = 0.6` us inside a host, `87.7 * 0.22` and `2.7` on a mesh dim whose product of sizes
-//! (it and every later mesh dim) exceeds the devices per host. The search pops the lowest cost,
-//! then the earliest push; the first time the target state is popped its path is the plan.
+//! Costs are PyTorch's (module `cost`: the transition cost on the mesh dim that changes, for
+//! `bytes / num_shards / 2^30` of the current state). The search pops the lowest cost, then the
+//! earliest push; the first time the target state is popped its path is the plan.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 
+use crate::cost::{mesh_topo, transition_cost, CostModel};
 use crate::error::{PlacementError, Result};
 use crate::placement::{PartialOp, Placement};
 use crate::shard_order::ShardOrderEntry;
-
-/// What the cost model needs besides the placements: element size (bytes) and devices per host
-/// (PyTorch asks the device handle; a CPU mesh has 1, so every mesh dim of size > 1 counts as
-/// crossing hosts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CostModel {
-    /// Bytes per element of the tensor (4 for float32).
-    pub itemsize: usize,
-    /// Devices per host.
-    pub devices_per_host: usize,
-}
-
-impl Default for CostModel {
-    /// float32 on a CPU mesh (1 device per host), the setting of the committed oracle cases.
-    fn default() -> Self {
-        CostModel {
-            itemsize: 4,
-            devices_per_host: 1,
-        }
-    }
-}
 
 /// A sharding state: placements and shard order (`tensor dim -> mesh dims`, first to last; no
 /// empty lists).
@@ -105,27 +83,6 @@ impl DistState {
     }
 }
 
-/// Per mesh dim `(bandwidth GB/s, latency us)` (`MeshTopoInfo.build_from_mesh`).
-fn topology(sizes: &[usize], devices_per_host: usize) -> Vec<(f64, f64)> {
-    let mut out = vec![(87.7, 0.6); sizes.len()];
-    let mut total = 1usize;
-    for m in (0..sizes.len()).rev() {
-        total = total.saturating_mul(sizes[m]);
-        if total > devices_per_host {
-            out[m] = (87.7 * 0.22, 2.7);
-        }
-    }
-    out
-}
-
-/// `allgather_cost` / `reduce_scatter_cost` (`hops = n - 1`) and `allreduce_cost`
-/// (`hops = 2 (n - 1)`), in PyTorch's operation order.
-fn ring_cost(bytes_gb: f64, n: usize, hops: usize, (bw, lat): (f64, f64)) -> f64 {
-    let latency = 6.6 + hops as f64 * lat;
-    let t = (bytes_gb * hops as f64 / n as f64) / bw;
-    latency + t * 1e6
-}
-
 struct Planner<'a> {
     sizes: &'a [usize],
     ndim: usize,
@@ -137,7 +94,8 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    /// `one_step_redistribute_cost` between states that differ on `mesh_dim`.
+    /// `one_step_redistribute_cost` between states that differ on `mesh_dim`: the transition
+    /// cost for the bytes of the current state's local shard.
     fn cost(&self, cur: &DistState, mesh_dim: usize, to: Placement) -> f64 {
         let from = cur.placements[mesh_dim];
         if from == to {
@@ -150,23 +108,8 @@ impl Planner<'_> {
             .filter(|(p, _)| p.is_shard())
             .map(|(_, &k)| k)
             .product();
-        let mut b = self.bytes / shards as f64 / 1024.0 / 1024.0 / 1024.0;
-        let n = self.sizes[mesh_dim];
-        let topo = self.topo[mesh_dim];
-        let gather = |b: f64| ring_cost(b, n, n.saturating_sub(1), topo);
-        match (from, to) {
-            (f, Placement::Replicate) if f.is_shard() => {
-                b *= n as f64;
-                gather(b)
-            }
-            (f, t) if f.is_shard() && t.is_shard() => gather(b) + 1.0,
-            (Placement::Partial(_), Placement::Replicate) => {
-                ring_cost(b, n, 2 * n.saturating_sub(1), topo)
-            }
-            (Placement::Partial(_), t) if t.is_shard() => gather(b),
-            (f, Placement::Partial(_)) if f.is_shard() || f.is_partial() => f64::INFINITY,
-            _ => 0.0,
-        }
+        let bytes = self.bytes / shards as f64 / 1024.0 / 1024.0 / 1024.0;
+        transition_cost(from, to, self.sizes[mesh_dim], self.topo[mesh_dim], bytes).0
     }
 
     /// `get_next_state`: the states one move away, in PyTorch's insertion order (a state
@@ -313,7 +256,6 @@ pub(crate) fn graph_steps(
     dst: &DistState,
     model: CostModel,
 ) -> Result<Vec<GraphStep>> {
-    let elems = global_shape.iter().map(|&n| n as f64).product::<f64>();
     let mut partial_ops: Vec<PartialOp> = src
         .placements
         .iter()
@@ -328,8 +270,8 @@ pub(crate) fn graph_steps(
     let planner = Planner {
         sizes,
         ndim: global_shape.len(),
-        bytes: model.itemsize as f64 * elems,
-        topo: topology(sizes, model.devices_per_host),
+        bytes: model.elem_size as f64 * global_shape.iter().map(|&n| n as f64).product::<f64>(),
+        topo: mesh_topo(sizes, &model),
         partial_ops,
     };
     // Every state pushed, with the index of the state it came from (the path).
@@ -396,16 +338,4 @@ fn path(nodes: &[(DistState, Option<usize>)], last: usize) -> Vec<GraphStep> {
         }
     }
     steps
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_topology_is_inter_host_on_every_dim_above_one() {
-        assert_eq!(topology(&[2, 1], 1), vec![(87.7 * 0.22, 2.7), (87.7, 0.6)]);
-        assert_eq!(topology(&[2, 4], 8), vec![(87.7, 0.6), (87.7, 0.6)]);
-        assert_eq!(topology(&[4, 4], 8), vec![(87.7 * 0.22, 2.7), (87.7, 0.6)]);
-    }
 }

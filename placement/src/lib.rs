@@ -20,6 +20,7 @@
 pub mod cases;
 mod checked;
 pub mod chunks;
+mod cost;
 mod error;
 mod graph_plan;
 pub mod hf_plan;

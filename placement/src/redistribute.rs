@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
+pub use crate::cost::CostModel;
 use crate::error::{PlacementError, Result};
-pub use crate::graph_plan::CostModel;
 use crate::graph_plan::{graph_steps, DistState, GraphStep};
 use crate::local::{check_placements, local_shard};
 use crate::mesh::DeviceMesh;

@@ -33,31 +33,13 @@
 //! ([`CostModel`]); a CPU mesh counts 1 device per host (`torch.cpu.device_count()`), so every
 //! mesh dim whose size, times the sizes of the mesh dims after it, exceeds 1 is "inter-host".
 
+pub use crate::cost::CostModel;
+use crate::cost::{mesh_topo, transition_cost};
 use crate::error::{PlacementError, Result};
 use crate::local::check_placements;
 use crate::mesh::DeviceMesh;
 use crate::placement::{check_partial_ops, format_placements, normalize_dim, PartialOp, Placement};
 use crate::redistribute::greedy_steps;
-
-/// The inputs of PyTorch's redistribution cost model that are not placements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CostModel {
-    /// Bytes per element (`dtype.itemsize`; 4 for float32).
-    pub elem_size: usize,
-    /// Devices per host (`_mesh_resources.num_devices_per_host(device_type)`: 1 on a CPU mesh,
-    /// `torch.cuda.device_count()` on CUDA).
-    pub devices_per_host: usize,
-}
-
-impl Default for CostModel {
-    /// float32 on a CPU mesh (what the oracle runs): `elem_size` 4, 1 device per host.
-    fn default() -> Self {
-        CostModel {
-            elem_size: 4,
-            devices_per_host: 1,
-        }
-    }
-}
 
 /// The strategy PyTorch picks for one op call.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,54 +85,6 @@ fn rejected(op: String, shape: &[usize], p: &[Placement], reason: String) -> Pla
         shape: shape.to_vec(),
         placements: format_placements(p),
         reason,
-    }
-}
-
-/// `MeshTopoInfo.build_from_mesh`: (bandwidth GB/s, latency us) per mesh dim.
-fn mesh_topo(sizes: &[usize], model: &CostModel) -> Vec<(f64, f64)> {
-    let mut out = vec![(87.7, 0.6); sizes.len()];
-    let mut total = 1usize;
-    for m in (0..sizes.len()).rev() {
-        total = total.saturating_mul(sizes[m]);
-        if total > model.devices_per_host {
-            out[m] = (87.7 * 0.22, 2.7);
-        }
-    }
-    out
-}
-
-/// `allgather_cost` / `reduce_scatter_cost` (`hops_factor` 1) and `allreduce_cost` (2).
-fn collective_cost(bytes_gb: f64, k: usize, topo: (f64, f64), hops_factor: usize) -> f64 {
-    let hops = (hops_factor * (k - 1)) as f64;
-    let latency = 6.6 + hops * topo.1;
-    let bw = (bytes_gb * hops / k as f64) / topo.0;
-    latency + bw * 1e6
-}
-
-/// `_compute_placement_transition_cost` (`_collective_utils.py`): `(cost, new comm bytes)`.
-/// PyTorch's `is_shard()` there is false for `_S` (those never reach it: see [`redistribute_cost`]).
-fn transition_cost(
-    cur: Placement,
-    tgt: Placement,
-    k: usize,
-    topo: (f64, f64),
-    bytes: f64,
-) -> (f64, f64) {
-    use Placement::{Partial, Replicate, Shard};
-    if cur == tgt {
-        return (0.0, bytes);
-    }
-    match (cur, tgt) {
-        (Shard(_), Replicate) => {
-            let b = bytes * k as f64;
-            (collective_cost(b, k, topo, 1), b)
-        }
-        (Shard(_), Shard(_)) => (collective_cost(bytes, k, topo, 1) + 1.0, bytes),
-        (Partial(_), Replicate) => (collective_cost(bytes, k, topo, 2), bytes),
-        (Partial(_), Shard(_)) => (collective_cost(bytes, k, topo, 1), bytes / k as f64),
-        (Shard(_), Partial(_)) | (Partial(_), Partial(_)) => (f64::INFINITY, bytes),
-        (Replicate, Shard(_)) => (0.0, bytes / k as f64),
-        _ => (0.0, bytes),
     }
 }
 
