@@ -83,3 +83,14 @@ pub(crate) fn transition_cost(
         _ => (0.0, bytes),
     }
 }
+
+/// `DTensorSpec.num_shards`: the product of the mesh sizes of the mesh dims holding a shard
+/// (`S` or `_S`).
+pub(crate) fn num_shards(placements: &[Placement], sizes: &[usize]) -> usize {
+    placements
+        .iter()
+        .zip(sizes)
+        .filter(|(p, _)| p.is_shard())
+        .map(|(_, &k)| k)
+        .product()
+}

@@ -31,7 +31,7 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 
-use crate::cost::{mesh_topo, transition_cost, CostModel};
+use crate::cost::{mesh_topo, num_shards, transition_cost, CostModel};
 use crate::error::{PlacementError, Result};
 use crate::placement::{PartialOp, Placement};
 use crate::shard_order::ShardOrderEntry;
@@ -101,13 +101,7 @@ impl Planner<'_> {
         if from == to {
             return 0.0;
         }
-        let shards: usize = cur
-            .placements
-            .iter()
-            .zip(self.sizes)
-            .filter(|(p, _)| p.is_shard())
-            .map(|(_, &k)| k)
-            .product();
+        let shards = num_shards(&cur.placements, self.sizes);
         let bytes = self.bytes / shards as f64 / 1024.0 / 1024.0 / 1024.0;
         transition_cost(from, to, self.sizes[mesh_dim], self.topo[mesh_dim], bytes).0
     }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::cost::num_shards;
 pub use crate::cost::CostModel;
 use crate::error::{PlacementError, Result};
 use crate::graph_plan::{graph_steps, DistState, GraphStep};
@@ -357,13 +358,8 @@ pub(crate) fn greedy_steps(
         }
         return steps;
     }
-    let num_shards: usize = src
-        .iter()
-        .zip(sizes)
-        .filter(|(p, _)| p.is_shard())
-        .map(|(_, &k)| k)
-        .product();
-    if num_shards > 1 {
+    let shards = num_shards(src, sizes);
+    if shards > 1 {
         for m in (0..current.len()).rev() {
             let mut target = dst[m];
             if let Placement::Shard(d) = target {

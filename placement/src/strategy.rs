@@ -34,7 +34,7 @@
 //! mesh dim whose size, times the sizes of the mesh dims after it, exceeds 1 is "inter-host".
 
 pub use crate::cost::CostModel;
-use crate::cost::{mesh_topo, transition_cost};
+use crate::cost::{mesh_topo, num_shards, transition_cost};
 use crate::error::{PlacementError, Result};
 use crate::local::check_placements;
 use crate::mesh::DeviceMesh;
@@ -103,14 +103,9 @@ fn redistribute_cost(
     if cur.iter().chain(tgt).any(Placement::is_strided_shard) {
         return f64::INFINITY;
     }
-    let num_shards: usize = cur
-        .iter()
-        .zip(sizes)
-        .filter(|(p, _)| p.is_shard())
-        .map(|(_, &k)| k)
-        .product();
+    let shards = num_shards(cur, sizes);
     let total_bytes = (model.elem_size * shape.iter().product::<usize>()) as f64;
-    let mut bytes = total_bytes / num_shards as f64 / 1024.0 / 1024.0 / 1024.0;
+    let mut bytes = total_bytes / shards as f64 / 1024.0 / 1024.0 / 1024.0;
     let topo = mesh_topo(sizes, model);
     let mut cost = 0.0;
     for (m, from, to) in greedy_steps(sizes, cur, tgt) {
