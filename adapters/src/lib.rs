@@ -13,6 +13,7 @@ pub mod direct_io;
 pub mod error;
 pub mod family;
 pub mod family_adapter;
+pub mod hf_memory;
 pub mod input;
 pub mod layout;
 pub mod local;
