@@ -92,7 +92,7 @@ pub(crate) fn in_dir(ckpt: &HfCheckpoint, e: AdapterError) -> AdapterError {
 }
 
 /// Layer index and the rest of `key` under `prefix.` (`None` if the key is not a layer key).
-fn split_layer<'a>(prefix: &str, key: &'a str) -> Option<(usize, &'a str)> {
+pub(crate) fn split_layer<'a>(prefix: &str, key: &'a str) -> Option<(usize, &'a str)> {
     let rest = key.strip_prefix(prefix)?.strip_prefix('.')?;
     let (l, rest) = rest.split_once('.')?;
     Some((l.parse().ok()?, rest))

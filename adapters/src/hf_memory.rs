@@ -27,7 +27,7 @@
 
 use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
-use crate::family_adapter::{in_dir, FamilyAdapter};
+use crate::family_adapter::{split_layer, FamilyAdapter};
 use crate::layout::{DiskLayout, NativeKind};
 use std::collections::BTreeMap;
 
@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 /// mixed layouts, each naming the file), [`AdapterError::Unsupported`] for a family transformers
 /// 5.23 has no model class for (`step3p5`).
 pub fn transformers_params(ckpt: &HfCheckpoint) -> Result<BTreeMap<String, Vec<usize>>> {
-    let adapter = FamilyAdapter::from_checkpoint(ckpt).map_err(|e| in_dir(ckpt, e))?;
+    let adapter = FamilyAdapter::from_checkpoint(ckpt)?;
     if adapter.layout() == DiskLayout::Step35 {
         return Err(AdapterError::Unsupported(format!(
             "{}: model_type {} has no transformers 5.23 model class, so no in-memory parameters",
@@ -47,19 +47,16 @@ pub fn transformers_params(ckpt: &HfCheckpoint) -> Result<BTreeMap<String, Vec<u
         )));
     }
     let prefix = adapter.prefix();
-    let root = prefix.split('.').next().unwrap_or("model");
+    let root = format!("{}.", prefix.split('.').next().unwrap_or("model"));
     let moe = format!(".{}.", adapter.layout_choice().moe_module);
     let e_bias = adapter.spec().e_bias;
     let mut out = BTreeMap::new();
     for key in ckpt.keys() {
-        let loaded = key.starts_with(&format!("{root}.")) || key.starts_with("lm_head.");
+        let loaded = key.starts_with(&root) || key.starts_with("lm_head.");
         if !loaded || adapter.is_expert_disk_key(key) {
             continue;
         }
-        let layer_rest = key
-            .strip_prefix(prefix)
-            .and_then(|r| r.strip_prefix('.'))
-            .and_then(|r| r.split_once('.'));
+        let layer_rest = split_layer(prefix, key);
         if let (Some(b), Some((_, rest))) = (e_bias, layer_rest) {
             if rest == b {
                 continue;
