@@ -14,6 +14,7 @@ pub mod error;
 pub mod family;
 pub mod family_adapter;
 pub mod hf_memory;
+pub mod hf_plan;
 pub mod input;
 pub mod layout;
 pub mod local;

@@ -13,6 +13,7 @@
 pub mod bar;
 pub mod checkpoint;
 pub mod dcp;
+pub mod dcp_plan;
 pub mod family;
 pub mod fault;
 pub mod gather;

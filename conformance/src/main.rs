@@ -6,6 +6,8 @@
 //! - `conformance roundtrip --checkpoint DIR`, `conformance golden --fixture DIR`,
 //!   `conformance sharded --checkpoint DIR --world N`: one suite.
 //! - `conformance dcp --checkpoint DIR [--model HF_DIR]`: a torch distributed checkpoint on disk.
+//! - `conformance plan --model HF_DIR --tp N [--ep N] [--json] [--check-dcp DIR]`: transformers'
+//!   TP / EP plan of a checkpoint per parameter and rank, and a DCP held against it.
 //!
 //! Exit status: 0 when every check passed, 1 when a check failed, 2 when the input could not be
 //! used (the error is one line on stderr naming the file and key).
@@ -170,6 +172,29 @@ enum Cmd {
         /// Write the result file read by `cargo xtask conformance`.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// transformers' TP (and EP) plan of an HF checkpoint: every parameter as transformers names
+    /// it in memory, its global shape, placements and local shape per rank.
+    Plan {
+        /// The HF model directory (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Tensor-parallel size (the world size).
+        #[arg(long)]
+        tp: usize,
+        /// Expert-parallel size: 1 (default) or the TP size (transformers runs EP on the TP ranks
+        /// without FSDP).
+        #[arg(long, default_value_t = 1)]
+        ep: usize,
+        /// Print the table as JSON (`{"world": N, "params": {...}}`).
+        #[arg(long)]
+        json: bool,
+        /// Check a torch distributed checkpoint of the model against the plan.
+        #[arg(long)]
+        check_dcp: Option<PathBuf>,
+        /// Write the `--check-dcp` result file read by `cargo xtask conformance`.
+        #[arg(long, requires = "check_dcp")]
+        report: Option<PathBuf>,
     },
     /// Local shards of the expert tensors per parallel plan, on `world` thread ranks.
     Sharded {
@@ -521,6 +546,36 @@ fn main() -> ExitCode {
                 checks
             });
             finish_json("dcp", start, result, json.as_ref())
+        }
+        Cmd::Plan {
+            model,
+            tp,
+            ep,
+            json,
+            check_dcp,
+            report,
+        } => {
+            let table = adapters::checkpoint::HfCheckpoint::open(&model)
+                .and_then(|ck| adapters::hf_plan::plan_checkpoint(&ck, tp, ep));
+            let table = match table {
+                Ok(t) => t,
+                Err(e) => return finish("plan", start, Err(e.to_string())),
+            };
+            if json {
+                println!("{:#}", table.to_json());
+            } else {
+                print!("{}", table.to_text());
+            }
+            match check_dcp {
+                None => ExitCode::SUCCESS,
+                Some(dir) => {
+                    let result = conformance::dcp_plan::check(&dir, &table).map(|(h, c)| {
+                        eprintln!("{h}");
+                        c
+                    });
+                    finish_json("plan-dcp", start, result, report.as_ref())
+                }
+            }
         }
         Cmd::Roundtrip { checkpoint } => finish(
             "roundtrip",

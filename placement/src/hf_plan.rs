@@ -27,10 +27,16 @@ use crate::error::{PlacementError, Result};
 use crate::parallel::{tp_placement, ParamKind, TpStyle};
 use crate::placement::Placement;
 
-/// A model's TP plan: `(pattern, style)` rules with full in-memory module paths.
+/// A model's TP plan, and its EP plan when expert parallelism is on: `(pattern, style)` rules
+/// with full in-memory module paths.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HfTpPlan {
     rules: Vec<(Vec<String>, String)>,
+    ep_rules: Vec<(Vec<String>, String)>,
+}
+
+fn split_rule(p: &str) -> Vec<String> {
+    p.split('.').map(str::to_string).collect()
 }
 
 impl HfTpPlan {
@@ -43,7 +49,7 @@ impl HfTpPlan {
         base_prefix: &str,
         model_tp_plan: &[(String, String)],
     ) -> Self {
-        let split = |p: &str| p.split('.').map(str::to_string).collect::<Vec<_>>();
+        let split = split_rule;
         let mut rules: Vec<(Vec<String>, String)> = Vec::new();
         if !base_model_tp_plan.is_empty()
             && !base_model_tp_plan.iter().any(|(p, _)| p == "embed_tokens")
@@ -59,7 +65,36 @@ impl HfTpPlan {
                 .map(|(p, s)| (split(&format!("{base_prefix}{p}")), s.clone())),
         );
         rules.extend(model_tp_plan.iter().map(|(p, s)| (split(p), s.clone())));
-        Self { rules }
+        Self {
+            rules,
+            ep_rules: Vec::new(),
+        }
+    }
+
+    /// This plan with expert parallelism on the same ranks (transformers' `DistributedConfig(
+    /// tp_size=N, ep_size=N)`): the `base_model_ep_plan` rules (prefixed with `base_prefix`) and
+    /// the model class's `_ep_plan` rules. As `_resolve_parallel_plans` in transformers 5.23
+    /// `distributed/mixin.py` does, EP rules take precedence: every TP rule naming an EP rule's
+    /// module, or anything under it, is dropped (compared as text, wildcards included).
+    pub fn with_expert_plan(
+        mut self,
+        base_model_ep_plan: &[(String, String)],
+        base_prefix: &str,
+        model_ep_plan: &[(String, String)],
+    ) -> Self {
+        let ep: Vec<(Vec<String>, String)> = base_model_ep_plan
+            .iter()
+            .map(|(p, s)| (split_rule(&format!("{base_prefix}{p}")), s.clone()))
+            .chain(
+                model_ep_plan
+                    .iter()
+                    .map(|(p, s)| (split_rule(p), s.clone())),
+            )
+            .collect();
+        self.rules
+            .retain(|(pat, _)| !ep.iter().any(|(e, _)| pat.starts_with(e)));
+        self.ep_rules.extend(ep);
+        self
     }
 
     /// The style of the rule that places parameter `name` (e.g.
@@ -69,8 +104,9 @@ impl HfTpPlan {
     pub fn style_of(&self, name: &str) -> Option<&str> {
         let parts: Vec<&str> = name.split('.').collect();
         let find = |path: &[&str]| {
-            self.rules
+            self.ep_rules
                 .iter()
+                .chain(&self.rules)
                 .find(|(pat, _)| Self::matches(pat, path))
                 .map(|(_, s)| s.as_str())
         };
@@ -85,6 +121,7 @@ impl HfTpPlan {
         let mut out: Vec<String> = self
             .rules
             .iter()
+            .chain(&self.ep_rules)
             .filter(|(pat, _)| {
                 !paths
                     .iter()
@@ -109,8 +146,11 @@ impl HfTpPlan {
     /// parameter stays a plain tensor (no rule, or a replicated style). Styles: `colwise` and
     /// `colwise_gather_output` (weight `S(-2)`, bias `S(-1)`), `rowwise` (weight `S(-1)`, bias
     /// `R`), `packed_colwise` (`_S(-2, 2)`, the fused `[gate; up]` dim), `embedding_rowwise`
-    /// (`S(0)`, the vocabulary) and `embedding_colwise` (`S(1)`), and the replicated
-    /// `replicated_with_grad_allreduce`.
+    /// (`S(0)`, the vocabulary) and `embedding_colwise` (`S(1)`), the replicated
+    /// `replicated_with_grad_allreduce`; the EP style `grouped_gemm` (`S(0)`, the experts:
+    /// transformers' `MoEParamShard(Shard(0))` in `distributed/expert_parallel.py`); and the
+    /// module styles that install a forward and leave the module's parameters plain tensors,
+    /// `moe_tp_experts` and `ep_dispatch_experts`.
     ///
     /// Errors: [`PlacementError::Parallelism`] for a style this crate does not know (named), and
     /// a rank too small for the style.
@@ -129,7 +169,10 @@ impl HfTpPlan {
             "packed_colwise" => TpStyle::PackedColwise,
             "embedding_rowwise" => return Ok(Some(Placement::Shard(0))),
             "embedding_colwise" => return Ok(Some(Placement::Shard(1))),
-            "replicated_with_grad_allreduce" => return Ok(None),
+            "grouped_gemm" => TpStyle::GroupedGemm,
+            "replicated_with_grad_allreduce" | "moe_tp_experts" | "ep_dispatch_experts" => {
+                return Ok(None)
+            }
             other => {
                 return Err(PlacementError::Parallelism(format!(
                     "tp plan style `{other}` (rule for {name}) is not known to this crate"

@@ -98,3 +98,42 @@ fn plans_give_what_transformers_tp_load_gives() {
     );
     assert!(checked > 300, "too few parameters checked: {checked}");
 }
+
+/// transformers 5.23 `distributed/mixin.py` `_resolve_parallel_plans`: with EP on, a TP rule on
+/// an EP rule's module or anything under it is dropped, even one no EP rule replaces (here the
+/// bias, which stays a plain tensor); other TP rules stay.
+#[test]
+fn expert_plan_drops_tp_rules_under_ep_modules() {
+    let s = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    let tp = s(&[
+        ("layers.*.mlp.experts.gate_up_proj", "packed_colwise"),
+        ("layers.*.mlp.experts.gate_up_proj_bias", "colwise"),
+        ("layers.*.self_attn.q_proj", "colwise"),
+    ]);
+    let ep = s(&[
+        ("layers.*.mlp.experts", "ep_dispatch_experts"),
+        ("layers.*.mlp.experts.gate_up_proj", "grouped_gemm"),
+    ]);
+    let bias = "model.layers.0.mlp.experts.gate_up_proj_bias";
+    let w = "model.layers.0.mlp.experts.gate_up_proj";
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let tp_only = HfTpPlan::new(&tp, "model.", &[]);
+    assert_eq!(
+        tp_only.placement(bias, 2).unwrap(),
+        Some(Placement::Shard(1))
+    );
+    let with_ep = tp_only.with_expert_plan(&ep, "model.", &[]);
+    assert_eq!(with_ep.placement(bias, 2).unwrap(), None);
+    assert_eq!(with_ep.style_of(bias), Some("ep_dispatch_experts"));
+    assert_eq!(with_ep.placement(w, 3).unwrap(), Some(Placement::Shard(0)));
+    assert_eq!(with_ep.placement(q, 2).unwrap(), Some(Placement::Shard(0)));
+    // The dropped rules are not applied, so not reported as matching nothing.
+    assert!(with_ep
+        .rules_matching_nothing(&[q])
+        .iter()
+        .all(|r| !r.ends_with("gate_up_proj_bias")));
+}

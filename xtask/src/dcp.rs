@@ -2,7 +2,9 @@
 //! on every torch-written checkpoint under `conformance/fixtures/dcp/` (one row each). A fixture
 //! whose `info.json` has `expect_failure: {check, message}` (the seed bug) must fail exactly that
 //! check with a message containing that text, and pass everything else: the row then passes
-//! ("detected").
+//! ("detected"). A fixture saved from an HF fixture's model (`info.json` `model`) is checked
+//! against that model's config, and, with `plan_tp: N`, also against transformers' TP plan of it
+//! at world N (`conformance plan --check-dcp`, a second row).
 
 use crate::process::run_for_result;
 use crate::results::{Failure, Row, RunResult};
@@ -28,6 +30,13 @@ pub struct Info {
     pub torch_version: String,
     #[serde(default)]
     pub expect_failure: Option<ExpectFailure>,
+    /// The HF fixture (a folder under `conformance/fixtures/`) the checkpoint was saved from;
+    /// default: `dcp/model`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The TP size of transformers' plan it was saved under: also checked against that plan.
+    #[serde(default)]
+    pub plan_tp: Option<usize>,
 }
 
 /// Every `conformance/fixtures/dcp/NAME/` with `ckpt/` and `info.json`, sorted.
@@ -132,13 +141,13 @@ pub fn rows(
     logs: &Path,
     timeout: Duration,
 ) -> Result<Vec<Row>, String> {
-    let model = root
-        .join("conformance")
-        .join("fixtures")
-        .join("dcp")
-        .join("model");
+    let fixtures_dir = root.join("conformance").join("fixtures");
     let mut rows = Vec::new();
     for (name, dir, info) in fixtures(root)? {
+        let model = match &info.model {
+            Some(m) => fixtures_dir.join(m),
+            None => fixtures_dir.join("dcp").join("model"),
+        };
         let json = out_dir.join(format!("dcp-{name}.json"));
         let log = logs.join(format!("dcp-{name}.log"));
         let mut cmd = Command::new(bin);
@@ -158,6 +167,24 @@ pub fn rows(
             out.seconds,
             &why,
         ));
+        let Some(tp) = info.plan_tp else { continue };
+        // The same checkpoint against transformers' TP plan of the model it was saved from.
+        let json = out_dir.join(format!("dcp-plan-{name}.json"));
+        let log = logs.join(format!("dcp-plan-{name}.log"));
+        let mut cmd = Command::new(bin);
+        cmd.arg("plan")
+            .arg("--model")
+            .arg(&model)
+            .arg("--tp")
+            .arg(tp.to_string())
+            .arg("--check-dcp")
+            .arg(dir.join("ckpt"))
+            .arg("--report")
+            .arg(&json);
+        let (run, out, why) = run_for_result(cmd, &json, &log, timeout)?;
+        let mut row = verdict(&name, &info, run.as_ref(), out.ok, out.seconds, &why);
+        row.name = format!("{name} (transformers tp plan, world {tp})");
+        rows.push(row);
     }
     Ok(rows)
 }

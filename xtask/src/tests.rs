@@ -796,6 +796,8 @@ fn dcp_rows_pass_clean_fixtures_and_require_the_expected_failure() {
         storage: "torch_save".into(),
         torch_version: "2.15.0".into(),
         expect_failure: None,
+        model: None,
+        plan_tp: None,
     };
     let r = verdict("tp_w2", &plain, Some(&dcp_run(&[], 17)), true, 0.1, "");
     assert_eq!(
