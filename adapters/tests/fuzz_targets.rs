@@ -306,10 +306,13 @@ fn the_seeds_parse() {
 
 #[test]
 fn a_panicking_parser_fails_its_target_and_its_input_is_kept() {
-    // The harness itself: a body that panics on a seed whose first byte was changed.
+    // The harness itself: a body that panics on any edited seed. (Every case with at least one
+    // edit that changes a byte fails it; a batch of 64 cases of 0..6 edits each misses with
+    // probability about (1/6)^64. A narrower condition, such as "the first byte changed", is
+    // met by chance only and made this test flaky.)
     fn fragile(seed: &str, b: &[u8], _d: &Path) -> Result<(), TestCaseError> {
         let orig = std::fs::read(corpus_dir("safetensors").join(seed)).unwrap();
-        assert!(b.first() == orig.first(), "first byte changed");
+        assert!(b == orig.as_slice(), "input changed");
         Ok(())
     }
     let r = std::panic::catch_unwind(|| fuzz("safetensors", fragile));
@@ -318,7 +321,7 @@ fn a_panicking_parser_fails_its_target_and_its_input_is_kept() {
         Err(e) => e.downcast_ref::<String>().cloned().unwrap_or_default(),
     };
     assert!(
-        msg.contains("first byte changed") && msg.contains("input written to"),
+        msg.contains("input changed") && msg.contains("input written to"),
         "{msg}"
     );
     let p = msg.rsplit("input written to ").next().unwrap();
