@@ -1,6 +1,7 @@
 //! `hf_plan::HfTpPlan` against what transformers 5.23 itself does: for every seed fixture in
 //! `conformance/fixtures/tp_plans.json` (written by `generate_tp_plans.py`: the plans, and
-//! `from_pretrained(dir, tp_plan="auto")` run by transformers on CPU at world sizes 2 and 4),
+//! `from_pretrained(dir, tp_plan="auto")` run by transformers on CPU at world sizes 2 and 4, and
+//! the same with `DistributedConfig(tp_size=N, ep_size=N)`, against the plan with its EP rules),
 //! every parameter's placements (or none: a plain tensor) and its local shape on every rank
 //! must be what the plan gives through this crate. Loads transformers could not run are
 //! counted and printed, not hidden.
@@ -32,14 +33,26 @@ fn plans_give_what_transformers_tp_load_gives() {
             not_loaded.push(format!("{fixture}: {}", entry["error"]));
             continue;
         };
-        let plan = HfTpPlan::new(
+        let tp_plan = HfTpPlan::new(
             &rules(&plans["base_model_tp_plan"]),
             "model.",
             &rules(&plans["model_tp_plan"]),
         );
-        for (world, load) in entry["loads"].as_object().unwrap() {
+        // `ep_loads`: DistributedConfig(tp_size=N, ep_size=N), the EP plan on the TP ranks.
+        let ep_plan =
+            tp_plan
+                .clone()
+                .with_expert_plan(&rules(&plans["base_model_ep_plan"]), "model.", &[]);
+        let runs = [("loads", &tp_plan), ("ep_loads", &ep_plan)];
+        for (kind, plan, world, load) in runs.iter().flat_map(|&(kind, plan)| {
+            entry[kind]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(move |(w, l)| (kind, plan, w, l))
+        }) {
             if let Some(e) = load.get("error") {
-                not_loaded.push(format!("{fixture} world {world}: {e}"));
+                not_loaded.push(format!("{fixture} {kind} world {world}: {e}"));
                 continue;
             }
             let w: usize = world.parse().unwrap();
@@ -60,7 +73,7 @@ fn plans_give_what_transformers_tp_load_gives() {
             assert_eq!(
                 plan.rules_matching_nothing(&names),
                 unmatched,
-                "{fixture} world {w}: rules matching nothing"
+                "{fixture} {kind} world {w}: rules matching nothing"
             );
             for (name, p) in load["params"].as_object().unwrap() {
                 let g: Vec<usize> = p["global_shape"]
@@ -76,7 +89,7 @@ fn plans_give_what_transformers_tp_load_gives() {
                     .placement(name, g.len())
                     .unwrap_or_else(|e| panic!("{fixture} {name}: {e}"));
                 let got_text = got.map(|q| vec![q.to_string()]);
-                assert_eq!(got_text, want, "{fixture} world {w} {name}");
+                assert_eq!(got_text, want, "{fixture} {kind} world {w} {name}");
                 let ps: Vec<Placement> = vec![got.unwrap_or(Placement::Replicate)];
                 for r in 0..w {
                     let local = local_shard(&g, &mesh, &ps, &[r]).unwrap().local_shape;
@@ -86,7 +99,10 @@ fn plans_give_what_transformers_tp_load_gives() {
                         .iter()
                         .map(|x| x.as_u64().unwrap() as usize)
                         .collect();
-                    assert_eq!(local, want_local, "{fixture} world {w} rank {r} {name}");
+                    assert_eq!(
+                        local, want_local,
+                        "{fixture} {kind} world {w} rank {r} {name}"
+                    );
                 }
                 checked += 1;
                 distributed += usize::from(got.is_some());
