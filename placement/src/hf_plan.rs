@@ -49,22 +49,25 @@ impl HfTpPlan {
         base_prefix: &str,
         model_tp_plan: &[(String, String)],
     ) -> Self {
-        let split = split_rule;
         let mut rules: Vec<(Vec<String>, String)> = Vec::new();
         if !base_model_tp_plan.is_empty()
             && !base_model_tp_plan.iter().any(|(p, _)| p == "embed_tokens")
         {
             rules.push((
-                split(&format!("{base_prefix}embed_tokens")),
+                split_rule(&format!("{base_prefix}embed_tokens")),
                 "embedding_rowwise".into(),
             ));
         }
         rules.extend(
             base_model_tp_plan
                 .iter()
-                .map(|(p, s)| (split(&format!("{base_prefix}{p}")), s.clone())),
+                .map(|(p, s)| (split_rule(&format!("{base_prefix}{p}")), s.clone())),
         );
-        rules.extend(model_tp_plan.iter().map(|(p, s)| (split(p), s.clone())));
+        rules.extend(
+            model_tp_plan
+                .iter()
+                .map(|(p, s)| (split_rule(p), s.clone())),
+        );
         Self {
             rules,
             ep_rules: Vec::new(),
