@@ -17,6 +17,14 @@
 //!
 //! Sub-communicators ([`Communicator::split`]) get their own rendezvous, found through a
 //! registry in the parent keyed by (split sequence number, color).
+//!
+//! Traffic: every byte a rank copies out of a peer's deposit is counted on a [`TrafficMeter`]
+//! (received on the reader, sent on the peer whose deposit it is); a rank's own deposit is not
+//! counted. Sub-communicators count on the meter of the handle they were split from, so
+//! [`ThreadComm::traffic`] gives all the bytes a rank moved. The volumes are those of this
+//! backend's direct algorithms: all_gather and all_to_all move each block once per receiving
+//! peer, reduce_scatter reads each rank's block from every peer, all_reduce reads every peer's
+//! whole buffer, broadcast reads the root's buffer.
 
 use crate::call::{cross_check, local_check, Call};
 use crate::communicator::Communicator;
@@ -34,11 +42,32 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Environment variable overriding [`DEFAULT_TIMEOUT`] (seconds, decimal allowed).
 pub const TIMEOUT_ENV: &str = "COLLECTIVES_TIMEOUT_SECS";
 
+/// Bytes one rank moved through the threads backend (see the module doc). Counters only grow;
+/// read them after the ranks have joined (or after a barrier), when no peer is still reading.
+#[derive(Debug, Default)]
+pub struct TrafficMeter {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl TrafficMeter {
+    /// Bytes peers copied out of this rank's deposits.
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Bytes this rank copied out of peers' deposits.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
 /// One rank's contribution to a collective.
 struct Deposit {
     call: Call,
     local_error: Option<CommError>,
     data: Vec<u8>,
+    meter: Arc<TrafficMeter>,
 }
 
 struct State {
@@ -93,6 +122,7 @@ pub struct ThreadComm {
     rank: usize,
     timeout: Duration,
     next_seq: AtomicU64,
+    meter: Arc<TrafficMeter>,
 }
 
 impl std::fmt::Debug for ThreadComm {
@@ -137,6 +167,7 @@ impl ThreadComm {
                 rank,
                 timeout,
                 next_seq: AtomicU64::new(0),
+                meter: Arc::default(),
             })
             .collect()
     }
@@ -144,6 +175,22 @@ impl ThreadComm {
     /// The per-collective timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// This rank's traffic counters (shared with the sub-communicators split from it).
+    pub fn traffic(&self) -> Arc<TrafficMeter> {
+        Arc::clone(&self.meter)
+    }
+
+    /// `bytes` of `done[from]`'s deposit, counted as moved from `from` to this rank unless
+    /// `from` is this rank.
+    fn read<'a>(&self, done: &'a [Deposit], from: usize, bytes: &'a [u8]) -> &'a [u8] {
+        if from != self.rank {
+            let n = bytes.len() as u64;
+            self.meter.received.fetch_add(n, Ordering::SeqCst);
+            done[from].meter.sent.fetch_add(n, Ordering::SeqCst);
+        }
+        bytes
     }
 
     /// Deposits this rank's call and waits until all ranks deposited; returns the sequence
@@ -188,6 +235,7 @@ impl ThreadComm {
                 call,
                 local_error,
                 data,
+                meter: Arc::clone(&self.meter),
             });
         }
         if st.deposits.iter().all(Option::is_some) {
@@ -320,7 +368,7 @@ impl Communicator for ThreadComm {
         };
         let call = Call::Broadcast { dtype, count, root };
         let (_, done) = self.rendezvous(call, data, buf.len())?;
-        let src = &done[root].data;
+        let src = self.read(&done, root, &done[root].data);
         if src.len() != buf.len() {
             return Err(CommError::Internal(format!(
                 "broadcast: root sent {} bytes, buffer has {}",
@@ -336,7 +384,11 @@ impl Communicator for ThreadComm {
         let count = buf.len() / dtype.size();
         let call = Call::AllReduce { dtype, count, op };
         let (_, done) = self.rendezvous(call, buf.to_vec(), buf.len())?;
-        let inputs: Vec<&[u8]> = done.iter().map(|d| d.data.as_slice()).collect();
+        let inputs: Vec<&[u8]> = done
+            .iter()
+            .enumerate()
+            .map(|(r, d)| self.read(&done, r, &d.data))
+            .collect();
         let out = reduce_range(dtype, op, &inputs, 0, buf.len());
         buf.copy_from_slice(&out);
         Ok(())
@@ -348,7 +400,11 @@ impl Communicator for ThreadComm {
             counts: counts.to_vec(),
         };
         let (_, done) = self.rendezvous(call, send.to_vec(), send.len())?;
-        Ok(done.iter().flat_map(|d| d.data.iter().copied()).collect())
+        Ok(done
+            .iter()
+            .enumerate()
+            .flat_map(|(r, d)| self.read(&done, r, &d.data).iter().copied())
+            .collect())
     }
 
     fn reduce_scatter_raw(
@@ -365,8 +421,12 @@ impl Communicator for ThreadComm {
         };
         let (_, done) = self.rendezvous(call, send.to_vec(), send.len())?;
         let (start, len) = block(counts, self.rank, dtype.size());
-        let inputs: Vec<&[u8]> = done.iter().map(|d| d.data.as_slice()).collect();
-        Ok(reduce_range(dtype, op, &inputs, start, len))
+        let inputs: Vec<&[u8]> = done
+            .iter()
+            .enumerate()
+            .map(|(r, d)| self.read(&done, r, d.data.get(start..start + len).unwrap_or(&[])))
+            .collect();
+        Ok(reduce_range(dtype, op, &inputs, 0, len))
     }
 
     fn all_to_all_raw(
@@ -383,12 +443,12 @@ impl Communicator for ThreadComm {
         };
         let (_, done) = self.rendezvous(call, send.to_vec(), send.len())?;
         let mut out = Vec::with_capacity(recv_counts.iter().sum::<usize>() * dtype.size());
-        for d in done.iter() {
+        for (r, d) in done.iter().enumerate() {
             let Call::AllToAll { send_counts, .. } = &d.call else {
                 return Err(CommError::Internal("all_to_all: peer call changed".into()));
             };
             let (start, len) = block(send_counts, self.rank, dtype.size());
-            out.extend_from_slice(&d.data[start..start + len]);
+            out.extend_from_slice(self.read(&done, r, &d.data[start..start + len]));
         }
         Ok(out)
     }
@@ -429,6 +489,7 @@ impl Communicator for ThreadComm {
             rank: new_rank,
             timeout: self.timeout,
             next_seq: AtomicU64::new(0),
+            meter: Arc::clone(&self.meter),
         }))
     }
 }

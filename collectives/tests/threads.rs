@@ -338,3 +338,61 @@ proptest! {
         a2a_case(counts);
     }
 }
+
+/// The traffic meter counts the bytes each rank copies from its peers, worked out by hand for
+/// each collective on 3 ranks with f32 (4 bytes) buffers, and keeps counting through a split.
+#[test]
+fn traffic_meter_counts_each_collective() {
+    let run = |f: &(dyn Fn(&dyn Communicator) + Sync)| -> Vec<(u64, u64)> {
+        let comms = ThreadComm::new_world(3, Duration::from_secs(30));
+        let meters: Vec<_> = comms.iter().map(ThreadComm::traffic).collect();
+        std::thread::scope(|s| {
+            for c in comms {
+                s.spawn(move || f(&c));
+            }
+        });
+        meters
+            .iter()
+            .map(|m| (m.sent_bytes(), m.received_bytes()))
+            .collect()
+    };
+    // broadcast of 5 f32 from root 1: the root sends 20 bytes to each of 2 peers.
+    let got = run(&|c| {
+        let mut b = vec![1.0f32; 5];
+        c.broadcast(&mut b, 1).unwrap();
+    });
+    assert_eq!(got, vec![(0, 20), (40, 0), (0, 20)]);
+    // all_gather of rank r's r+1 elements: rank r sends 4(r+1) bytes to 2 peers and receives
+    // the others' 4 * (6 - (r+1)) bytes.
+    let got = run(&|c| {
+        let send = vec![0.0f32; c.rank() + 1];
+        c.all_gather(&send, &[1, 2, 3]).unwrap();
+    });
+    assert_eq!(got, vec![(8, 20), (16, 16), (24, 12)]);
+    // reduce_scatter with blocks [1, 2, 3]: rank r receives its block from 2 peers and sends
+    // the others' blocks.
+    let got = run(&|c| {
+        c.reduce_scatter(&[0.0f32; 6], &[1, 2, 3], ReduceOp::Sum)
+            .unwrap();
+    });
+    assert_eq!(got, vec![(20, 8), (16, 16), (12, 24)]);
+    // all_reduce of 4 f32 (direct): every rank reads both peers' whole buffers.
+    let got = run(&|c| {
+        c.all_reduce(&mut [0.0f32; 4], ReduceOp::Sum).unwrap();
+    });
+    assert_eq!(got, vec![(32, 32); 3]);
+    // all_to_all: rank r sends q+1 elements to rank q and receives r+1 from each of 2 peers
+    // (its own block is not counted).
+    let got = run(&|c| {
+        let r = c.rank();
+        let recv = vec![r + 1; 3];
+        c.all_to_all(&[0.0f32; 6], &[1, 2, 3], &recv).unwrap();
+    });
+    assert_eq!(got, vec![(20, 8), (16, 16), (12, 24)]);
+    // A split's traffic lands on the parent's meter: all_gather of 1 f32 in {0, 2}.
+    let got = run(&|c| {
+        let sub = c.split(c.rank() % 2, c.rank()).unwrap();
+        sub.all_gather(&[0.0f32], &vec![1; sub.size()]).unwrap();
+    });
+    assert_eq!(got, vec![(4, 4), (0, 0), (4, 4)]);
+}
