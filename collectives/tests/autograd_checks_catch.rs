@@ -240,11 +240,15 @@ fn a_corrupt_reduce_scatter_fails_the_sp_ops_only() {
     expect_failing(Fault::ReduceScatter, &[2, 4], &names);
 }
 
-/// all_to_all is the EP dispatch/combine op, forward and backward; Redistribute moves
-/// Shard -> Shard by all_gather and a local chunk, so it passes.
+/// all_to_all is the EP dispatch/combine op, forward and backward, and Redistribute's
+/// Shard -> Shard step.
 #[test]
-fn a_corrupt_all_to_all_fails_the_a2a_checks_only() {
-    expect_failing(Fault::AllToAll, &[2, 4], &["adjoint_a2a", "rank_valued"]);
+fn a_corrupt_all_to_all_fails_the_a2a_and_redistribute_checks_only() {
+    expect_failing(
+        Fault::AllToAll,
+        &[2, 4],
+        &["adjoint_a2a", "rank_valued", "redistribute"],
+    );
 }
 
 /// The ops' names are what reports and errors print: Megatron's region names with the f / g of

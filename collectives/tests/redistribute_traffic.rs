@@ -3,13 +3,11 @@
 //! `placement::redistribute::plan_traffic` (PyTorch's volumes: ring all-gather and
 //! reduce-scatter of padded chunks).
 //!
-//! Covered: plans whose steps are all-gathers, reduce-scatters and local steps, on 1-D to 3-D
-//! meshes of at most 8 ranks. Where every chunk is even the counted bytes of every rank equal
-//! the plan's exactly; where chunks are uneven this executor sends the chunks unpadded, so it
-//! moves at most the plan's (padded) bytes. Not covered: all-to-all steps (the executor runs
-//! them as an all-gather plus a local chunk, which moves more than the all-to-all PyTorch
-//! plans) and all-reduce steps (this backend's all-reduce is direct, `(k-1)` whole buffers,
-//! not the ring volume the plan gives).
+//! Covered: plans whose steps are all-gathers, reduce-scatters, all-to-alls and local steps, on
+//! 1-D to 3-D meshes of at most 8 ranks. Where every chunk is even the counted bytes of every
+//! rank equal the plan's exactly; where chunks are uneven this executor sends the chunks
+//! unpadded, so it moves at most the plan's (padded) bytes. Not covered: all-reduce steps (this
+//! backend's all-reduce is direct, `(k-1)` whole buffers, not the ring volume the plan gives).
 
 use collectives::autograd::{LocalTensor, Redistribute};
 use collectives::threads::{default_timeout, ThreadComm};
@@ -117,13 +115,13 @@ fn counted(
 }
 
 /// The plan's (sent, received) bytes per rank, summed over its steps; `None` when a step is an
-/// all-to-all or an all-reduce (see the module doc).
+/// all-reduce (see the module doc).
 fn planned(r: &Redistribute, mesh: &DeviceMesh) -> Option<Vec<(u64, u64)>> {
     let plan = r.plan();
     let covered = plan
         .steps
         .iter()
-        .all(|s| !matches!(s.collective, Collective::AllToAll | Collective::AllReduce));
+        .all(|s| s.collective != Collective::AllReduce);
     if !covered {
         return None;
     }
@@ -171,4 +169,16 @@ fn all_gather_hand_case() {
     let r = Redistribute::new(&[6, 4], &mesh, &src, &dst).unwrap();
     assert_eq!(counted(&[6, 4], &mesh, &src, &dst, &r), vec![(128, 128); 3]);
     assert_eq!(planned(&r, &mesh).unwrap(), vec![(128, 128); 3]);
+}
+
+/// Hand case: 6 x 6 f64 on 3 ranks, S(0) -> S(1). Each rank holds 2 x 6 and keeps a 2 x 2
+/// block; it sends a 2 x 2 block (32 bytes) to each of 2 peers and receives as much.
+#[test]
+fn all_to_all_hand_case() {
+    let mesh = DeviceMesh::new(vec![3]).unwrap();
+    let (src, dst) = (vec![Placement::Shard(0)], vec![Placement::Shard(1)]);
+    let r = Redistribute::new(&[6, 6], &mesh, &src, &dst).unwrap();
+    assert_eq!(r.plan().steps[0].collective, Collective::AllToAll);
+    assert_eq!(counted(&[6, 6], &mesh, &src, &dst, &r), vec![(64, 64); 3]);
+    assert_eq!(planned(&r, &mesh).unwrap(), vec![(64, 64); 3]);
 }

@@ -136,6 +136,54 @@ pub(super) fn reduce_scatter_dim<T: Element>(
     LocalTensor::new(shape, mine)
 }
 
+/// `S(i) -> S(j)` on one group (PyTorch's `shard_dim_alltoall`): `x` holds this rank's block
+/// of dim `i` (`x.shape[i] == si[rank]`) and all of dim `j` (`x.shape[j] == sum(sj)`); the
+/// result holds all of dim `i` (`sum(si)`) and this rank's block of dim `j` (`sj[rank]`). Rank
+/// q receives block q of dim `j` from every rank (unpadded), concatenated along `i` in rank
+/// order. Errors: `i == j`, a dim out of range, sizes that do not fit `x`.
+pub(super) fn all_to_all_dim<T: Element>(
+    op: &'static str,
+    comm: &dyn Communicator,
+    x: &LocalTensor<T>,
+    (i, si): (usize, &[usize]),
+    (j, sj): (usize, &[usize]),
+) -> Result<LocalTensor<T>> {
+    let rank = comm.rank();
+    let checked = check_sizes(op, comm, si)
+        .and_then(|_| check_sizes(op, comm, sj))
+        .and_then(|_| {
+            let (_, size_i, _) = x.split_at_dim(op, i)?;
+            let (outer, size_j, inner) = x.split_at_dim(op, j)?;
+            let total: usize = sj.iter().sum();
+            if i == j || size_i != si[rank] || size_j != total {
+                return Err(shape_err(
+                    op,
+                    format!(
+                        "rank {rank} holds shape {:?}; all-to-all from dim {i} (sizes {si:?}) to \
+                         dim {j} (sizes {sj:?}) does not fit",
+                        x.shape()
+                    ),
+                ));
+            }
+            Ok((outer, inner))
+        });
+    let (outer, inner) = match checked {
+        Ok(v) => v,
+        Err(e) => return fail_peers(comm, Kind::AllToAll, e),
+    };
+    let send = pack_blocks(x.data(), outer, sj, inner);
+    let send_counts: Vec<usize> = sj.iter().map(|s| outer * s * inner).collect();
+    // The block from rank q: x's shape with dim j = sj[rank] and dim i = si[q].
+    let mut shape = x.shape().to_vec();
+    shape[j] = sj[rank];
+    let outer_i: usize = shape[..i].iter().product();
+    let inner_i: usize = shape[i + 1..].iter().product();
+    let recv_counts: Vec<usize> = si.iter().map(|s| outer_i * s * inner_i).collect();
+    let blocks = comm.all_to_all(&send, &send_counts, &recv_counts)?;
+    shape[i] = si.iter().sum();
+    LocalTensor::new(shape, unpack_blocks(&blocks, outer_i, si, inner_i))
+}
+
 /// This rank's block along `dim` (no communication).
 pub(super) fn chunk_dim<T: Element>(
     op: &'static str,

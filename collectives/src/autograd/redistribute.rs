@@ -7,7 +7,7 @@
 //! | `S(i) -> R` (AllGather) | all_gather along i, torch.chunk sizes | keep own chunk |
 //! | `P(sum) -> R` (AllReduce) | all_reduce sum | identity (DTensor keeps the grad `R`) |
 //! | `P(sum) -> S(i)` (ReduceScatter) | reduce_scatter along i | all_gather along i |
-//! | `S(i) -> S(j)` (AllToAll) | all_gather along i, keep chunk j | all_gather along j, keep chunk i |
+//! | `S(i) -> S(j)` (AllToAll) | all_to_all: chunk q of dim j to rank q, concatenated along i | all_to_all from j back to i |
 //! | `R -> S(i)` (Local) | keep chunk i | all_gather along i |
 //! | size-1 mesh dim (Noop) | identity | identity |
 //!
@@ -25,7 +25,7 @@
 //! Partial ops, Partial targets, and a greedy step whose tensor dim is also sharded by a later
 //! mesh dim (PyTorch's planner avoids this by replicating the later dim first).
 
-use super::ops::{all_reduce_sum, chunk_dim, gather_dim, reduce_scatter_dim};
+use super::ops::{all_reduce_sum, all_to_all_dim, chunk_dim, gather_dim, reduce_scatter_dim};
 use super::{AutogradError, LocalTensor};
 use crate::communicator::Communicator;
 use crate::dtype::Element;
@@ -177,12 +177,12 @@ impl Redistribute {
                     gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
                 }
                 (Placement::Shard(i), Placement::Shard(j), false) => {
-                    let full = gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?;
-                    chunk_dim(OP, g, &full, j, &self.sizes(step, &coord, j)?)?
+                    let (si, sj) = (self.sizes(step, &coord, i)?, self.sizes(step, &coord, j)?);
+                    all_to_all_dim(OP, g, &t, (i, &si), (j, &sj))?
                 }
                 (Placement::Shard(i), Placement::Shard(j), true) => {
-                    let full = gather_dim(OP, g, &t, j, &self.sizes(step, &coord, j)?)?;
-                    chunk_dim(OP, g, &full, i, &self.sizes(step, &coord, i)?)?
+                    let (si, sj) = (self.sizes(step, &coord, i)?, self.sizes(step, &coord, j)?);
+                    all_to_all_dim(OP, g, &t, (j, &sj), (i, &si))?
                 }
                 (Placement::Replicate, Placement::Shard(i), false) => {
                     chunk_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
