@@ -22,9 +22,12 @@
 //! (received on the reader, sent on the peer whose deposit it is); a rank's own deposit is not
 //! counted. Sub-communicators count on the meter of the handle they were split from, so
 //! [`ThreadComm::traffic`] gives all the bytes a rank moved. The volumes are those of this
-//! backend's direct algorithms: all_gather and all_to_all move each block once per receiving
-//! peer, reduce_scatter reads each rank's block from every peer, all_reduce reads every peer's
-//! whole buffer, broadcast reads the root's buffer.
+//! backend's algorithms: all_gather and all_to_all move each block once per receiving peer,
+//! reduce_scatter reads each rank's block from every peer, broadcast reads the root's buffer,
+//! and all_reduce is a reduce-scatter of `k` near-equal blocks (the first `n % k` one element
+//! longer) followed by an all-gather of the reduced blocks (a second collective on the same
+//! communicator), so rank r moves `n + (k-2) * b_r` elements each way, `2(k-1)/k * n` when `k`
+//! divides `n`: the volume of a ring all-reduce. Each element is still reduced in rank order.
 
 use crate::call::{cross_check, local_check, Call};
 use crate::communicator::Communicator;
@@ -336,6 +339,14 @@ impl ThreadComm {
     }
 }
 
+/// The all-reduce blocks of `count` elements on `size` ranks: near-equal, the first
+/// `count % size` one element longer.
+fn ring_blocks(count: usize, size: usize) -> Vec<usize> {
+    (0..size)
+        .map(|r| count / size + usize::from(r < count % size))
+        .collect()
+}
+
 /// Byte offset of element block `idx` in a buffer laid out by `counts`.
 fn block(counts: &[usize], idx: usize, dsize: usize) -> (usize, usize) {
     let start: usize = counts[..idx].iter().sum();
@@ -384,12 +395,26 @@ impl Communicator for ThreadComm {
         let count = buf.len() / dtype.size();
         let call = Call::AllReduce { dtype, count, op };
         let (_, done) = self.rendezvous(call, buf.to_vec(), buf.len())?;
+        // Reduce-scatter: this rank reduces its block of every rank's buffer (rank order).
+        let blocks = ring_blocks(count, self.shared.size);
+        let (start, len) = block(&blocks, self.rank, dtype.size());
         let inputs: Vec<&[u8]> = done
             .iter()
             .enumerate()
-            .map(|(r, d)| self.read(&done, r, &d.data))
+            .map(|(r, d)| self.read(&done, r, d.data.get(start..start + len).unwrap_or(&[])))
             .collect();
-        let out = reduce_range(dtype, op, &inputs, 0, buf.len());
+        let mine = reduce_range(dtype, op, &inputs, 0, len);
+        drop(inputs);
+        drop(done);
+        // All-gather of the reduced blocks.
+        let out = self.all_gather_raw(&mine, &blocks, dtype)?;
+        if out.len() != buf.len() {
+            return Err(CommError::Internal(format!(
+                "all_reduce: gathered {} bytes for a buffer of {}",
+                out.len(),
+                buf.len()
+            )));
+        }
         buf.copy_from_slice(&out);
         Ok(())
     }

@@ -376,11 +376,13 @@ fn traffic_meter_counts_each_collective() {
             .unwrap();
     });
     assert_eq!(got, vec![(20, 8), (16, 16), (12, 24)]);
-    // all_reduce of 4 f32 (direct): every rank reads both peers' whole buffers.
+    // all_reduce of 4 f32 in blocks [2, 1, 1]: rank 0 receives its 2 from 2 peers and sends
+    // them 1 + 1 (reduce-scatter), then receives 1 + 1 and sends its 2 to 2 peers (all-gather):
+    // 6 elements each way; ranks 1 and 2 move 2 + 3 = 5.
     let got = run(&|c| {
         c.all_reduce(&mut [0.0f32; 4], ReduceOp::Sum).unwrap();
     });
-    assert_eq!(got, vec![(32, 32); 3]);
+    assert_eq!(got, vec![(24, 24), (20, 20), (20, 20)]);
     // all_to_all: rank r sends q+1 elements to rank q and receives r+1 from each of 2 peers
     // (its own block is not counted).
     let got = run(&|c| {

@@ -430,8 +430,11 @@ pub fn cheaper_alternative(plan: &RedistributePlan) -> Option<AlternativePlan> {
 /// Bytes each rank sends and receives in each step of `plan`, for elements of `elem_size`
 /// bytes: `result[step][rank]`. Volumes of the ring algorithms on a group of `k` ranks, with the
 /// padding PyTorch applies to uneven shards (tail padding to `ceil(n/k)`):
-/// all-gather and reduce-scatter move `(k-1)` padded chunks, all-reduce `2(k-1)/k` of the tensor
-/// (rounded up), all-to-all `(k-1)` of the `k` padded pieces of the local tensor; local steps 0.
+/// all-gather and reduce-scatter move `(k-1)` padded chunks, all-to-all `(k-1)` of the `k`
+/// padded pieces of the local tensor; local steps 0. All-reduce of `n` elements is a
+/// reduce-scatter of `k` near-equal blocks (the first `n % k` one element longer, `b_c` at group
+/// coordinate c) then an all-gather of them: `n + (k-2) * b_c` elements each way, `2(k-1)/k * n`
+/// when `k` divides `n` (the ring volume; PyTorch does not pad an all-reduce).
 /// Errors: as [`crate::local_shard`], overflow.
 pub fn plan_traffic(
     plan: &RedistributePlan,
@@ -472,8 +475,12 @@ pub fn plan_traffic(
                     padded_chunk(d)?.checked_mul(k - 1).ok_or_else(overflow)?
                 }
                 Collective::AllReduce => {
+                    // k >= 2 here: a size-1 mesh dim is a Noop step.
                     let n = elems(&logical)?;
-                    n.checked_mul(2 * (k - 1)).ok_or_else(overflow)?.div_ceil(k)
+                    let b = n / k + usize::from(coord[step.mesh_dim] < n % k);
+                    b.checked_mul(k.saturating_sub(2))
+                        .and_then(|x| x.checked_add(n))
+                        .ok_or_else(overflow)?
                 }
                 Collective::AllToAll => {
                     // Local piece: sharded on src dim, split k ways on dst dim (padded).
@@ -604,8 +611,10 @@ mod tests {
         let p = plan(&[5, 3], &[4], "[S(0)]", "[R]").unwrap();
         let t = plan_traffic(&p, &mesh, 4).unwrap();
         assert!(t[0].iter().all(|s| s.send_bytes == 6 * 3 * 4));
-        // All-reduce of 5x3 over 4 ranks: ceil(15 * 6 / 4) = 23 elems.
+        // All-reduce of 5x3 over 4 ranks, blocks [4, 4, 4, 3]: rank 0 moves 15 + 2 * 4 = 23
+        // elems, rank 3 15 + 2 * 3 = 21.
         let p = plan(&[5, 3], &[4], "[P(sum)]", "[R]").unwrap();
-        assert_eq!(plan_traffic(&p, &mesh, 1).unwrap()[0][0].send_bytes, 23);
+        let t = plan_traffic(&p, &mesh, 1).unwrap();
+        assert_eq!((t[0][0].send_bytes, t[0][3].recv_bytes), (23, 21));
     }
 }
