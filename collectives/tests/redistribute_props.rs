@@ -3,57 +3,18 @@
 //! (`placement::local_data` of `placement::local_shard`), for random src/dst on 1-D to 3-D meshes.
 //! Data are integer-valued f64, so every sum is exact in any order.
 
-use collectives::autograd::{LocalTensor, Redistribute};
+use collectives::autograd::Redistribute;
 use collectives::threads::spawn_world;
 use placement::{local_data, local_shard, DeviceMesh, PartialOp, Placement};
 use proptest::prelude::*;
 
-fn target(ndim: usize) -> impl Strategy<Value = Placement> {
-    prop_oneof![
-        Just(Placement::Replicate),
-        (0..ndim).prop_map(Placement::Shard)
-    ]
-}
+mod common;
 
-fn source(ndim: usize) -> impl Strategy<Value = Placement> {
-    prop_oneof![
-        2 => target(ndim),
-        1 => Just(Placement::Partial(PartialOp::Sum)),
-    ]
-}
+use common::{case_with, input, target};
 
-/// (global shape, mesh shape, src, dst); meshes of at most 8 ranks.
-fn case() -> impl Strategy<Value = (Vec<usize>, Vec<usize>, Vec<Placement>, Vec<Placement>)> {
-    (1usize..=3, 1usize..=3).prop_flat_map(|(ndim, mdim)| {
-        (
-            prop::collection::vec(0usize..=7, ndim),
-            prop::collection::vec(1usize..=3, mdim)
-                .prop_filter("at most 8 ranks", |m| m.iter().product::<usize>() <= 8),
-            prop::collection::vec(source(ndim), mdim),
-            prop::collection::vec(target(ndim), mdim),
-        )
-    })
-}
-
-/// Rank `coord`'s input: its shard of `full` under `src`; along a Partial mesh dim the terms are
-/// the data at coordinate 0 and zeros elsewhere, which sum to `full`.
-fn input(
-    full: &[f64],
-    shape: &[usize],
-    mesh: &DeviceMesh,
-    src: &[Placement],
-    coord: &[usize],
-) -> LocalTensor<f64> {
-    let shard = local_shard(shape, mesh, src, coord).unwrap();
-    let mut data = local_data(full, shape, &shard).unwrap();
-    let zero_term = src
-        .iter()
-        .zip(coord)
-        .any(|(p, &c)| matches!(p, Placement::Partial(_)) && c != 0);
-    if zero_term {
-        data.iter_mut().for_each(|v| *v = 0.0);
-    }
-    LocalTensor::new(shard.local_shape, data).unwrap()
+/// Cases with dims of sizes 0 to 7 (uneven splits included).
+fn case() -> impl Strategy<Value = common::Case> {
+    case_with((0usize..=7).boxed())
 }
 
 /// Runs `r` on every rank of a threads world (integer-valued data, so sums are exact) and holds

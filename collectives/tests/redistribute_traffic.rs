@@ -9,67 +9,25 @@
 //!
 //! [`TrafficMeter`]: collectives::threads::TrafficMeter
 
-use collectives::autograd::{LocalTensor, Redistribute};
+use collectives::autograd::Redistribute;
 use collectives::threads::{default_timeout, ThreadComm};
 use collectives::Communicator;
 use placement::redistribute::{plan_traffic, Collective};
 use placement::{local_data, local_shard, DeviceMesh, PartialOp, Placement};
 use proptest::prelude::*;
 
-fn target(ndim: usize) -> impl Strategy<Value = Placement> {
-    prop_oneof![
-        Just(Placement::Replicate),
-        (0..ndim).prop_map(Placement::Shard)
-    ]
-}
+mod common;
 
-fn source(ndim: usize) -> impl Strategy<Value = Placement> {
-    prop_oneof![
-        2 => target(ndim),
-        1 => Just(Placement::Partial(PartialOp::Sum)),
-    ]
-}
+use common::{case_with, input};
 
-/// (global shape, mesh shape, src, dst); `even` picks dim sizes that every product of at most
-/// 8 mesh sizes from {1, 2, 3} divides (multiples of 24), else sizes 0..=7.
-fn case(
-    even: bool,
-) -> impl Strategy<Value = (Vec<usize>, Vec<usize>, Vec<Placement>, Vec<Placement>)> {
-    (1usize..=3, 1usize..=3).prop_flat_map(move |(ndim, mdim)| {
-        let dim = if even {
-            prop_oneof![Just(24usize), Just(48usize)].boxed()
-        } else {
-            (0usize..=7).boxed()
-        };
-        (
-            prop::collection::vec(dim, ndim),
-            prop::collection::vec(1usize..=3, mdim)
-                .prop_filter("at most 8 ranks", |m| m.iter().product::<usize>() <= 8),
-            prop::collection::vec(source(ndim), mdim),
-            prop::collection::vec(target(ndim), mdim),
-        )
+/// `even` picks dim sizes that every product of at most 8 mesh sizes from {1, 2, 3} divides
+/// (multiples of 24), else sizes 0..=7.
+fn case(even: bool) -> impl Strategy<Value = common::Case> {
+    case_with(if even {
+        prop_oneof![Just(24usize), Just(48usize)].boxed()
+    } else {
+        (0usize..=7).boxed()
     })
-}
-
-/// Rank `coord`'s input: its shard of `full` under `src` (Partial terms: the data at
-/// coordinate 0, zeros elsewhere).
-fn input(
-    full: &[f64],
-    shape: &[usize],
-    mesh: &DeviceMesh,
-    src: &[Placement],
-    coord: &[usize],
-) -> LocalTensor<f64> {
-    let shard = local_shard(shape, mesh, src, coord).unwrap();
-    let mut data = local_data(full, shape, &shard).unwrap();
-    let zero_term = src
-        .iter()
-        .zip(coord)
-        .any(|(p, &c)| matches!(p, Placement::Partial(_)) && c != 0);
-    if zero_term {
-        data.iter_mut().for_each(|v| *v = 0.0);
-    }
-    LocalTensor::new(shard.local_shape, data).unwrap()
 }
 
 /// Runs the plan forward on a threads world; returns each rank's (sent, received) bytes as
