@@ -3,10 +3,12 @@
 //! in bounded time (well under the 60 s timeout), never a hang.
 
 use collectives::autograd::{
-    AllToAllV, AutogradError, CollectiveFunction, LocalTensor, SpAllGather, SpReduceScatter,
+    AllToAllV, AutogradError, CollectiveFunction, LocalTensor, Redistribute, SpAllGather,
+    SpReduceScatter,
 };
 use collectives::threads::spawn_world_with_timeout;
 use collectives::{CommError, Communicator};
+use placement::{DeviceMesh, Placement};
 use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -107,4 +109,37 @@ fn stalled_rank_times_out_naming_the_collective() {
         matches!(err, AutogradError::Comm(CommError::Timeout { op: "all_gather", seq: 0, missing, .. }) if missing == &[1]),
         "{err}"
     );
+}
+
+/// Redistribute's S(0) -> S(1) all-to-all on 2 ranks of a [4, 4] tensor, given local tensors
+/// of the wrong size along one dim: a `Shape` error naming the shape on every rank (both ranks
+/// are wrong), in bounded time, never a hang.
+#[test]
+fn all_to_all_step_with_a_wrong_local_shape_is_a_shape_error_on_every_rank() {
+    let mesh = DeviceMesh::new(vec![2]).unwrap();
+    let r = Redistribute::new(
+        &[4, 4],
+        &mesh,
+        &[Placement::Shard(0)],
+        &[Placement::Shard(1)],
+    )
+    .unwrap();
+    // [3, 4]: dim 0 (the shard dim) wrong; [2, 5]: dim 1 (the full dim) wrong.
+    for bad in [[3usize, 4], [2, 5]] {
+        let start = Instant::now();
+        let results =
+            spawn_world_with_timeout(2, LONG, |comm| r.forward(comm.as_ref(), &ones(&bad)));
+        for (rank, res) in results.into_iter().enumerate() {
+            match res.unwrap() {
+                Err(AutogradError::Shape { reason, .. }) => {
+                    assert!(
+                        reason.contains(&format!("{bad:?}")),
+                        "rank {rank}: {reason}"
+                    )
+                }
+                other => panic!("rank {rank}, shape {bad:?}: {other:?}"),
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
 }
