@@ -64,4 +64,4 @@ pub mod watchdog;
 pub use communicator::{Communicator, CommunicatorExt};
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::{CommError, Result};
-pub use mesh::mesh_dim_comm;
+pub use mesh::{mesh_dim_comm, mesh_dims_comm};

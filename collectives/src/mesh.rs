@@ -70,3 +70,54 @@ pub fn mesh_dim_comm(
     }
     Ok(sub)
 }
+
+/// The communicator of the flattened mesh dims `mesh_dims` containing this rank (PyTorch's
+/// `mesh["dp", "tp"]._flatten()`): the ranks that differ from this one only in their
+/// coordinates on `mesh_dims`. The new rank is this rank's coordinate on those dims read
+/// row-major in the order given (the first dim slowest; ascending dims number the ranks as a
+/// flattened DeviceMesh does); the sub-communicator has the product of their sizes ranks.
+/// `mesh_dims = [m]` is the group of [`mesh_dim_comm`].
+///
+/// Collective: every rank of `world` must call it with the same mesh and `mesh_dims`
+/// (one [`Communicator::split`], color = the coordinates on the other dims read row-major).
+///
+/// Errors: `world.size() != mesh.size()`, a mesh dim out of range or named twice
+/// ([`CommError::Mesh`]), or an error of `split`.
+pub fn mesh_dims_comm(
+    world: &dyn Communicator,
+    mesh: &DeviceMesh,
+    mesh_dims: &[usize],
+) -> Result<Box<dyn Communicator>> {
+    let shape = mesh.shape();
+    if world.size() != mesh.size() {
+        return Err(CommError::Mesh(format!(
+            "communicator has {} ranks but mesh {shape:?} has {}",
+            world.size(),
+            mesh.size()
+        )));
+    }
+    for (i, &m) in mesh_dims.iter().enumerate() {
+        if m >= shape.len() || mesh_dims[..i].contains(&m) {
+            return Err(CommError::Mesh(format!(
+                "mesh {shape:?}: cannot flatten mesh dims {mesh_dims:?} (dim {m} out of range or repeated)"
+            )));
+        }
+    }
+    let coord = mesh
+        .coordinate(world.rank())
+        .map_err(|e| CommError::Mesh(format!("mesh {shape:?}: {e}")))?;
+    let key = mesh_dims.iter().fold(0, |a, &m| a * shape[m] + coord[m]);
+    let color = (0..shape.len())
+        .filter(|m| !mesh_dims.contains(m))
+        .fold(0, |a, m| a * shape[m] + coord[m]);
+    let sub = world.split(color, key)?;
+    let want: usize = mesh_dims.iter().map(|&m| shape[m]).product();
+    if sub.size() != want || sub.rank() != key {
+        return Err(CommError::Internal(format!(
+            "mesh dims {mesh_dims:?}: split gave rank {}/{} but expected {key}/{want}",
+            sub.rank(),
+            sub.size()
+        )));
+    }
+    Ok(sub)
+}

@@ -1,6 +1,6 @@
 //! The bytes a redistribution moves, counted by the threads backend's [`TrafficMeter`] while
 //! `collectives::Redistribute` runs the plan on real data, held against
-//! `placement::redistribute::plan_traffic` (PyTorch's volumes: all-gather, reduce-scatter and
+//! `placement::traffic::plan_traffic` (PyTorch's volumes: all-gather, reduce-scatter and
 //! all-to-all of padded chunks, the ring volume of an all-reduce).
 //!
 //! Random plans of every collective on 1-D to 3-D meshes of at most 8 ranks. Where every chunk
@@ -12,7 +12,8 @@
 use collectives::autograd::Redistribute;
 use collectives::threads::{default_timeout, ThreadComm};
 use collectives::Communicator;
-use placement::redistribute::{plan_traffic, Collective};
+use placement::redistribute::Collective;
+use placement::traffic::{alternative_traffic, plan_traffic, StepTraffic};
 use placement::{local_data, local_shard, DeviceMesh, PartialOp, Placement};
 use proptest::prelude::*;
 
@@ -72,18 +73,78 @@ fn counted(
         .collect()
 }
 
-/// The plan's (sent, received) bytes per rank, summed over its steps.
-fn planned(r: &Redistribute, mesh: &DeviceMesh) -> Vec<(u64, u64)> {
-    let plan = r.plan();
-    let t = plan_traffic(plan, mesh, std::mem::size_of::<f64>()).unwrap();
-    let mut sum = vec![(0u64, 0u64); mesh.size()];
-    for step in &t {
+/// (sent, received) bytes per rank of a table of per-step traffic, summed over the steps.
+fn summed(t: &[Vec<StepTraffic>], ranks: usize) -> Vec<(u64, u64)> {
+    let mut sum = vec![(0u64, 0u64); ranks];
+    for step in t {
         for (rank, s) in step.iter().enumerate() {
             sum[rank].0 += s.send_bytes as u64;
             sum[rank].1 += s.recv_bytes as u64;
         }
     }
     sum
+}
+
+/// The plan's (sent, received) bytes per rank, summed over its steps.
+fn planned(r: &Redistribute, mesh: &DeviceMesh) -> Vec<(u64, u64)> {
+    let t = plan_traffic(r.plan(), mesh, std::mem::size_of::<f64>()).unwrap();
+    summed(&t, mesh.size())
+}
+
+/// The cheaper alternative's (sent, received) bytes per rank, summed over its merged steps.
+fn alt_planned(r: &Redistribute, mesh: &DeviceMesh) -> Vec<(u64, u64)> {
+    let alt = r.plan().alternative.as_ref().unwrap();
+    let t = alternative_traffic(r.plan(), alt, mesh, std::mem::size_of::<f64>()).unwrap();
+    summed(&t, mesh.size())
+}
+
+/// Whether every rank's (sent, received) in `a` is at most that in `b`.
+fn at_most(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.0 <= y.0 && x.1 <= y.1)
+}
+
+/// Runs the cheaper alternative of `r` (when the plan has one) and checks: the output is the
+/// direct slice; the counted bytes equal the alternative's planned bytes (`even`) or are at
+/// most them; on every rank the alternative's planned and counted bytes are at most the
+/// default plan's; it launches fewer collectives.
+fn check_cheaper(
+    shape: &[usize],
+    mesh: &DeviceMesh,
+    src: &[Placement],
+    dst: &[Placement],
+    r: &Redistribute,
+    even: bool,
+) -> Result<(), TestCaseError> {
+    let Some(c) = r.cheaper() else {
+        return Ok(());
+    };
+    prop_assert!(c.groups().len() < r.groups().len());
+    let (alt_plan, default_plan) = (alt_planned(r, mesh), planned(r, mesh));
+    let got = counted(shape, mesh, src, dst, &c);
+    let default_counted = counted(shape, mesh, src, dst, r);
+    if even {
+        prop_assert_eq!(&got, &alt_plan);
+    } else {
+        prop_assert!(
+            at_most(&got, &alt_plan),
+            "counted {:?}, planned {:?}",
+            got,
+            alt_plan
+        );
+    }
+    prop_assert!(
+        at_most(&alt_plan, &default_plan),
+        "{:?} vs default {:?}",
+        alt_plan,
+        default_plan
+    );
+    prop_assert!(
+        at_most(&got, &default_counted),
+        "{:?} vs default {:?}",
+        got,
+        default_counted
+    );
+    Ok(())
 }
 
 proptest! {
@@ -96,6 +157,7 @@ proptest! {
         let want = planned(&r, &mesh);
         let got = counted(&shape, &mesh, &src, &dst, &r);
         prop_assert_eq!(got, want, "{:?} {:?} -> {:?}", shape, src, dst);
+        check_cheaper(&shape, &mesh, &src, &dst, &r, true)?;
     }
 
     #[test]
@@ -107,6 +169,7 @@ proptest! {
         for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
             prop_assert!(g.0 <= w.0 && g.1 <= w.1, "rank {}: counted {:?}, planned {:?}", rank, g, w);
         }
+        check_cheaper(&shape, &mesh, &src, &dst, &r, false)?;
     }
 }
 

@@ -5,7 +5,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use placement::redistribute::{plan_redistribute, plan_traffic};
+use placement::redistribute::plan_redistribute;
+use placement::traffic::plan_traffic;
 use placement::{local_shard_for_rank, parse_placements, DeviceMesh, Placement};
 
 /// Small deterministic generator (xorshift64*), so runs are comparable.

@@ -141,6 +141,14 @@ pub enum PlacementError {
         /// Number of elements in the set.
         len: usize,
     },
+    /// A merged step of an alternative plan names a step its plan does not have.
+    #[error("a merged step names step {step} of a redistribution plan of {steps} steps")]
+    UnknownStep {
+        /// The step index named.
+        step: usize,
+        /// Number of steps in the plan.
+        steps: usize,
+    },
     /// One placement per mesh dim is required.
     #[error("{placements} placements given for a mesh of {mesh_ndim} dims; DTensor needs exactly one per mesh dim")]
     PlacementCountMismatch {

@@ -33,6 +33,7 @@ pub mod redistribute;
 mod shard;
 pub mod shard_order;
 pub mod strategy;
+pub mod traffic;
 mod view;
 mod view_more;
 mod view_rule;

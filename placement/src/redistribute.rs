@@ -1,5 +1,6 @@
-//! Redistribution planning: the step list of PyTorch's default greedy planner, the collective of
-//! each step, the bytes each rank sends and receives, and a cheaper alternative where one exists.
+//! Redistribution planning: the step list of PyTorch's default greedy planner (or its graph
+//! planner), the collective of each step, and a cheaper alternative with merged steps where one
+//! exists. The bytes each step moves: module `traffic`.
 //!
 //! Source: `DTensorRedistributePlanner.generate_greedy_transform_infos` and
 //! `redistribute_local_tensor` in `torch/distributed/tensor/_redistribute.py`, the public checks of
@@ -161,15 +162,6 @@ pub struct AlternativePlan {
     pub pytorch_collectives: usize,
     /// Collectives launched by this plan.
     pub collectives: usize,
-}
-
-/// Bytes one rank sends and receives in one step (ring-algorithm volumes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StepTraffic {
-    /// Bytes sent by the rank.
-    pub send_bytes: usize,
-    /// Bytes received by the rank.
-    pub recv_bytes: usize,
 }
 
 /// Collective of one `src -> dst` step on a mesh dim of size `k`; errors on pairs the public API
@@ -385,124 +377,125 @@ pub(crate) fn greedy_steps(
     steps
 }
 
-/// The alternative plan: consecutive steps with the same collective and the same placement
+/// The communication a `src -> dst` change needs whatever the mesh dim's size (PyTorch's
+/// `_TransformInfo._comm_type_key`): what decides which steps may merge, so that a step on a
+/// size-1 mesh dim ([`Collective::Noop`]) merges like any other.
+fn comm_kind(src: Placement, dst: Placement) -> Option<Collective> {
+    match (src, dst) {
+        (Placement::Partial(_), Placement::Replicate) => Some(Collective::AllReduce),
+        (Placement::Partial(_), d) if d.is_shard() => Some(Collective::ReduceScatter),
+        (s, Placement::Replicate) if s.is_shard() => Some(Collective::AllGather),
+        (s, d) if s.is_shard() && d.is_shard() => Some(Collective::AllToAll),
+        _ => None,
+    }
+}
+
+/// Whether the consecutive steps `group` of `plan` (at least two, one collective kind, equal
+/// `src -> dst`) run as one collective on their flattened mesh dims, by the rules
+/// [`cheaper_alternative`] gives.
+fn merges(plan: &RedistributePlan, mesh: &DeviceMesh, group: &[&Step], kind: Collective) -> bool {
+    let dims: Vec<usize> = group.iter().map(|s| s.mesh_dim).collect();
+    let mut sorted = dims.clone();
+    sorted.sort_unstable();
+    let descending: Vec<usize> = sorted.iter().rev().copied().collect();
+    let k: usize = sorted.iter().map(|&m| plan.mesh_shape[m]).product();
+    let first = group[0];
+    // The tensor the group sees: every merged mesh dim replicated.
+    let mut seen = first.before.clone();
+    for &m in &sorted {
+        seen[m] = Placement::Replicate;
+    }
+    // On every rank, the size that must divide by k: the shard dim, or all elements.
+    let divides = |d: Option<usize>| {
+        (0..mesh.size()).all(|rank| {
+            let s = mesh
+                .coordinate(rank)
+                .and_then(|c| local_shard(&plan.global_shape, mesh, &seen, &c));
+            s.is_ok_and(|s| match d {
+                Some(d) => s.local_shape[d].is_multiple_of(k),
+                None => s.local_shape.iter().product::<usize>().is_multiple_of(k),
+            })
+        })
+    };
+    let d = first.src.shard_dim().or(first.dst.shard_dim());
+    match kind {
+        Collective::AllReduce => divides(None),
+        Collective::AllGather => dims == descending && d.is_some() && divides(d),
+        Collective::ReduceScatter => dims == sorted && d.is_some() && divides(d),
+        _ => false,
+    }
+}
+
+/// The alternative plan: consecutive steps with the same collective kind and the same placement
 /// change (e.g. two `S(0)` -> `R` all-gathers on mesh dims 1 and 0) merge into one collective
-/// over the flattened mesh dims, as PyTorch does when a flattened mesh exists
-/// (`_optimize_transform_infos`). `None` when nothing merges.
+/// over the flattened mesh dims, as PyTorch's `_optimize_transform_infos` does when a flattened
+/// DeviceMesh of those dims exists (`mesh["dp", "tp"]._flatten()`), under its rules and ours
+/// (below): all-gathers, all-reduces and reduce-scatters merge, all-to-alls do not; steps on
+/// size-1 mesh dims merge by the collective their change would need. `None` when the merged plan
+/// launches no fewer collectives than PyTorch's default plan.
+///
+/// Rules for a run of at least two such steps (`k` ranks in the flattened group): all-gathers
+/// merge when their mesh dims descend (the innermost split is gathered first), reduce-scatters
+/// when their mesh dims ascend and the tensor dim the group sees divides by `k` on every rank,
+/// all-reduces always (PyTorch's rules). Ours: an all-gather, too, merges only when that tensor
+/// dim divides by `k`, and an all-reduce only when the element count of the tensor the group
+/// sees does, on every rank. Uneven, the merged all-reduce's ring blocks can be larger than
+/// the per-dim ones: 1 element on `[2, 2]`, `[P, P] -> [R, R]`, moves 1 + 2 · 1 = 3 elements
+/// on rank 0 merged against 1 + 1 in the default plan. PyTorch merges uneven all-gathers, and
+/// - its flattened all-gather pads every piece to the flat chunk and strips the flat tail
+///   padding, which reassembles nested uneven pieces wrongly: 5 rows on a `[2, 2]` mesh,
+///   `[S(0), S(0)] -> [R, R]`, hold 2, 1, 1, 1 rows, the flat split is 2, 2, 1, 0, and torch
+///   2.15 returns rows 0, 1, 2, a padding row, 3 (6 rows fail the same way);
+/// - where the two splits agree (7 rows: 2, 2, 2, 1), the merged gather sends each piece to 3
+///   peers, so rank 2 sends 6 rows where the two gathers of the default plan send 2 + 3.
+///
+/// With even splits a merged step moves no more bytes on any rank than the steps it replaces.
+/// Bytes per rank of the merged steps: [`crate::traffic::alternative_traffic`].
 pub fn cheaper_alternative(plan: &RedistributePlan) -> Option<AlternativePlan> {
+    let mesh = DeviceMesh::new(plan.mesh_shape.clone()).ok()?;
+    let kind = |s: &Step| comm_kind(s.src, s.dst);
+    let mergeable = |k: Option<Collective>| {
+        matches!(
+            k,
+            Some(Collective::AllGather | Collective::AllReduce | Collective::ReduceScatter)
+        )
+    };
     let mut merged: Vec<MergedStep> = Vec::new();
-    let pytorch = plan
-        .steps
-        .iter()
-        .filter(|s| s.collective.comm_name().is_some())
-        .count();
-    for (i, s) in plan.steps.iter().enumerate() {
-        if let Some(last) = merged.last_mut() {
-            let prev = &plan.steps[*last.merged.last().unwrap_or(&i)];
-            let mergeable = s.collective.comm_name().is_some()
-                && s.collective == last.collective
-                && s.collective != Collective::AllToAll
-                && prev.src == s.src
-                && prev.dst == s.dst;
-            if mergeable {
-                last.mesh_dims.push(s.mesh_dim);
-                last.merged.push(i);
-                continue;
+    let mut i = 0;
+    while i < plan.steps.len() {
+        let s = &plan.steps[i];
+        let mut j = i + 1;
+        if mergeable(kind(s)) {
+            while j < plan.steps.len() && (plan.steps[j].src, plan.steps[j].dst) == (s.src, s.dst) {
+                j += 1;
             }
         }
-        merged.push(MergedStep {
-            mesh_dims: vec![s.mesh_dim],
-            collective: s.collective,
-            merged: vec![i],
-        });
+        let group: Vec<&Step> = plan.steps[i..j].iter().collect();
+        if group.len() > 1 && kind(s).is_some_and(|k| merges(plan, &mesh, &group, k)) {
+            let k: usize = group.iter().map(|g| plan.mesh_shape[g.mesh_dim]).product();
+            merged.push(MergedStep {
+                mesh_dims: group.iter().map(|g| g.mesh_dim).collect(),
+                collective: if k == 1 { Collective::Noop } else { kind(s)? },
+                merged: (i..j).collect(),
+            });
+        } else {
+            merged.extend((i..j).map(|x| MergedStep {
+                mesh_dims: vec![plan.steps[x].mesh_dim],
+                collective: plan.steps[x].collective,
+                merged: vec![x],
+            }));
+        }
+        i = j;
     }
-    let count = merged
-        .iter()
-        .filter(|s| s.collective.comm_name().is_some())
-        .count();
+    let launches =
+        |c: &mut dyn Iterator<Item = Collective>| c.filter(|c| c.comm_name().is_some()).count();
+    let pytorch = launches(&mut plan.steps.iter().map(|s| s.collective));
+    let count = launches(&mut merged.iter().map(|s| s.collective));
     (count < pytorch).then_some(AlternativePlan {
         steps: merged,
         pytorch_collectives: pytorch,
         collectives: count,
     })
-}
-
-/// Bytes each rank sends and receives in each step of `plan`, for elements of `elem_size`
-/// bytes: `result[step][rank]`. Volumes of the ring algorithms on a group of `k` ranks, with the
-/// padding PyTorch applies to uneven shards (tail padding to `ceil(n/k)`):
-/// all-gather and reduce-scatter move `(k-1)` padded chunks, all-to-all `(k-1)` of the `k`
-/// padded pieces of the local tensor; local steps 0. All-reduce of `n` elements is a
-/// reduce-scatter of `k` near-equal blocks (the first `n % k` one element longer, `b_c` at group
-/// coordinate c) then an all-gather of them: `n + (k-2) * b_c` elements each way, `2(k-1)/k * n`
-/// when `k` divides `n` (the ring volume; PyTorch does not pad an all-reduce).
-/// Errors: as [`crate::local_shard`], overflow.
-pub fn plan_traffic(
-    plan: &RedistributePlan,
-    mesh: &DeviceMesh,
-    elem_size: usize,
-) -> Result<Vec<Vec<StepTraffic>>> {
-    let g = &plan.global_shape;
-    let overflow = || PlacementError::Overflow {
-        what: "bytes of a redistribution step".to_string(),
-    };
-    let mut out = Vec::with_capacity(plan.steps.len());
-    for step in &plan.steps {
-        let k = mesh.shape()[step.mesh_dim];
-        let mut after = step.before.clone();
-        after[step.mesh_dim] = step.dst;
-        let mut per_rank = Vec::with_capacity(mesh.size());
-        for rank in 0..mesh.size() {
-            let coord = mesh.coordinate(rank)?;
-            // Shape this mesh dim works on: the placements of the step with the mesh dim's own
-            // placement replaced by R (the tensor "seen" by the group).
-            let mut logical_p = step.before.clone();
-            logical_p[step.mesh_dim] = Placement::Replicate;
-            let logical = local_shard(g, mesh, &logical_p, &coord)?.local_shape;
-            let elems = |shape: &[usize]| -> Result<usize> {
-                shape
-                    .iter()
-                    .try_fold(1usize, |a, &b| a.checked_mul(b))
-                    .ok_or_else(overflow)
-            };
-            let padded_chunk = |d: usize| -> Result<usize> {
-                let mut s = logical.clone();
-                s[d] = s[d].div_ceil(k);
-                elems(&s)
-            };
-            let moved = match step.collective {
-                Collective::AllGather | Collective::ReduceScatter => {
-                    let d = step.src.shard_dim().or(step.dst.shard_dim()).unwrap_or(0);
-                    padded_chunk(d)?.checked_mul(k - 1).ok_or_else(overflow)?
-                }
-                Collective::AllReduce => {
-                    // k >= 2 here: a size-1 mesh dim is a Noop step.
-                    let n = elems(&logical)?;
-                    let b = n / k + usize::from(coord[step.mesh_dim] < n % k);
-                    b.checked_mul(k.saturating_sub(2))
-                        .and_then(|x| x.checked_add(n))
-                        .ok_or_else(overflow)?
-                }
-                Collective::AllToAll => {
-                    // Local piece: sharded on src dim, split k ways on dst dim (padded).
-                    let (Some(i), Some(j)) = (step.src.shard_dim(), step.dst.shard_dim()) else {
-                        return Err(overflow());
-                    };
-                    let mut s = logical.clone();
-                    s[i] = s[i].div_ceil(k);
-                    s[j] = s[j].div_ceil(k);
-                    elems(&s)?.checked_mul(k - 1).ok_or_else(overflow)?
-                }
-                Collective::Local | Collective::Noop => 0,
-            };
-            let bytes = moved.checked_mul(elem_size).ok_or_else(overflow)?;
-            per_rank.push(StepTraffic {
-                send_bytes: bytes,
-                recv_bytes: bytes,
-            });
-        }
-        out.push(per_rank);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -604,17 +597,54 @@ mod tests {
         assert!(p.comm_counts().is_empty());
     }
 
+    /// (collective, mesh dims) of the merged steps of the alternative, or `None`.
+    fn merged(
+        g: &[usize],
+        mesh: &[usize],
+        src: &str,
+        dst: &str,
+    ) -> Option<Vec<(Collective, Vec<usize>)>> {
+        let p = plan(g, mesh, src, dst).unwrap();
+        let alt = p.alternative?;
+        Some(
+            alt.steps
+                .into_iter()
+                .filter(|m| m.merged.len() > 1)
+                .map(|m| (m.collective, m.mesh_dims))
+                .collect(),
+        )
+    }
+
     #[test]
-    fn traffic_hand_worked() {
-        // 5 rows of 3 over 4 ranks, S(0) -> R: padded chunk 2x3 = 6 elems, 3 peers, f32.
-        let mesh = DeviceMesh::new(vec![4]).unwrap();
-        let p = plan(&[5, 3], &[4], "[S(0)]", "[R]").unwrap();
-        let t = plan_traffic(&p, &mesh, 4).unwrap();
-        assert!(t[0].iter().all(|s| s.send_bytes == 6 * 3 * 4));
-        // All-reduce of 5x3 over 4 ranks, blocks [4, 4, 4, 3]: rank 0 moves 15 + 2 * 4 = 23
-        // elems, rank 3 15 + 2 * 3 = 21.
-        let p = plan(&[5, 3], &[4], "[P(sum)]", "[R]").unwrap();
-        let t = plan_traffic(&p, &mesh, 1).unwrap();
-        assert_eq!((t[0][0].send_bytes, t[0][3].recv_bytes), (23, 21));
+    fn alternative_rules() {
+        use Collective::{AllGather, AllReduce, ReduceScatter};
+        let ag = |rows: usize| merged(&[rows, 3], &[2, 2], "[S(0), S(0)]", "[R, R]");
+        // Even: the two gathers (mesh dims 1 then 0) merge.
+        assert_eq!(ag(8), Some(vec![(AllGather, vec![1, 0])]));
+        // Uneven: PyTorch merges; 5 and 6 rows it reassembles wrongly, 7 rows shift sends.
+        for rows in [5, 6, 7] {
+            assert_eq!(ag(rows), None, "{rows} rows");
+        }
+        // The graph planner gathers mesh dim 0 first (order: 1 then 0): ascending dims do not
+        // merge (PyTorch: non-ascending shard order).
+        assert_eq!(merged(&[8], &[2, 2], "[_S(0, 2), S(0)]", "[R, R]"), None);
+        // Reduce-scatters on mesh dims 0 then 1 merge when 4 divides the dim.
+        let rs = |rows: usize| merged(&[rows], &[2, 2], "[P(sum), P(sum)]", "[S(0), S(0)]");
+        assert_eq!(rs(8), Some(vec![(ReduceScatter, vec![0, 1])]));
+        assert_eq!(rs(6), None);
+        // All-reduces merge when the group's size divides the element count.
+        let ar = |n: usize| merged(&[n], &[2, 2], "[P(sum), P(sum)]", "[R, R]");
+        assert_eq!(ar(4), Some(vec![(AllReduce, vec![0, 1])]));
+        assert_eq!(ar(1), None);
+        // A step on a size-1 mesh dim merges by the collective its change needs.
+        let p = plan(&[8], &[2, 1, 2], "[S(0), S(0), S(0)]", "[R, R, R]").unwrap();
+        let alt = p.alternative.unwrap();
+        assert_eq!((alt.pytorch_collectives, alt.collectives), (2, 1));
+        assert_eq!(alt.steps[0].mesh_dims, vec![2, 1, 0]);
+        // All-to-alls never merge.
+        assert_eq!(
+            merged(&[8, 8], &[2, 2], "[S(0), S(0)]", "[S(1), S(1)]"),
+            None
+        );
     }
 }

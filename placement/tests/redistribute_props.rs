@@ -5,7 +5,8 @@
 
 use std::collections::BTreeSet;
 
-use placement::redistribute::{plan_redistribute, plan_traffic, Collective};
+use placement::redistribute::{plan_redistribute, Collective};
+use placement::traffic::plan_traffic;
 use placement::{local_data, local_shard, local_shard_for_rank, DeviceMesh, Placement};
 use proptest::prelude::*;
 

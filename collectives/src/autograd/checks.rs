@@ -526,20 +526,48 @@ fn replication(mesh: &DeviceMesh, ps: &[Placement]) -> f64 {
         .product()
 }
 
-/// One redistribute case: forward against the global reference (sum of the Partial terms,
-/// sliced by `dst`), and the adjoint identity with DTensor's inner product (sum over ranks of
-/// the local products, divided by the replication of the placements).
+/// One redistribute case of a tensor of `global` elements: PyTorch's plan and, where the plan
+/// has one, its cheaper alternative ([`Redistribute::cheaper`]), each checked by
+/// [`redistribute_op`].
 fn redistribute_case(
     comm: &dyn Communicator,
     mesh: &DeviceMesh,
-    src: &[Placement],
-    dst: &[Placement],
+    global: &[usize],
+    (src, dst): (&[Placement], &[Placement]),
     fails: &mut Vec<String>,
 ) -> CheckResult {
-    let global = [5usize, 3];
-    let what = format!("redistribute mesh {:?} {src:?} -> {dst:?}", mesh.shape());
+    let what = format!(
+        "redistribute {global:?} mesh {:?} {src:?} -> {dst:?}",
+        mesh.shape()
+    );
     let op =
-        Redistribute::new(&global, mesh, src, dst).map_err(|e| wrong(format!("{what}: {e}")))?;
+        Redistribute::new(global, mesh, src, dst).map_err(|e| wrong(format!("{what}: {e}")))?;
+    if let Some(cheaper) = op.cheaper() {
+        redistribute_op(
+            comm,
+            mesh,
+            global,
+            (src, dst),
+            &cheaper,
+            &format!("{what} (merged)"),
+            fails,
+        )?;
+    }
+    redistribute_op(comm, mesh, global, (src, dst), &op, &what, fails)
+}
+
+/// Forward of `op` against the global reference (sum of the Partial terms, sliced by `dst`),
+/// and the adjoint identity with DTensor's inner product (sum over ranks of the local
+/// products, divided by the replication of the placements).
+fn redistribute_op(
+    comm: &dyn Communicator,
+    mesh: &DeviceMesh,
+    global: &[usize],
+    (src, dst): (&[Placement], &[Placement]),
+    op: &Redistribute,
+    what: &str,
+    fails: &mut Vec<String>,
+) -> CheckResult {
     let w = comm.size();
     let coord_of = |r: usize| mesh.coordinate(r).map_err(|e| wrong(e.to_string()));
     let seed = |c: &[usize]| partial_seed(src, c, w);
@@ -550,15 +578,12 @@ fn redistribute_case(
             seeds.push(s);
         }
     }
-    let terms: Vec<LocalTensor<f64>> = seeds.iter().map(|&s| data(&global, s)).collect();
+    let terms: Vec<LocalTensor<f64>> = seeds.iter().map(|&s| data(global, s)).collect();
     let value = sum_all(&terms).map_err(from_autograd)?;
     let me = coord_of(comm.rank())?;
-    let x = take(
-        &data(&global, seed(&me)),
-        &shard_of(&global, mesh, src, &me)?,
-    )?;
+    let x = take(&data(global, seed(&me)), &shard_of(global, mesh, src, &me)?)?;
     let fx = op.forward(comm, &x).map_err(from_autograd)?;
-    let dst_shard = shard_of(&global, mesh, dst, &me)?;
+    let dst_shard = shard_of(global, mesh, dst, &me)?;
     let want = take(&value, &dst_shard)?;
     if fx != want {
         fails.push(format!(
@@ -569,7 +594,7 @@ fn redistribute_case(
             want.data()
         ));
     }
-    let y = take(&data(&global, 999), &dst_shard)?;
+    let y = take(&data(global, 999), &dst_shard)?;
     let xb = op.backward(comm, &y).map_err(from_autograd)?;
     if xb.shape() != x.shape() {
         fails.push(format!(
@@ -593,7 +618,8 @@ fn redistribute_case(
 }
 
 /// `Redistribute` on the 1-D mesh of all ranks and, for even world sizes from 4, on a
-/// `[2, W/2]` mesh, for Shard/Replicate/Partial(sum) sources (uneven 5 x 3 tensor).
+/// `[2, W/2]` mesh, for Shard/Replicate/Partial(sum) sources (uneven 5 x 3 tensor), and plans
+/// whose steps merge (all-gathers, all-reduces, reduce-scatters) on a `2W x 3` tensor.
 fn check_redistribute(comm: &dyn Communicator) -> CheckResult {
     use Placement::{Replicate as R, Shard as S};
     let p = Placement::Partial(PartialOp::Sum);
@@ -609,7 +635,7 @@ fn check_redistribute(comm: &dyn Communicator) -> CheckResult {
         ([R], [S(1)]),
         ([R], [R]),
     ] {
-        redistribute_case(comm, &mesh1, &src, &dst, &mut fails)?;
+        redistribute_case(comm, &mesh1, &[5, 3], (&src, &dst), &mut fails)?;
     }
     if w >= 4 && w % 2 == 0 {
         let mesh2 = DeviceMesh::new(vec![2, w / 2]).map_err(|e| wrong(e.to_string()))?;
@@ -620,7 +646,14 @@ fn check_redistribute(comm: &dyn Communicator) -> CheckResult {
             ([S(0), R], [S(1), S(0)]),
             ([p, p], [S(0), R]),
         ] {
-            redistribute_case(comm, &mesh2, &src, &dst, &mut fails)?;
+            redistribute_case(comm, &mesh2, &[5, 3], (&src, &dst), &mut fails)?;
+        }
+        for (src, dst) in [
+            ([S(0), S(0)], [R, R]),
+            ([p, p], [R, R]),
+            ([p, p], [S(0), S(0)]),
+        ] {
+            redistribute_case(comm, &mesh2, &[2 * w, 3], (&src, &dst), &mut fails)?;
         }
     }
     finish(fails)

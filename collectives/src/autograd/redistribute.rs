@@ -17,6 +17,9 @@
 //! order). Source: `redistribute_local_tensor` and `Redistribute.backward` in
 //! `torch/distributed/tensor/_redistribute.py` (torch 2.15).
 //!
+//! [`Redistribute::cheaper`] runs the plan's cheaper alternative instead: merged steps as one
+//! collective on their flattened mesh dims ([`crate::mesh_dims_comm`]).
+//!
 //! Supported: `Shard`, `Replicate` and `Partial(sum)` sources, `Shard`/`Replicate` targets, and
 //! `_StridedShard` on either side where its split factor encodes a shard order (PyTorch's graph
 //! planner then plans on plain `S`, every step moving the last mesh dim of an order; the data
@@ -29,7 +32,7 @@ use super::ops::{all_reduce_sum, all_to_all_dim, chunk_dim, gather_dim, reduce_s
 use super::{AutogradError, LocalTensor};
 use crate::communicator::Communicator;
 use crate::dtype::Element;
-use crate::mesh::mesh_dim_comm;
+use crate::mesh::{mesh_dim_comm, mesh_dims_comm};
 use placement::redistribute::{plan_redistribute, Collective, Planner, RedistributePlan, Step};
 use placement::{DeviceMesh, PartialOp, Placement};
 
@@ -57,6 +60,9 @@ fn order_of(step: &Step, d: usize) -> &[usize] {
 pub struct Redistribute {
     mesh: DeviceMesh,
     plan: RedistributePlan,
+    /// The steps run as one collective each, in order: `[i]` per step for PyTorch's plan, the
+    /// merged steps of [`RedistributePlan::alternative`] for [`Redistribute::cheaper`].
+    groups: Vec<Vec<usize>>,
 }
 
 impl Redistribute {
@@ -108,10 +114,39 @@ impl Redistribute {
                 }
             }
         }
+        let groups = (0..plan.steps.len()).map(|i| vec![i]).collect();
         Ok(Redistribute {
             mesh: mesh.clone(),
             plan,
+            groups,
         })
+    }
+
+    /// The same redistribution run as the plan's cheaper alternative
+    /// ([`placement::redistribute::cheaper_alternative`]): each merged step one collective on
+    /// the communicator of its flattened mesh dims ([`crate::mesh_dims_comm`]), with the unpadded
+    /// nested chunks as pieces. `None` when the plan has no alternative.
+    ///
+    /// | merged step (mesh dims M) | forward | backward |
+    /// |---|---|---|
+    /// | `S(i) -> R` (AllGather, M descending) | all_gather along i over M ascending | keep own chunk |
+    /// | `P(sum) -> R` (AllReduce) | all_reduce sum over M | identity |
+    /// | `P(sum) -> S(i)` (ReduceScatter, M ascending) | reduce_scatter along i over M | all_gather along i |
+    ///
+    /// Sums of a merged all-reduce run over the flattened group in rank order, so they may
+    /// round differently from PyTorch's per-dim sums.
+    pub fn cheaper(&self) -> Option<Self> {
+        let alt = self.plan.alternative.as_ref()?;
+        Some(Redistribute {
+            mesh: self.mesh.clone(),
+            plan: self.plan.clone(),
+            groups: alt.steps.iter().map(|m| m.merged.clone()).collect(),
+        })
+    }
+
+    /// The steps of [`Redistribute::plan`] run as one collective each, in order.
+    pub fn groups(&self) -> &[Vec<usize>] {
+        &self.groups
     }
 
     /// The plan being executed.
@@ -150,55 +185,133 @@ impl Redistribute {
             .coordinate(world.rank())
             .map_err(|e| unsupported(e.to_string()))?;
         let mut t = x.clone();
-        let steps: Vec<&Step> = if backward {
-            self.plan.steps.iter().rev().collect()
+        let groups: Vec<&Vec<usize>> = if backward {
+            self.groups.iter().rev().collect()
         } else {
-            self.plan.steps.iter().collect()
+            self.groups.iter().collect()
         };
-        for step in steps {
-            if step.collective == Collective::Noop {
-                continue;
-            }
-            let g = mesh_dim_comm(world, &self.mesh, step.mesh_dim)?;
-            let g = &*g;
-            t = match (step.src, step.dst, backward) {
-                (Placement::Shard(i), Placement::Replicate, false) => {
-                    gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
-                }
-                (Placement::Shard(i), Placement::Replicate, true) => {
-                    chunk_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
-                }
-                (Placement::Partial(_), Placement::Replicate, false) => all_reduce_sum(g, &t)?,
-                (Placement::Partial(_), Placement::Replicate, true) => t,
-                (Placement::Partial(_), Placement::Shard(i), false) => {
-                    reduce_scatter_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
-                }
-                (Placement::Partial(_), Placement::Shard(i), true) => {
-                    gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
-                }
-                (Placement::Shard(i), Placement::Shard(j), false) => {
-                    let (si, sj) = (self.sizes(step, &coord, i)?, self.sizes(step, &coord, j)?);
-                    all_to_all_dim(OP, g, &t, (i, &si), (j, &sj))?
-                }
-                (Placement::Shard(i), Placement::Shard(j), true) => {
-                    let (si, sj) = (self.sizes(step, &coord, i)?, self.sizes(step, &coord, j)?);
-                    all_to_all_dim(OP, g, &t, (j, &sj), (i, &si))?
-                }
-                (Placement::Replicate, Placement::Shard(i), false) => {
-                    chunk_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
-                }
-                (Placement::Replicate, Placement::Shard(i), true) => {
-                    gather_dim(OP, g, &t, i, &self.sizes(step, &coord, i)?)?
-                }
-                (s, d, _) => {
-                    return Err(unsupported(format!(
-                        "step {s:?} -> {d:?} on mesh dim {}",
-                        step.mesh_dim
-                    )))
-                }
+        for group in groups {
+            let steps = group
+                .iter()
+                .map(|&i| self.plan.steps.get(i))
+                .collect::<Option<Vec<&Step>>>()
+                .ok_or_else(|| unsupported(format!("merged step {group:?} names no step")))?;
+            t = match steps.as_slice() {
+                [step] => self.run_step(world, &coord, step, t, backward)?,
+                _ => self.run_merged(world, &coord, &steps, t, backward)?,
             };
         }
         Ok(t)
+    }
+
+    /// One step of the plan on its mesh dim's communicator.
+    fn run_step<T: Element>(
+        &self,
+        world: &dyn Communicator,
+        coord: &[usize],
+        step: &Step,
+        t: LocalTensor<T>,
+        backward: bool,
+    ) -> Result<LocalTensor<T>> {
+        if step.collective == Collective::Noop {
+            return Ok(t);
+        }
+        let g = mesh_dim_comm(world, &self.mesh, step.mesh_dim)?;
+        let g = &*g;
+        Ok(match (step.src, step.dst, backward) {
+            (Placement::Shard(i), Placement::Replicate, false) => {
+                gather_dim(OP, g, &t, i, &self.sizes(step, coord, i)?)?
+            }
+            (Placement::Shard(i), Placement::Replicate, true) => {
+                chunk_dim(OP, g, &t, i, &self.sizes(step, coord, i)?)?
+            }
+            (Placement::Partial(_), Placement::Replicate, false) => all_reduce_sum(g, &t)?,
+            (Placement::Partial(_), Placement::Replicate, true) => t,
+            (Placement::Partial(_), Placement::Shard(i), false) => {
+                reduce_scatter_dim(OP, g, &t, i, &self.sizes(step, coord, i)?)?
+            }
+            (Placement::Partial(_), Placement::Shard(i), true) => {
+                gather_dim(OP, g, &t, i, &self.sizes(step, coord, i)?)?
+            }
+            (Placement::Shard(i), Placement::Shard(j), false) => {
+                let (si, sj) = (self.sizes(step, coord, i)?, self.sizes(step, coord, j)?);
+                all_to_all_dim(OP, g, &t, (i, &si), (j, &sj))?
+            }
+            (Placement::Shard(i), Placement::Shard(j), true) => {
+                let (si, sj) = (self.sizes(step, coord, i)?, self.sizes(step, coord, j)?);
+                all_to_all_dim(OP, g, &t, (j, &sj), (i, &si))?
+            }
+            (Placement::Replicate, Placement::Shard(i), false) => {
+                chunk_dim(OP, g, &t, i, &self.sizes(step, coord, i)?)?
+            }
+            (Placement::Replicate, Placement::Shard(i), true) => {
+                gather_dim(OP, g, &t, i, &self.sizes(step, coord, i)?)?
+            }
+            (s, d, _) => {
+                return Err(unsupported(format!(
+                    "step {s:?} -> {d:?} on mesh dim {}",
+                    step.mesh_dim
+                )))
+            }
+        })
+    }
+
+    /// Consecutive steps with one `src -> dst` change run as one collective on their flattened
+    /// mesh dims (ascending; the group's pieces are the nested chunks in data order).
+    fn run_merged<T: Element>(
+        &self,
+        world: &dyn Communicator,
+        coord: &[usize],
+        steps: &[&Step],
+        t: LocalTensor<T>,
+        backward: bool,
+    ) -> Result<LocalTensor<T>> {
+        let mut dims: Vec<usize> = steps.iter().map(|s| s.mesh_dim).collect();
+        dims.sort_unstable();
+        let first = steps[0];
+        let g = mesh_dims_comm(world, &self.mesh, &dims)?;
+        let g = &*g;
+        // Pieces of tensor dim d over the group: the size d has before the first merged dim in
+        // its shard order, split by the merged dims in ascending order.
+        let pieces = |d: usize| -> Result<Vec<usize>> {
+            let mut n = self.plan.global_shape[d];
+            for &m in order_of(first, d).iter().take_while(|m| !dims.contains(m)) {
+                n = placement::chunk(n, self.mesh.shape()[m], coord[m])
+                    .map_err(|e| unsupported(e.to_string()))?
+                    .0;
+            }
+            let mut sizes = vec![n];
+            for &m in &dims {
+                let k = self.mesh.shape()[m];
+                sizes = sizes
+                    .iter()
+                    .map(|&p| super::chunk_sizes(p, k))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat();
+            }
+            Ok(sizes)
+        };
+        Ok(match (first.src, first.dst, backward) {
+            (Placement::Shard(i), Placement::Replicate, false) => {
+                gather_dim(OP, g, &t, i, &pieces(i)?)?
+            }
+            (Placement::Shard(i), Placement::Replicate, true) => {
+                chunk_dim(OP, g, &t, i, &pieces(i)?)?
+            }
+            (Placement::Partial(_), Placement::Replicate, false) => all_reduce_sum(g, &t)?,
+            (Placement::Partial(_), Placement::Replicate, true) => t,
+            (Placement::Partial(_), Placement::Shard(i), false) => {
+                reduce_scatter_dim(OP, g, &t, i, &pieces(i)?)?
+            }
+            (Placement::Partial(_), Placement::Shard(i), true) => {
+                gather_dim(OP, g, &t, i, &pieces(i)?)?
+            }
+            (s, d, _) => {
+                return Err(unsupported(format!(
+                    "merged step {s:?} -> {d:?} on mesh dims {dims:?}"
+                )))
+            }
+        })
     }
 
     /// Forward: this rank's local tensor in `src` placements -> in `dst` placements.
