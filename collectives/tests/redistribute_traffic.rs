@@ -31,6 +31,43 @@ fn case(even: bool) -> impl Strategy<Value = common::Case> {
     })
 }
 
+/// Cases whose steps tend to merge: one placement (`S(d)` or `P(sum)`) on most mesh dims of a
+/// 2-D or 3-D mesh, to `R` or one `S(d')` on most mesh dims; dims as in [`case`].
+fn merge_case(even: bool) -> impl Strategy<Value = common::Case> {
+    let dim = if even {
+        prop_oneof![Just(24usize), Just(48usize)].boxed()
+    } else {
+        (0usize..=7).boxed()
+    };
+    (1usize..=3, 2usize..=3).prop_flat_map(move |(ndim, mdim)| {
+        let hot_src = prop_oneof![
+            (0..ndim).prop_map(Placement::Shard),
+            Just(Placement::Partial(PartialOp::Sum))
+        ];
+        let hot_dst = prop_oneof![
+            Just(Placement::Replicate),
+            (0..ndim).prop_map(Placement::Shard)
+        ];
+        (
+            prop::collection::vec(dim.clone(), ndim),
+            prop::collection::vec(1usize..=3, mdim)
+                .prop_filter("at most 8 ranks", |m| m.iter().product::<usize>() <= 8),
+            hot_src,
+            hot_dst,
+            prop::collection::vec((common::source(ndim), prop::bool::weighted(0.15)), mdim),
+            prop::collection::vec((common::target(ndim), prop::bool::weighted(0.15)), mdim),
+        )
+            .prop_map(|(shape, mesh, hs, hd, src, dst)| {
+                let pick = |hot: Placement, v: Vec<(Placement, bool)>| -> Vec<Placement> {
+                    v.into_iter()
+                        .map(|(p, keep)| if keep { p } else { hot })
+                        .collect()
+                };
+                (shape, mesh, pick(hs, src), pick(hd, dst))
+            })
+    })
+}
+
 /// Runs the plan forward on a threads world; returns each rank's (sent, received) bytes as
 /// counted by the backend, after checking each rank's output against the direct slice.
 fn counted(
@@ -170,6 +207,25 @@ proptest! {
             prop_assert!(g.0 <= w.0 && g.1 <= w.1, "rank {}: counted {:?}, planned {:?}", rank, g, w);
         }
         check_cheaper(&shape, &mesh, &src, &dst, &r, false)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn merged_steps_move_no_more_than_the_default(
+        (shape, mesh_shape, src, dst) in merge_case(true),
+        (ushape, umesh_shape, usrc, udst) in merge_case(false),
+    ) {
+        for (shape, mesh_shape, src, dst, even) in
+            [(shape, mesh_shape, src, dst, true), (ushape, umesh_shape, usrc, udst, false)]
+        {
+            let mesh = DeviceMesh::new(mesh_shape).unwrap();
+            if let Ok(r) = Redistribute::new(&shape, &mesh, &src, &dst) {
+                check_cheaper(&shape, &mesh, &src, &dst, &r, even)?;
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 """Oracle generator: placement cases from PyTorch DTensor's own code (torch 2.15, CPU).
 
 Writes placement/oracle/cases.json in the placement-cases/1 format (read by placement::cases):
-kinds `local`, `global_from_local`, `view`, `redistribute`, and `fsdp2` (fsdp2_worker.py: torch's
+kinds `local`, `global_from_local`, `view`, `redistribute`, `redistribute_merge`, and `fsdp2` (fsdp2_worker.py: torch's
 own `fully_shard`, one fake-process-group process per rank).
 
 Set-up: one subprocess per world size W runs
@@ -14,7 +14,8 @@ propagation caches between ranks.
 Deterministic: every random choice comes from `random.Random(seed)` with a fixed seed per world
 size; the output is sorted by id.
 
-Usage: python3 placement/oracle/generate_cases.py [--out PATH] [--only-fsdp2 | --only-strided-redistribute]
+Usage: python3 placement/oracle/generate_cases.py [--out PATH]
+       [--only-fsdp2 | --only-strided-redistribute | --only-merged-redistribute]
 """
 
 import argparse
@@ -54,7 +55,7 @@ def mesh_shapes(w):
     return res
 
 
-def worker(w, seed=0, only_strided=False):
+def worker(w, seed=0, only=None):
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -232,8 +233,87 @@ def worker(w, seed=0, only_strided=False):
                 out.append(case)
         return out
 
-    if only_strided:
+    def merged_redistribute_cases():
+        """`redistribute_merge`: which consecutive steps of torch's plan merge into one
+        collective on a flattened mesh (`_optimize_transform_infos`) when every flattened mesh
+        of two or more dims exists, at every rank's coordinate, and the collectives
+        CommDebugMode counts when the plan runs with those meshes. Placements lean towards one
+        placement on every mesh dim and dims towards multiples of the mesh size, so that merges
+        arise. Its own random stream and its own named meshes."""
+        from torch.distributed.tensor._redistribute import (
+            _FlattenedTransformInfo,
+            _optimize_transform_infos,
+            clear_redistribute_planner_cache,
+        )
+
+        rm = random.Random(11000 + w + 100003 * seed)
+        out = []
+        for shape in [s for s in meshes if len(s) > 1]:
+            names = tuple(f"m{i}" for i in range(len(shape)))
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+            for r in range(2, len(shape) + 1):
+                for sub in itertools.combinations(names, r):
+                    mesh[sub]._flatten()
+
+            def one(ndim, hot, op):
+                if rm.random() < 0.8:
+                    return hot
+                k = rm.choice(["S", "R", "P"])
+                return Shard(rm.randrange(ndim)) if k == "S" else Replicate() if k == "R" else Partial(op)
+
+            for i in range(max(12, 150 // len([s for s in meshes if len(s) > 1]))):
+                ndim = rm.choice([1, 2, 2, 3])
+                size = 1
+                for k in shape:
+                    size *= k
+                g = [rm.choice(SIZES) if rm.random() < 0.5 else size * rm.choice([1, 2]) for _ in range(ndim)]
+                op = rm.choice(["sum", "sum", "sum", "avg", "max"])
+                hot_src = rm.choice([Shard(rm.randrange(ndim)), Partial(op)])
+                hot_dst = rm.choice([Replicate(), Shard(rm.randrange(ndim))])
+                src = [one(ndim, hot_src, op) for _ in shape]
+                dst = [one(ndim, hot_dst, "sum") for _ in shape]
+                dst = [Replicate() if p.is_partial() else p for p in dst]
+                case = redistribute_case(shape, g, src, dst, str(i))
+                case["id"] = case["id"].replace("redistribute/", "redistribute_merge/", 1)
+                case["kind"] = "redistribute_merge"
+                meta = TensorMeta(torch.Size(g), torch.zeros(g).stride(), torch.float32)
+                per_rank = []
+                try:
+                    for c in coords(shape):
+                        set_coord(mesh, c)
+                        clear_redistribute_planner_cache()
+                        infos = _gen_transform_infos_non_cached(
+                            DTensorSpec(mesh, tuple(src), tensor_meta=meta),
+                            DTensorSpec(mesh, tuple(dst), tensor_meta=meta),
+                        )
+                        opt = _optimize_transform_infos(infos, mesh, tuple(src), tuple(dst))
+                        per_rank.append(
+                            [list(t.original_mesh_dims) for t in opt if isinstance(t, _FlattenedTransformInfo)]
+                        )
+                    set_coord(mesh, [0] * len(shape))
+                    clear_redistribute_planner_cache()
+                    x, _ = planned(mesh, g, src, dst)
+                    with CommDebugMode() as cdm:
+                        x.redistribute(mesh, dst)
+                except Exception:  # noqa: BLE001
+                    continue  # torch refuses the pair: the `redistribute` kind covers errors
+                case["merged"] = per_rank[0]
+                case["comm_counts"] = dict(
+                    sorted((str(k), int(v)) for k, v in cdm.get_comm_counts().items() if v)
+                )
+                if any(m != per_rank[0] for m in per_rank):
+                    case["excluded"] = (
+                        "torch decides each merge on each rank's logical shape and the ranks "
+                        f"decide differently ({per_rank}); a plan here is one decision for all ranks"
+                    )
+                out.append(case)
+        return out
+
+    if only == "strided":
         json.dump(strided_redistribute_cases(), sys.stdout)
+        return
+    if only == "merged":
+        json.dump(merged_redistribute_cases(), sys.stdout)
         return
 
     # ---- local ----
@@ -796,6 +876,7 @@ def worker(w, seed=0, only_strided=False):
             cases.append(case)
 
     cases.extend(strided_redistribute_cases())
+    cases.extend(merged_redistribute_cases())
     json.dump(cases, sys.stdout)
 
 
@@ -852,9 +933,15 @@ def main():
         action="store_true",
         help="regenerate the redistribute cases with _StridedShard only (ids .../ss<i>), keeping the others",
     )
+    ap.add_argument(
+        "--only-merged-redistribute",
+        action="store_true",
+        help="regenerate the redistribute_merge cases only, keeping the others",
+    )
     a = ap.parse_args()
+    only = "strided" if a.only_strided_redistribute else "merged" if a.only_merged_redistribute else None
     if a.worker is not None:
-        worker(a.worker, a.seed, a.only_strided_redistribute)
+        worker(a.worker, a.seed, only)
         return
     import torch
 
@@ -866,10 +953,11 @@ def main():
     if a.only_fsdp2:
         with open(a.out) as f:
             cases = [c for c in json.load(f)["cases"] if c["kind"] != "fsdp2"]
-    if a.only_strided_redistribute:
+    if only is not None:
+        keep = (lambda c: not strided(c)) if only == "strided" else (lambda c: c["kind"] != "redistribute_merge")
         with open(a.out) as f:
-            cases = [c for c in json.load(f)["cases"] if not strided(c)]
-    extra = ["--only-strided-redistribute"] if a.only_strided_redistribute else []
+            cases = [c for c in json.load(f)["cases"] if keep(c)]
+    extra = {"strided": ["--only-strided-redistribute"], "merged": ["--only-merged-redistribute"]}.get(only, [])
     for w in [] if a.only_fsdp2 else WORLD_SIZES:
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--worker", str(w), "--seed", str(a.seed)] + extra,
@@ -880,7 +968,7 @@ def main():
         got = json.loads(out)
         print(f"world size {w}: {len(got)} cases", file=sys.stderr)
         cases.extend(got)
-    if not a.only_strided_redistribute:
+    if only is None:
         cases.extend(fsdp2_cases(a.seed))
     print(f"fsdp2: {sum(c['kind'] == 'fsdp2' for c in cases)} cases", file=sys.stderr)
     cases.sort(key=lambda c: c["id"])

@@ -1,7 +1,8 @@
 //! The case checker: evaluates every case of a `placement-cases/1` JSON file (the document
 //! `oracle/generate_cases.py` writes: `format`, `torch_version`, and `cases`, objects with `id`, `kind`
 //! and the kind's fields) against this crate and reports pass, fail
-//! or excluded per case. Kinds: `local`, `global_from_local`, `view`, `redistribute`, `fsdp2`.
+//! or excluded per case. Kinds: `local`, `global_from_local`, `view`, `redistribute`,
+//! `redistribute_merge`, `fsdp2`.
 //!
 //! A case carrying an `"excluded": "reason"` field is a documented PyTorch self-disagreement
 //! (e.g. uneven `_StridedShard`, issue 168134): it is reported as [`CaseOutcome::Excluded`] and
@@ -17,7 +18,7 @@ use crate::local::{infer_global_shape, local_shard};
 use crate::mesh::DeviceMesh;
 use crate::parallel::{fsdp2_sharding, ModelParallel};
 use crate::placement::{normalize_dim, Placement};
-use crate::redistribute::{plan_redistribute, DeviceType};
+use crate::redistribute::{merged_steps, plan_redistribute, DeviceType, MergeRules};
 use crate::view::{permute_placements, transpose_placements};
 use crate::view_more::{
     flatten_placements, squeeze_placements, stack_placements, unflatten_placements,
@@ -139,6 +140,7 @@ pub fn check_case(i: usize, case: &Value) -> CaseResult {
         "global_from_local" => check_global_from_local(case),
         "view" => check_view(case),
         "redistribute" => check_redistribute(case),
+        "redistribute_merge" => check_redistribute_merge(case),
         "fsdp2" => check_fsdp2(case),
         other => Err(format!("unknown case kind `{other}`")),
     };
@@ -576,6 +578,45 @@ fn check_redistribute(case: &Value) -> Check {
         }
     }
     Ok(result)
+}
+
+/// A `redistribute_merge` case: the merged steps of PyTorch's plan with every flattened mesh
+/// present (`merged`: the mesh dims of each merged step, ascending, as torch's
+/// `_FlattenedTransformInfo.original_mesh_dims`) and the collectives CommDebugMode counts when it
+/// runs (`comm_counts`, CPU mesh), against [`merged_steps`] under [`MergeRules::PyTorch`].
+fn check_redistribute_merge(case: &Value) -> Check {
+    let g = usizes(case, "global_shape")?;
+    let mesh = mesh(case)?;
+    let (src, dst) = (placements(case, "src")?, placements(case, "dst")?);
+    let expected = serde_json::json!({
+        "merged": field(case, "merged")?,
+        "comm_counts": field(case, "comm_counts")?,
+    });
+    let plan = match plan_redistribute(&g, &mesh, &src, &dst) {
+        Ok(plan) => plan,
+        Err(e) => return Ok(Some((expected.to_string(), format!("error: {e}")))),
+    };
+    let steps = merged_steps(&plan, MergeRules::PyTorch);
+    let merged: Vec<Vec<usize>> = steps
+        .iter()
+        .filter(|m| m.merged.len() > 1)
+        .map(|m| {
+            let mut d = m.mesh_dims.clone();
+            d.sort_unstable();
+            d
+        })
+        .collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for name in steps
+        .iter()
+        .filter_map(|m| m.collective.comm_name_on(DeviceType::Cpu))
+    {
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    compare(
+        expected,
+        serde_json::json!({"merged": merged, "comm_counts": counts}),
+    )
 }
 
 /// This crate's answer to a `redistribute` case, as JSON: steps and comm counts, or the error.

@@ -393,7 +393,13 @@ fn comm_kind(src: Placement, dst: Placement) -> Option<Collective> {
 /// Whether the consecutive steps `group` of `plan` (at least two, one collective kind, equal
 /// `src -> dst`) run as one collective on their flattened mesh dims, by the rules
 /// [`cheaper_alternative`] gives.
-fn merges(plan: &RedistributePlan, mesh: &DeviceMesh, group: &[&Step], kind: Collective) -> bool {
+fn merges(
+    plan: &RedistributePlan,
+    mesh: &DeviceMesh,
+    group: &[&Step],
+    kind: Collective,
+    rules: MergeRules,
+) -> bool {
     let dims: Vec<usize> = group.iter().map(|s| s.mesh_dim).collect();
     let mut sorted = dims.clone();
     sorted.sort_unstable();
@@ -418,9 +424,10 @@ fn merges(plan: &RedistributePlan, mesh: &DeviceMesh, group: &[&Step], kind: Col
         })
     };
     let d = first.src.shard_dim().or(first.dst.shard_dim());
+    let ours = rules == MergeRules::Even;
     match kind {
-        Collective::AllReduce => divides(None),
-        Collective::AllGather => dims == descending && d.is_some() && divides(d),
+        Collective::AllReduce => !ours || divides(None),
+        Collective::AllGather => dims == descending && d.is_some() && (!ours || divides(d)),
         Collective::ReduceScatter => dims == sorted && d.is_some() && divides(d),
         _ => false,
     }
@@ -452,7 +459,38 @@ fn merges(plan: &RedistributePlan, mesh: &DeviceMesh, group: &[&Step], kind: Col
 /// With even splits a merged step moves no more bytes on any rank than the steps it replaces.
 /// Bytes per rank of the merged steps: [`crate::traffic::alternative_traffic`].
 pub fn cheaper_alternative(plan: &RedistributePlan) -> Option<AlternativePlan> {
-    let mesh = DeviceMesh::new(plan.mesh_shape.clone()).ok()?;
+    let merged = merged_steps(plan, MergeRules::Even);
+    let launches =
+        |c: &mut dyn Iterator<Item = Collective>| c.filter(|c| c.comm_name().is_some()).count();
+    let pytorch = launches(&mut plan.steps.iter().map(|s| s.collective));
+    let count = launches(&mut merged.iter().map(|s| s.collective));
+    (count < pytorch).then_some(AlternativePlan {
+        steps: merged,
+        pytorch_collectives: pytorch,
+        collectives: count,
+    })
+}
+
+/// Which merges [`merged_steps`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MergeRules {
+    /// PyTorch's (`_optimize_transform_infos`, every flattened mesh present): what torch 2.15
+    /// runs, uneven all-gathers and all-reduces included.
+    PyTorch,
+    /// PyTorch's, and all-gathers and all-reduces only where the group's size divides the
+    /// tensor dim (the element count) on every rank: the rules of [`cheaper_alternative`].
+    Even,
+}
+
+/// The steps of `plan` with each run of consecutive mergeable steps (see
+/// [`cheaper_alternative`]) merged under `rules`: every step of the plan in exactly one merged
+/// step, in order. A merged step over mesh dims whose sizes multiply to 1 is a
+/// [`Collective::Noop`]. PyTorch decides each merge on each rank's logical shape; this is one
+/// decision for all ranks (a reduce-scatter merges only where it may on every rank).
+pub fn merged_steps(plan: &RedistributePlan, rules: MergeRules) -> Vec<MergedStep> {
+    let Ok(mesh) = DeviceMesh::new(plan.mesh_shape.clone()) else {
+        return Vec::new();
+    };
     let kind = |s: &Step| comm_kind(s.src, s.dst);
     let mergeable = |k: Option<Collective>| {
         matches!(
@@ -471,31 +509,24 @@ pub fn cheaper_alternative(plan: &RedistributePlan) -> Option<AlternativePlan> {
             }
         }
         let group: Vec<&Step> = plan.steps[i..j].iter().collect();
-        if group.len() > 1 && kind(s).is_some_and(|k| merges(plan, &mesh, &group, k)) {
-            let k: usize = group.iter().map(|g| plan.mesh_shape[g.mesh_dim]).product();
-            merged.push(MergedStep {
-                mesh_dims: group.iter().map(|g| g.mesh_dim).collect(),
-                collective: if k == 1 { Collective::Noop } else { kind(s)? },
-                merged: (i..j).collect(),
-            });
-        } else {
-            merged.extend((i..j).map(|x| MergedStep {
+        match kind(s) {
+            Some(k) if group.len() > 1 && merges(plan, &mesh, &group, k, rules) => {
+                let size: usize = group.iter().map(|g| plan.mesh_shape[g.mesh_dim]).product();
+                merged.push(MergedStep {
+                    mesh_dims: group.iter().map(|g| g.mesh_dim).collect(),
+                    collective: if size == 1 { Collective::Noop } else { k },
+                    merged: (i..j).collect(),
+                });
+            }
+            _ => merged.extend((i..j).map(|x| MergedStep {
                 mesh_dims: vec![plan.steps[x].mesh_dim],
                 collective: plan.steps[x].collective,
                 merged: vec![x],
-            }));
+            })),
         }
         i = j;
     }
-    let launches =
-        |c: &mut dyn Iterator<Item = Collective>| c.filter(|c| c.comm_name().is_some()).count();
-    let pytorch = launches(&mut plan.steps.iter().map(|s| s.collective));
-    let count = launches(&mut merged.iter().map(|s| s.collective));
-    (count < pytorch).then_some(AlternativePlan {
-        steps: merged,
-        pytorch_collectives: pytorch,
-        collectives: count,
-    })
+    merged
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ fn committed_oracle_cases_all_pass() {
         ("global_from_local", 100),
         ("view", 100),
         ("redistribute", 100),
+        ("redistribute_merge", 300),
         ("fsdp2", 300),
     ] {
         assert!(
