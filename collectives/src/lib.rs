@@ -31,6 +31,7 @@
 
 pub mod autograd;
 mod call;
+mod check;
 mod communicator;
 mod dtype;
 mod error;

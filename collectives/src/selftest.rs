@@ -17,19 +17,7 @@ use crate::dtype::{DType, ReduceOp};
 use crate::error::CommError;
 use crate::mesh::mesh_dim_comm;
 
-/// Why a check failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckError {
-    /// A collective returned an error the check did not expect.
-    #[error(transparent)]
-    Comm(#[from] CommError),
-    /// A collective returned a wrong value or the wrong kind of error (message says which).
-    #[error("{0}")]
-    Wrong(String),
-}
-
-/// Outcome of one check.
-pub type CheckResult = std::result::Result<(), CheckError>;
+pub use crate::check::{CheckError, CheckResult};
 
 /// One named check: collective, returns its outcome.
 type Check = fn(&dyn Communicator) -> CheckResult;

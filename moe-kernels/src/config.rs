@@ -168,7 +168,9 @@ pub struct MoeForward<F = f32> {
     /// selected logits scattered into `[T, E]`, zero elsewhere).
     pub routing: Routing<F>,
     /// Activations the fast backward reuses (`None` from the reference path, which recomputes).
-    pub(crate) saved: Option<crate::fast::Saved>,
+    /// Held opaque (the fast path's own type, shared by clones), so that this shared vocabulary
+    /// does not depend on the path that fills it.
+    pub(crate) saved: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Sizes of one block: `T` tokens, `H` hidden, `E` experts, `I` expert intermediate, `k`,
@@ -384,4 +386,41 @@ pub(crate) fn check_activation(act: &Activation) -> Result<()> {
             "activation limit = {limit} must be finite and > 0"
         )))
     }
+}
+
+/// Checks `grad_output` `[T, H]` and the saved routing `[T, k]` / `[T, E]`.
+pub(crate) fn check_saved<F: Real>(
+    grad_output: ArrayView2<F>,
+    fwd: &MoeForward<F>,
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    top_k: usize,
+) -> Result<()> {
+    if grad_output.dim() != (tokens, hidden) {
+        return Err(KernelError::ShapeMismatch {
+            tensor: "grad_output",
+            expected: format!("[T={tokens}, H={hidden}]"),
+            got: grad_output.shape().to_vec(),
+        });
+    }
+    let r = &fwd.routing;
+    if r.top_k_index.dim() != (tokens, top_k)
+        || r.top_k_weights.dim() != (tokens, top_k)
+        || r.probs.dim() != (tokens, experts)
+    {
+        return Err(KernelError::ShapeMismatch {
+            tensor: "fwd.routing",
+            expected: format!("top_k_* [T={tokens}, k={top_k}], probs [T, E={experts}]"),
+            got: r.top_k_index.shape().to_vec(),
+        });
+    }
+    if let Some(&bad) = r.top_k_index.iter().find(|&&e| e >= experts) {
+        return Err(KernelError::ShapeMismatch {
+            tensor: "fwd.routing.top_k_index",
+            expected: format!("expert ids < E={experts}"),
+            got: vec![bad],
+        });
+    }
+    Ok(())
 }

@@ -12,7 +12,6 @@
 
 mod moe_block;
 
-pub(crate) use moe_block::check_saved;
 pub use moe_block::{moe_backward, moe_forward};
 
 use ndarray::{s, Array2, ArrayView2, ArrayView3, Axis};

@@ -19,7 +19,7 @@ use super::{
 use crate::communicator::{Communicator, CommunicatorExt};
 use crate::dtype::{Element, ReduceOp};
 use crate::error::CommError;
-use crate::selftest::{CheckError, CheckResult};
+use crate::check::{CheckError, CheckResult};
 use placement::{local_data, local_shard, DeviceMesh, LocalShard, PartialOp, Placement};
 
 /// Float element types the checks run on.

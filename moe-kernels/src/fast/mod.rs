@@ -21,10 +21,9 @@ pub mod stages;
 
 use ndarray::{Array2, ArrayView2};
 
-use crate::config::{check_block, MoeConfig, MoeForward, MoeGrads, MoeParams};
+use crate::config::{check_block, check_saved, MoeConfig, MoeForward, MoeGrads, MoeParams};
 use crate::error::Result;
 use crate::permute::Permutation;
-use crate::reference::check_saved;
 pub use stages::{
     combine_backward, combine_forward, experts_backward, experts_forward, experts_forward_rows,
     permute_backward, permute_forward, router_backward, router_forward, shared_expert_backward,
@@ -63,7 +62,7 @@ pub fn moe_forward(
     cfg: &MoeConfig,
 ) -> Result<MoeForward<f32>> {
     let (mut fwd, saved) = forward_inner(x, p, cfg)?;
-    fwd.saved = Some(saved);
+    fwd.saved = Some(std::sync::Arc::new(saved));
     Ok(fwd)
 }
 
@@ -142,7 +141,7 @@ pub fn moe_backward(
     let d = check_block(x, p, cfg)?;
     check_saved(grad_output, fwd, d.tokens, d.hidden, d.experts, d.top_k)?;
     let recomputed;
-    let sv = match &fwd.saved {
+    let sv = match fwd.saved.as_ref().and_then(|s| s.downcast_ref::<Saved>()) {
         Some(sv) => sv,
         None => {
             recomputed = forward_inner(x, p, cfg)?.1;

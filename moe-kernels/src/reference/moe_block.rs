@@ -13,10 +13,11 @@ use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut1, Axis};
 
 use crate::activation::{glu_backward, glu_forward, sigmoid};
 use crate::config::{
+    check_saved,
     check_block, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams, SharedExpertGrads,
     SharedExpertParams,
 };
-use crate::error::{KernelError, Result};
+use crate::error::Result;
 use crate::routing::{route, route_backward};
 use crate::scalar::Real;
 
@@ -336,39 +337,3 @@ fn shared_backward<F: Real>(
     sg
 }
 
-/// Checks `grad_output` `[T, H]` and the saved routing `[T, k]` / `[T, E]`.
-pub(crate) fn check_saved<F: Real>(
-    grad_output: ArrayView2<F>,
-    fwd: &MoeForward<F>,
-    tokens: usize,
-    hidden: usize,
-    experts: usize,
-    top_k: usize,
-) -> Result<()> {
-    if grad_output.dim() != (tokens, hidden) {
-        return Err(KernelError::ShapeMismatch {
-            tensor: "grad_output",
-            expected: format!("[T={tokens}, H={hidden}]"),
-            got: grad_output.shape().to_vec(),
-        });
-    }
-    let r = &fwd.routing;
-    if r.top_k_index.dim() != (tokens, top_k)
-        || r.top_k_weights.dim() != (tokens, top_k)
-        || r.probs.dim() != (tokens, experts)
-    {
-        return Err(KernelError::ShapeMismatch {
-            tensor: "fwd.routing",
-            expected: format!("top_k_* [T={tokens}, k={top_k}], probs [T, E={experts}]"),
-            got: r.top_k_index.shape().to_vec(),
-        });
-    }
-    if let Some(&bad) = r.top_k_index.iter().find(|&&e| e >= experts) {
-        return Err(KernelError::ShapeMismatch {
-            tensor: "fwd.routing.top_k_index",
-            expected: format!("expert ids < E={experts}"),
-            got: vec![bad],
-        });
-    }
-    Ok(())
-}
