@@ -1,9 +1,8 @@
-//! The [`MoeAdapter`] trait (one implementation per MoE model family) and [`adapter_for`], which
-//! picks the implementation from config.json's `model_type`.
+//! The [`MoeAdapter`] trait (one implementation per MoE model family; `adapter_for` in
+//! `family_adapter` picks it from config.json's `model_type`).
 
 use crate::checkpoint::HfCheckpoint;
 use crate::error::Result;
-use crate::family_adapter::FamilyAdapter;
 use crate::local::{LocalTensor, NativeTensorInfo};
 use crate::tensor::HostTensor;
 use placement::{DeviceMesh, Placement};
@@ -72,10 +71,4 @@ pub trait MoeAdapter {
     /// A native local shard -> the HF tensors it covers, with indices and placements moved through
     /// every transpose. No communication.
     fn to_hf_local(&self, local: &LocalTensor) -> Result<Vec<LocalTensor>>;
-}
-
-/// Chooses the adapter from config.json's model_type (layout detected from the keys); unknown ->
-/// error listing the supported ones.
-pub fn adapter_for(ckpt: &HfCheckpoint) -> Result<Box<dyn MoeAdapter>> {
-    Ok(Box::new(FamilyAdapter::from_checkpoint(ckpt)?))
 }

@@ -21,6 +21,8 @@
 //! divides I (else the index sets are authoritative: `LocalTensor::placements_match`).
 
 use crate::adapter::{MoeAdapter, NativeMoeKeys};
+pub use crate::adapter_layout::LayoutChoice;
+use crate::adapter_layout::{AdapterLayout, Side};
 use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
 use crate::family::{spec_for, ExpertStyle, FamilyConfig, FamilySpec, FusedOrientation};
@@ -96,19 +98,6 @@ pub(crate) fn split_layer<'a>(prefix: &str, key: &'a str) -> Option<(usize, &'a 
     let rest = key.strip_prefix(prefix)?.strip_prefix('.')?;
     let (l, rest) = rest.split_once('.')?;
     Some((l.parse().ok()?, rest))
-}
-
-/// Options for building an adapter without a checkpoint (tools, benchmarks, tests).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayoutChoice {
-    /// Layer prefix (`model.layers`).
-    pub prefix: String,
-    /// Disk module name of the MoE block (`mlp`, `block_sparse_moe`, `moe`).
-    pub moe_module: &'static str,
-    /// Expert layout.
-    pub layout: DiskLayout,
-    /// Router bias / score-correction bias / shared experts / shared-expert gate present.
-    pub optional: [bool; 4],
 }
 
 impl FamilyAdapter {
@@ -410,8 +399,8 @@ impl FamilyAdapter {
             }
             dtypes.push(dtype.map(|(d, _)| d).unwrap_or(Dtype::F32));
         }
-        crate::moe_block::check(self, ckpt, crate::moe_block::Side::Hf)?;
-        crate::model_keys::check(self, ckpt, crate::moe_block::Side::Hf)?;
+        crate::moe_block::check(self, ckpt, Side::Hf)?;
+        crate::model_keys::check(self, ckpt, Side::Hf)?;
         Ok(dtypes)
     }
 
@@ -733,6 +722,33 @@ fn fused_orientation(
                 known.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ")
             ))
         })
+}
+
+impl AdapterLayout for FamilyAdapter {
+    fn spec(&self) -> &FamilySpec {
+        &self.spec
+    }
+    fn config(&self) -> &FamilyConfig {
+        &self.config
+    }
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    fn layout_choice(&self) -> LayoutChoice {
+        FamilyAdapter::layout_choice(self)
+    }
+    fn is_expert_key(&self, key: &str, side: Side) -> bool {
+        match side {
+            Side::Hf => self.is_expert_disk_key(key),
+            Side::Native => self.group_of(key).is_some(),
+        }
+    }
+}
+
+/// Chooses the adapter from config.json's model_type (layout detected from the keys); unknown ->
+/// error listing the supported ones.
+pub fn adapter_for(ckpt: &HfCheckpoint) -> Result<Box<dyn MoeAdapter>> {
+    Ok(Box::new(FamilyAdapter::from_checkpoint(ckpt)?))
 }
 
 impl MoeAdapter for FamilyAdapter {

@@ -5,6 +5,7 @@
 //! little-endian bytes + dtype + shape ([`HostTensor`]). See README.md for the rules and sources.
 
 pub mod adapter;
+pub mod adapter_layout;
 pub mod checkpoint;
 pub mod convert;
 pub mod convert_dcp;
@@ -27,10 +28,10 @@ pub mod tensor;
 pub mod transpose;
 pub mod writer;
 
-pub use adapter::{adapter_for, MoeAdapter, NativeMoeKeys, SUPPORTED_MODEL_TYPES};
+pub use adapter::{MoeAdapter, NativeMoeKeys, SUPPORTED_MODEL_TYPES};
 pub use checkpoint::{HfCheckpoint, TensorInfo};
 pub use error::{AdapterError, Result};
-pub use family_adapter::FamilyAdapter;
+pub use family_adapter::{adapter_for, FamilyAdapter};
 pub use layout::DiskLayout;
 pub use local::{LocalTensor, NativeTensorInfo};
 pub use safetensors::Dtype;

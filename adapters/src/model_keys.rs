@@ -45,11 +45,11 @@
 //! vision tower (`model.visual.*`) and the Qwen3-Next / Qwen3.5 MTP head (`mtp.*`, which
 //! transformers ignores on load).
 
+use crate::adapter_layout::{AdapterLayout, Side};
 use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
 use crate::family::{get_usize, MAX_DIM};
-use crate::family_adapter::FamilyAdapter;
-use crate::moe_block::{block_tensors, Side};
+use crate::moe_block::block_tensors;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -145,7 +145,7 @@ impl Layer<'_> {
 }
 
 /// The non-MoE key set of `a`'s model under `root` (the checkpoint's config.json).
-pub fn expected(a: &FamilyAdapter, root: &Value) -> Result<ModelKeys> {
+pub fn expected(a: &dyn AdapterLayout, root: &Value) -> Result<ModelKeys> {
     let mt = a.spec().model_type;
     let cfg = match root.get("text_config") {
         Some(t @ Value::Object(_)) if root.get("hidden_size").is_none() => t,
@@ -404,7 +404,7 @@ fn linear_attention(f: &Fields, ly: &mut Layer, h: usize) -> Result<()> {
 /// the expert groups): under the MoE module `module` of a layer of `block` (keys after the
 /// layer prefix `lp`), or one of the block's tensors.
 fn in_moe_block(
-    a: &FamilyAdapter,
+    a: &dyn AdapterLayout,
     side: Side,
     (lp, module): (&str, &str),
     block: &BTreeMap<usize, Vec<String>>,
@@ -423,17 +423,14 @@ fn in_moe_block(
     rest.strip_prefix(module)
         .is_some_and(|r| r.starts_with('.'))
         || names.iter().any(|n| n == key)
-        || match side {
-            Side::Hf => a.is_expert_disk_key(key),
-            Side::Native => a.group_of(key).is_some(),
-        }
+        || a.is_expert_key(key, side)
 }
 
 /// Checks every key of `ckpt` (named as `side` says) outside the MoE blocks against
 /// [`expected`]: each required key present, each key of its shape, no key the model does not
 /// have. Errors name the checkpoint (or the tensor's file), the key, the expected shape with its
 /// dims and what was found.
-pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
+pub fn check(a: &dyn AdapterLayout, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
     let dir = ckpt.dir().display();
     let mt = a.spec().model_type;
     let want = expected(a, ckpt.config())?;

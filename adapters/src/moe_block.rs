@@ -10,18 +10,10 @@
 //! transformers' modules (`modeling_deepseek_v3.py`, `modeling_qwen3_next.py`,
 //! `modeling_gpt_oss.py`).
 
+use crate::adapter_layout::AdapterLayout;
+pub use crate::adapter_layout::Side;
 use crate::checkpoint::HfCheckpoint;
 use crate::error::{AdapterError, Result};
-use crate::family_adapter::FamilyAdapter;
-
-/// Which naming the checkpoint follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The family's HF disk names.
-    Hf,
-    /// This crate's native names.
-    Native,
-}
 
 /// One non-expert tensor of a MoE block.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +32,7 @@ pub struct BlockTensor {
 }
 
 /// The non-expert tensors of MoE layer `l` under `a`'s layout.
-pub fn block_tensors(a: &FamilyAdapter, l: usize) -> Vec<BlockTensor> {
+pub fn block_tensors(a: &dyn AdapterLayout, l: usize) -> Vec<BlockTensor> {
     let c = a.config();
     let spec = a.spec();
     let choice = a.layout_choice();
@@ -104,7 +96,7 @@ pub fn block_tensors(a: &FamilyAdapter, l: usize) -> Vec<BlockTensor> {
 /// Checks every MoE layer's non-expert tensors of `ckpt` (named as `side` says): present, of
 /// their shape, and no other key under the MoE module. Errors name the checkpoint, the key,
 /// the expected shape with its dims, and what was found.
-pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
+pub fn check(a: &dyn AdapterLayout, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
     let dir = ckpt.dir().display();
     let c = a.config();
     let module = match side {
@@ -183,10 +175,7 @@ pub fn check(a: &FamilyAdapter, ckpt: &HfCheckpoint, side: Side) -> Result<()> {
             .remove(&l)
             .unwrap_or_default()
             .into_iter()
-            .filter(|k| match side {
-                Side::Hf => !a.is_expert_disk_key(k),
-                Side::Native => a.group_of(k).is_none(),
-            })
+            .filter(|k| !a.is_expert_key(k, side))
             .filter(|k| !want.iter().any(|t| name(t) == *k))
             .collect();
         if let Some(k) = stray.first() {

@@ -16,10 +16,10 @@ use super::{
     chunk_sizes, AllToAllV, AutogradError, CollectiveFunction, CopyToTp, GatherFromTp, Layout,
     LocalTensor, Redistribute, ReduceFromTp, ScatterToTp, SpAllGather, SpReduceScatter,
 };
+use crate::check::{CheckError, CheckResult};
 use crate::communicator::{Communicator, CommunicatorExt};
 use crate::dtype::{Element, ReduceOp};
 use crate::error::CommError;
-use crate::check::{CheckError, CheckResult};
 use placement::{local_data, local_shard, DeviceMesh, LocalShard, PartialOp, Placement};
 
 /// Float element types the checks run on.

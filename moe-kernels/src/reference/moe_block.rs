@@ -13,9 +13,8 @@ use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayViewMut1, Axis};
 
 use crate::activation::{glu_backward, glu_forward, sigmoid};
 use crate::config::{
-    check_saved,
-    check_block, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams, SharedExpertGrads,
-    SharedExpertParams,
+    check_block, check_saved, Activation, MoeConfig, MoeForward, MoeGrads, MoeParams,
+    SharedExpertGrads, SharedExpertParams,
 };
 use crate::error::Result;
 use crate::routing::{route, route_backward};
@@ -336,4 +335,3 @@ fn shared_backward<F: Real>(
     }
     sg
 }
-
