@@ -75,7 +75,7 @@ fn default_fixtures(root: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
-/// `cargo build -p conformance --bin conformance` (without the `mpi` feature unless `with_mpi`).
+/// `cargo build -p conformance --bin conformance` (with the `mpi` feature when `with_mpi`).
 fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool, String> {
     eprintln!(
         "xtask: building conformance ({}{})",
@@ -94,8 +94,8 @@ fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool,
     if release {
         build.arg("--release");
     }
-    if !with_mpi {
-        build.arg("--no-default-features");
+    if with_mpi {
+        build.args(["--features", "mpi"]);
     }
     let status = build
         .status()
@@ -103,13 +103,14 @@ fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool,
     Ok(status.success())
 }
 
-/// Builds the collectives example binaries (MPI fault scenarios, NCCL selftest).
+/// Builds the collectives example binaries (MPI fault scenarios, NCCL selftest: they need the
+/// `mpi` feature).
 fn build_examples(root: &Path, release: bool) -> Result<bool, String> {
     eprintln!("xtask: building the collectives examples");
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     build
         .current_dir(root)
-        .args(["build", "--quiet", "-p", "collectives", "--examples"]);
+        .args(["build", "--quiet", "-p", "collectives", "--examples", "--features", "mpi"]);
     if release {
         build.arg("--release");
     }
