@@ -35,10 +35,10 @@ pub struct NativeMoeKeys {
     pub shared_gate: Option<String>,
 }
 
-/// One MoE model family. Native layout: models.md ("Native grouped layout"):
+/// One MoE model family. Native layout (README "Native grouped layout"):
 /// `...mlp.experts.gate_and_up_projs` `[E, H, 2I]` (gate half first) and `...mlp.experts.down_projs`
 /// `[E, I, H]`; everything else passes through unchanged. Conversions never communicate and never
-/// change dtype (models.md "Seed bugs").
+/// change dtype.
 // `from_hf*` take `&self`: the adapter carries the config and the remembered on-disk layout.
 #[allow(clippy::wrong_self_convention)]
 pub trait MoeAdapter {

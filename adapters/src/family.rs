@@ -2,7 +2,7 @@
 //! layers, what the MoE module and its router are called on disk, which expert layouts the family
 //! writes, and which extra tensors (router bias, score-correction bias, shared experts) it has.
 //!
-//! Sources (models.md and the transformers 5.23 modelling files named per entry):
+//! Sources (the transformers 5.23 modelling files and model cards named per entry):
 //! - `qwen3_moe` (`modeling_qwen3_moe.py`), `qwen3_next` (`modeling_qwen3_next.py`),
 //!   `qwen3_5_moe` / `qwen3_5_moe_text` (`modeling_qwen3_5_moe.py`): `mlp.gate`, per-expert
 //!   `experts.e.{gate,up,down}_proj.weight` or fused `experts.{gate_up_proj,down_proj}`; Next/3.5 add

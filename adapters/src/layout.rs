@@ -5,7 +5,7 @@
 //! is a table of segments (see [`DiskLayout`]); reading, writing and local shards all go through the
 //! same three functions, so a dim permutation always moves the indices and placements with it.
 //!
-//! Element formulas (models.md): per-expert `native[e, a, c] = disk_e[c', a]` (transposed) or
+//! Element formulas (README "Native grouped layout"): per-expert `native[e, a, c] = disk_e[c', a]` (transposed) or
 //! `disk_e[a, c']`; stacked `native[e, a, c] = disk[e, c', a]` / `disk[e, a, c']`; 2-D biases
 //! `native[e, c] = disk[e, c']`.
 

@@ -6,9 +6,9 @@
 //!   plus `model.safetensors.index.json` = `{"metadata": {"total_size": N}, "weight_map": {key: file}}`
 //!   with N the sum of tensor byte sizes.
 //!
-//! Files carry `__metadata__ = {"format": "pt"}` (what transformers expects). Crash safety
-//! (checkpoints.md): every file is written under a temporary name, fsynced, and renamed into place
-//! only after all files were written; the index is renamed last. Files of the other layout
+//! Files carry `__metadata__ = {"format": "pt"}` (what transformers expects). Crash safety:
+//! every file is written under a temporary name, fsynced, and renamed into place only after all
+//! files were written; the index is renamed last. Files of the other layout
 //! (`model.safetensors` vs. shards + index) left from an earlier save are removed afterwards so the
 //! directory is unambiguous.
 

@@ -1,4 +1,4 @@
-//! Every family's adapter against independent references: the element formulas of models.md
+//! Every family's adapter against independent references: the element formulas of the README ("Native grouped layout")
 //! written out as index loops, round trips, gradient subsets, local shards vs gather(whole) with
 //! each HF piece's placements checked through placement::local_shard, and the large Step3.5
 //! [288, 4096, 1280] placement case.
@@ -189,7 +189,7 @@ fn moe_layer(family: &str) -> usize {
     1
 }
 
-/// The native gate_and_up / down / bias values by the models.md element formulas.
+/// The native gate_and_up / down / bias values by the README's element formulas ("Native grouped layout").
 fn expected_native(
     family: &str,
     fused: bool,

@@ -1,4 +1,4 @@
-//! Issue 3, item 8: a redistribution plan (placement's greedy planner) executed on real data with
+//! A redistribution plan (placement's greedy planner) executed on real data with
 //! the threads communicator equals distributing the full tensor directly to the target placements
 //! (`placement::local_data` of `placement::local_shard`), for random src/dst on 1-D to 3-D meshes.
 //! Data are integer-valued f64, so every sum is exact in any order.

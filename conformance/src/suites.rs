@@ -6,6 +6,7 @@ use crate::parallel::{Mutation, PlanKind};
 use crate::report::{merge_ranks, Check, SuiteReport};
 use crate::{checkpoint, parallel, placement_cases, roundtrip, sharded};
 use collectives::Communicator;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -81,9 +82,47 @@ fn label(dir: &std::path::Path) -> String {
         .unwrap_or_else(|| dir.display().to_string())
 }
 
-/// Runs one suite on this rank.
-pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> SuiteReport {
+/// Whether `suite` runs once per fixture (and so ticks the progress bar once per fixture).
+fn per_fixture(suite: Suite) -> bool {
+    !matches!(suite, Suite::Collectives | Suite::Placement)
+}
+
+/// The progress bar of a run (on stderr, drawn only when it is a terminal, and only on rank 0):
+/// one step per fixture of each fixture suite and one per other suite.
+fn progress(comm: &dyn Communicator, cfg: &RunConfig) -> ProgressBar {
+    if comm.rank() != 0 {
+        return ProgressBar::hidden();
+    }
+    let steps: usize = cfg
+        .suites
+        .iter()
+        .map(|&s| {
+            if per_fixture(s) {
+                cfg.fixtures.len()
+            } else {
+                1
+            }
+        })
+        .sum();
+    let bar = ProgressBar::new(steps as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Runs one suite on this rank, ticking `bar` once per fixture (fixture suites) or once.
+pub fn run_suite(
+    comm: &dyn Communicator,
+    suite: Suite,
+    cfg: &RunConfig,
+    bar: &ProgressBar,
+) -> SuiteReport {
     let start = Instant::now();
+    bar.set_message(suite.name());
+    let before = bar.position();
     let mut checks = Vec::new();
     match suite {
         Suite::Collectives => {
@@ -108,7 +147,9 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
             }
         }
         Suite::Roundtrip => {
-            for dir in &cfg.fixtures {
+            for (i, dir) in cfg.fixtures.iter().enumerate() {
+                bar.set_position(before + i as u64);
+                bar.set_message(format!("{} {}", suite.name(), label(dir)));
                 match roundtrip::run(dir) {
                     Ok(c) => checks.extend(c),
                     Err(e) => checks.push(Check::error(format!("{}: roundtrip", label(dir)), e)),
@@ -116,7 +157,9 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
             }
         }
         Suite::Golden => {
-            for dir in &cfg.fixtures {
+            for (i, dir) in cfg.fixtures.iter().enumerate() {
+                bar.set_position(before + i as u64);
+                bar.set_message(format!("{} {}", suite.name(), label(dir)));
                 if !dir.join("golden.safetensors").exists() {
                     checks.push(Check::skip(
                         format!("{}: golden", label(dir)),
@@ -131,7 +174,9 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
             }
         }
         Suite::Sharded => {
-            for dir in &cfg.fixtures {
+            for (i, dir) in cfg.fixtures.iter().enumerate() {
+                bar.set_position(before + i as u64);
+                bar.set_message(format!("{} {}", suite.name(), label(dir)));
                 match sharded::run(comm, dir) {
                     Ok(c) => checks.extend(c),
                     Err(e) => checks.push(Check::fail(format!("{}: sharded setup", label(dir)), e)),
@@ -139,7 +184,9 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
             }
         }
         Suite::Parallel => {
-            for dir in &cfg.fixtures {
+            for (i, dir) in cfg.fixtures.iter().enumerate() {
+                bar.set_position(before + i as u64);
+                bar.set_message(format!("{} {}", suite.name(), label(dir)));
                 if !dir.join("golden.safetensors").exists() {
                     checks.push(Check::skip(
                         format!("{}: parallel", label(dir)),
@@ -157,7 +204,9 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
             }
         }
         Suite::Checkpoint => {
-            for dir in &cfg.fixtures {
+            for (i, dir) in cfg.fixtures.iter().enumerate() {
+                bar.set_position(before + i as u64);
+                bar.set_message(format!("{} {}", suite.name(), label(dir)));
                 match checkpoint::run(comm, dir) {
                     Ok(c) => checks.extend(c),
                     Err(e) => {
@@ -167,6 +216,12 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
             }
         }
     }
+    let ticks = if per_fixture(suite) {
+        cfg.fixtures.len()
+    } else {
+        1
+    };
+    bar.set_position(before + ticks as u64);
     SuiteReport {
         suite: suite.name().into(),
         seconds: start.elapsed().as_secs_f64(),
@@ -177,11 +232,13 @@ pub fn run_suite(comm: &dyn Communicator, suite: Suite, cfg: &RunConfig) -> Suit
 /// Runs every selected suite on this rank, then all-gathers all ranks' reports and merges them, so
 /// every rank returns the same verdict. Collective: every rank must call it with the same config.
 pub fn run_and_merge(comm: &dyn Communicator, cfg: &RunConfig) -> Result<Vec<SuiteReport>, String> {
+    let bar = progress(comm, cfg);
     let mine: Vec<SuiteReport> = cfg
         .suites
         .iter()
-        .map(|s| run_suite(comm, *s, cfg))
+        .map(|s| run_suite(comm, *s, cfg, &bar))
         .collect();
+    bar.finish_and_clear();
     let blob = serde_json::to_vec(&mine).map_err(|e| e.to_string())?;
     let mut per_rank = Vec::new();
     for (rank, blob) in all_gather_blobs(comm, &blob)?.iter().enumerate() {

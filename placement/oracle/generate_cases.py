@@ -319,7 +319,7 @@ def worker(w, seed=0, only=None):
     # ---- local ----
     per_mesh_local = max(3, 220 // len(meshes) // max(1, min(w, 8)) + 2)
     # Targeted: FSDP2 + TP layout [_S(d, sf), S(d)] with uneven sizes on 2-D meshes, where
-    # PyTorch disagrees with itself (issue 168134; placement.md: [9] on [4, 2]).
+    # PyTorch disagrees with itself (PyTorch issue 168134: [9] on [4, 2]).
     targeted = []
     for shape in meshes:
         if len(shape) == 2 and min(shape) > 1:
@@ -373,7 +373,7 @@ def worker(w, seed=0, only=None):
                 "indices": indices,
             }
             # Uneven _StridedShard: redistribute-from-Replicate may disagree with
-            # compute_local_shape_and_global_offset (issue 168134): keep such cases apart.
+            # compute_local_shape_and_global_offset (PyTorch issue 168134): keep such cases apart.
             if any(isinstance(p, _StridedShard) for p in pl):
                 try:
                     full = distribute_tensor(

@@ -5,7 +5,7 @@
 //! `redistribute_merge`, `fsdp2`.
 //!
 //! A case carrying an `"excluded": "reason"` field is a documented PyTorch self-disagreement
-//! (e.g. uneven `_StridedShard`, issue 168134): it is reported as [`CaseOutcome::Excluded`] and
+//! (e.g. uneven `_StridedShard`, PyTorch issue 168134): it is reported as [`CaseOutcome::Excluded`] and
 //! kept out of the agreement count, never hidden. An unknown kind or a malformed case is a
 //! [`CaseOutcome::Fail`] naming the id.
 
@@ -480,7 +480,7 @@ fn check_reshape(
     compare(expected, got)
 }
 
-/// The shape ops beyond the fixtures.md three (this crate's oracle also writes them):
+/// The shape ops beyond view, transpose and permute (this crate's oracle also writes them):
 /// `unsqueeze [d]`, `squeeze [] | [d..]`, `flatten [start, end]`, `unflatten [d, sizes..]`,
 /// and `stack [d]` (of two copies).
 /// `None` for an unknown op.

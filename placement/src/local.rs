@@ -124,7 +124,7 @@ pub fn local_shard_for_rank(
 /// Global shape `DTensor.from_local(local, mesh, placements)` infers without `shape=`:
 /// `shape[d] *= mesh[m]` for every `S(d)` / `_S(d)` on mesh dim `m` (source: `compute_global_tensor_info`
 /// in `_utils.py`). Only right for even sharding: 5 rows over 4 ranks gives per-rank "global"
-/// 8, 8, 4, 0 (issue 110762); use [`validate_global_shape`] when the true shape is known.
+/// 8, 8, 4, 0 (PyTorch issue 110762); use [`validate_global_shape`] when the true shape is known.
 /// Errors: placement count, shard dim `>= local_shape.len()`, overflow.
 pub fn infer_global_shape(
     local_shape: &[usize],
@@ -384,7 +384,7 @@ mod tests {
 
     #[test]
     fn from_local_inference() {
-        // 5 rows over 4 ranks: local rows 2,2,1,0 -> inferred "global" 8, 8, 4, 0 (issue 110762).
+        // 5 rows over 4 ranks: local rows 2,2,1,0 -> inferred "global" 8, 8, 4, 0 (PyTorch issue 110762).
         let m = mesh(&[4]);
         let p = [Placement::Shard(0)];
         let inferred: Vec<usize> = (0..4)

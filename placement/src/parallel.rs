@@ -391,7 +391,7 @@ mod tests {
             fsdp2_sharding(&[8, 6, 32], 4, None, Some(1), None),
             Err(PlacementError::Parallelism(_))
         ));
-        // The FSDP2 + TP layout gives the verified table of placement.md (15 on (4,2)).
+        // The FSDP2 + TP layout gives the table PyTorch gives for 15 rows on (4, 2).
         let tp = ModelParallel {
             mesh_shape: vec![2],
             placements: parse_placements("[S(0)]").unwrap(),

@@ -451,7 +451,8 @@ pub fn normalize_dim(dim: i64, ndim: usize) -> Result<usize> {
 }
 
 /// Checks the Partial ops of a placement list can coexist: all the same op, except that `sum` and
-/// `avg` may be mixed (PyTorch rejects other mixes). Source: placement.md "Placement kinds".
+/// `avg` may be mixed (PyTorch rejects other mixes). Source: `assert_no_mixed_partial_types` in
+/// `torch/distributed/tensor/_utils.py` and `_optimize_transform_infos`' sum/avg merge.
 pub fn check_partial_ops(placements: &[Placement]) -> Result<()> {
     let mut first: Option<PartialOp> = None;
     for op in placements.iter().filter_map(Placement::partial_op) {

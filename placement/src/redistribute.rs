@@ -20,7 +20,7 @@ use crate::shard_order::{
     default_shard_order, placements_to_shard_order, shard_order_to_placements, ShardOrderEntry,
 };
 
-/// What one step does on its mesh dim (see the table in `placement.md`, "Redistribution").
+/// What one step does on its mesh dim (the rules of `step_collective`, from `_redistribute.py`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Collective {
     /// `S(i)`/`_S(i)` -> `R`: pad to `ceil(n/k)`, all-gather on dim i, narrow to n.

@@ -46,7 +46,7 @@ pub fn shard_indices(n: usize, k: usize, r: usize) -> Result<IndexSet> {
 ///
 /// Source: `_StridedShard._split_tensor` in `placement_types.py` (chunk the dim into `sf`
 /// pieces, shard each piece, concatenate). For uneven sizes PyTorch itself is inconsistent
-/// (issue 168134: FSDP2's physical layout vs this metadata); this crate follows `_split_tensor`.
+/// (PyTorch issue 168134: FSDP2's physical layout vs this metadata); this crate follows `_split_tensor`.
 /// Examples: 9 elements, sf 2, k 4 -> `[0,1,5] [2,3,6] [4,7] [8]`; 8 elements -> `[0,4] [1,5]
 /// [2,6] [3,7]`. Errors: `split_factor == 0`, and those of [`chunk`].
 pub fn strided_shard_indices(

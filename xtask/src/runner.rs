@@ -108,9 +108,15 @@ fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool,
 fn build_examples(root: &Path, release: bool) -> Result<bool, String> {
     eprintln!("xtask: building the collectives examples");
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .current_dir(root)
-        .args(["build", "--quiet", "-p", "collectives", "--examples", "--features", "mpi"]);
+    build.current_dir(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "collectives",
+        "--examples",
+        "--features",
+        "mpi",
+    ]);
     if release {
         build.arg("--release");
     }

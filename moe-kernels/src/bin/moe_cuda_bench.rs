@@ -1,4 +1,4 @@
-//! CUDA benchmark (issue 7): the `moe_kernels::cuda` MoE layer, forward and forward+backward,
+//! CUDA benchmark: the `moe_kernels::cuda` MoE layer, forward and forward+backward,
 //! in TFLOP/s, against cuBLAS bf16 in the same run: a dense GEMM of equal FLOPs and a
 //! per-expert cuBLAS loop (the naive baseline). Unverified on a GPU so far.
 //!

@@ -1,4 +1,4 @@
-//! CUDA kernels of the MoE layer (first slice of issue 7, **unverified on a GPU**): CUDA C++
+//! CUDA kernels of the MoE layer (**unverified on a GPU**): CUDA C++
 //! sources under `src/cuda/kernels/`, compiled at run time by NVRTC through `cudarc` (dynamic
 //! loading: the crate builds and its CPU path runs without CUDA), cached per device
 //! ([`CudaMoe`]) and compile options.
