@@ -13,6 +13,7 @@
 pub mod activation;
 pub mod bound;
 pub mod config;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
 pub mod fast;

@@ -496,6 +496,7 @@ golden_test!(golden_gpt_oss_clamped, "gpt_oss_clamped");
 /// truth: every tensor's normwise relative error within twice what transformers' own bf16 run
 /// shows (`bf16_error` in the golden metadata; floor `2^-8`, bf16's unit roundoff). The device
 /// rounds fewer intermediates to bf16 than a bf16 model does, so it should sit below 1x.
+#[cfg(feature = "cuda")]
 fn cuda_bf16_fixture(dev: &moe_kernels::cuda::CudaMoe, name: &str) {
     use moe_kernels::cuda::{GpuMoeDims, GpuMoeParams};
     let dir = fixture_dir(name);
@@ -584,6 +585,7 @@ fn cuda_bf16_fixture(dev: &moe_kernels::cuda::CudaMoe, name: &str) {
     );
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn cuda_layer_within_transformers_bf16_error() {
     if !moe_kernels::cuda::device_available() || !moe_kernels::cuda::nvrtc_available() {
