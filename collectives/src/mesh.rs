@@ -11,7 +11,7 @@ use placement::DeviceMesh;
 ///
 /// The world communicator's ranks are the mesh's ranks (row-major, last mesh dim fastest).
 /// Collective: every rank of `world` must call it with the same mesh and `mesh_dim`
-/// (implemented with one [`Communicator::split`], color = index of the group, key = coordinate).
+/// (one [`Communicator::split`], as [`mesh_dims_comm`] of `[mesh_dim]`).
 ///
 /// Errors: `world.size() != mesh.size()`, `mesh_dim >= mesh.ndim()` ([`CommError::Mesh`]),
 /// or an error of `split`.
@@ -37,38 +37,7 @@ pub fn mesh_dim_comm(
     mesh: &DeviceMesh,
     mesh_dim: usize,
 ) -> Result<Box<dyn Communicator>> {
-    if world.size() != mesh.size() {
-        return Err(CommError::Mesh(format!(
-            "communicator has {} ranks but mesh {:?} has {}",
-            world.size(),
-            mesh.shape(),
-            mesh.size()
-        )));
-    }
-    let groups = mesh
-        .dim_groups(mesh_dim)
-        .map_err(|e| CommError::Mesh(format!("mesh {:?}, dim {mesh_dim}: {e}", mesh.shape())))?;
-    let rank = world.rank();
-    let (color, key) = groups
-        .iter()
-        .enumerate()
-        .find_map(|(g, members)| members.iter().position(|&r| r == rank).map(|k| (g, k)))
-        .ok_or_else(|| {
-            CommError::Mesh(format!(
-                "rank {rank} is in no group of mesh {:?} dim {mesh_dim}",
-                mesh.shape()
-            ))
-        })?;
-    let sub = world.split(color, key)?;
-    let want = groups[color].len();
-    if sub.size() != want || sub.rank() != key {
-        return Err(CommError::Internal(format!(
-            "mesh dim {mesh_dim}: split gave rank {}/{} but expected {key}/{want}",
-            sub.rank(),
-            sub.size()
-        )));
-    }
-    Ok(sub)
+    mesh_dims_comm(world, mesh, &[mesh_dim])
 }
 
 /// The communicator of the flattened mesh dims `mesh_dims` containing this rank (PyTorch's
