@@ -14,6 +14,7 @@
 
 use crate::checkpoint::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use crate::error::{AdapterError, Result};
+use crate::stream_write::plan_files;
 use crate::tensor::HostTensor;
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
@@ -55,26 +56,6 @@ pub fn shard_file_name(i: usize, n: usize) -> String {
     format!("model-{i:05}-of-{n:05}.safetensors")
 }
 
-/// Splits sorted keys into shards of at most `max` bytes (a larger tensor is alone in its shard).
-fn plan_shards(tensors: &BTreeMap<String, HostTensor>, max: u64) -> Vec<Vec<&str>> {
-    let mut shards: Vec<Vec<&str>> = Vec::new();
-    let mut cur: Vec<&str> = Vec::new();
-    let mut cur_bytes = 0u64;
-    for (k, t) in tensors {
-        let b = t.data.len() as u64;
-        if !cur.is_empty() && cur_bytes + b > max {
-            shards.push(std::mem::take(&mut cur));
-            cur_bytes = 0;
-        }
-        cur.push(k);
-        cur_bytes += b;
-    }
-    if !cur.is_empty() {
-        shards.push(cur);
-    }
-    shards
-}
-
 /// Writes HF layout: model.safetensors, or when the total exceeds `max_shard_bytes`,
 /// model-0000i-of-0000n.safetensors + model.safetensors.index.json (weight_map,
 /// metadata.total_size), keys in sorted order, plus config.json when given. Writes to temporary
@@ -107,12 +88,13 @@ pub fn write_hf_checkpoint(
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
-    let total: u64 = tensors.values().map(|t| t.data.len() as u64).sum();
-    let shards: Vec<Vec<&str>> = if total <= max_shard_bytes {
-        vec![tensors.keys().map(String::as_str).collect()]
-    } else {
-        plan_shards(tensors, max_shard_bytes)
-    };
+    let keys: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    let sizes: Vec<u64> = tensors.values().map(|t| t.data.len() as u64).collect();
+    let total: u64 = sizes.iter().sum();
+    let shards: Vec<Vec<&str>> = plan_files(&sizes, max_shard_bytes)
+        .into_iter()
+        .map(|file| file.into_iter().map(|i| keys[i]).collect())
+        .collect();
     let sharded = shards.len() > 1;
     let n = shards.len();
     let md: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
