@@ -152,6 +152,7 @@ fn check_cheaper(
     r: &Redistribute,
     even: bool,
 ) -> Result<(), TestCaseError> {
+    prop_assert_eq!(r.cheaper().is_some(), r.plan().alternative.is_some());
     let Some(c) = r.cheaper() else {
         return Ok(());
     };

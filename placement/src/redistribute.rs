@@ -405,7 +405,9 @@ fn merges(
     sorted.sort_unstable();
     let descending: Vec<usize> = sorted.iter().rev().copied().collect();
     let k: usize = sorted.iter().map(|&m| plan.mesh_shape[m]).product();
-    let first = group[0];
+    let Some(first) = group.first() else {
+        return false;
+    };
     // The tensor the group sees: every merged mesh dim replicated.
     let mut seen = first.before.clone();
     for &m in &sorted {

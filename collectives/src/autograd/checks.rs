@@ -528,12 +528,13 @@ fn replication(mesh: &DeviceMesh, ps: &[Placement]) -> f64 {
 
 /// One redistribute case of a tensor of `global` elements: PyTorch's plan and, where the plan
 /// has one, its cheaper alternative ([`Redistribute::cheaper`]), each checked by
-/// [`redistribute_op`].
+/// [`redistribute_op`]. `merges`: the plan's steps merge, so it must have the alternative.
 fn redistribute_case(
     comm: &dyn Communicator,
     mesh: &DeviceMesh,
     global: &[usize],
     (src, dst): (&[Placement], &[Placement]),
+    merges: bool,
     fails: &mut Vec<String>,
 ) -> CheckResult {
     let what = format!(
@@ -542,6 +543,9 @@ fn redistribute_case(
     );
     let op =
         Redistribute::new(global, mesh, src, dst).map_err(|e| wrong(format!("{what}: {e}")))?;
+    if merges && op.cheaper().is_none() {
+        fails.push(format!("{what}: no merged alternative"));
+    }
     if let Some(cheaper) = op.cheaper() {
         redistribute_op(
             comm,
@@ -619,7 +623,7 @@ fn redistribute_op(
 
 /// `Redistribute` on the 1-D mesh of all ranks and, for even world sizes from 4, on a
 /// `[2, W/2]` mesh, for Shard/Replicate/Partial(sum) sources (uneven 5 x 3 tensor), and plans
-/// whose steps merge (all-gathers, all-reduces, reduce-scatters) on a `2W x 3` tensor.
+/// whose steps merge (all-gathers, all-reduces, reduce-scatters) on a `W x 6` tensor.
 fn check_redistribute(comm: &dyn Communicator) -> CheckResult {
     use Placement::{Replicate as R, Shard as S};
     let p = Placement::Partial(PartialOp::Sum);
@@ -635,7 +639,7 @@ fn check_redistribute(comm: &dyn Communicator) -> CheckResult {
         ([R], [S(1)]),
         ([R], [R]),
     ] {
-        redistribute_case(comm, &mesh1, &[5, 3], (&src, &dst), &mut fails)?;
+        redistribute_case(comm, &mesh1, &[5, 3], (&src, &dst), false, &mut fails)?;
     }
     if w >= 4 && w % 2 == 0 {
         let mesh2 = DeviceMesh::new(vec![2, w / 2]).map_err(|e| wrong(e.to_string()))?;
@@ -646,14 +650,14 @@ fn check_redistribute(comm: &dyn Communicator) -> CheckResult {
             ([S(0), R], [S(1), S(0)]),
             ([p, p], [S(0), R]),
         ] {
-            redistribute_case(comm, &mesh2, &[5, 3], (&src, &dst), &mut fails)?;
+            redistribute_case(comm, &mesh2, &[5, 3], (&src, &dst), false, &mut fails)?;
         }
         for (src, dst) in [
             ([S(0), S(0)], [R, R]),
             ([p, p], [R, R]),
             ([p, p], [S(0), S(0)]),
         ] {
-            redistribute_case(comm, &mesh2, &[2 * w, 3], (&src, &dst), &mut fails)?;
+            redistribute_case(comm, &mesh2, &[w, 6], (&src, &dst), true, &mut fails)?;
         }
     }
     finish(fails)

@@ -266,9 +266,11 @@ impl Redistribute {
         t: LocalTensor<T>,
         backward: bool,
     ) -> Result<LocalTensor<T>> {
+        let Some(&first) = steps.first() else {
+            return Ok(t);
+        };
         let mut dims: Vec<usize> = steps.iter().map(|s| s.mesh_dim).collect();
         dims.sort_unstable();
-        let first = steps[0];
         let g = mesh_dims_comm(world, &self.mesh, &dims)?;
         let g = &*g;
         // Pieces of tensor dim d over the group: the size d has before the first merged dim in
