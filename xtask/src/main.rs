@@ -14,6 +14,7 @@ mod process;
 mod report;
 mod results;
 mod runner;
+mod setup;
 #[cfg(test)]
 mod tests;
 mod train;

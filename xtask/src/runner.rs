@@ -3,128 +3,16 @@
 use crate::process::{launcher, log_tail, rank_args, run_logged, run_with_timeout, RunOutcome};
 use crate::report;
 use crate::results::{Row, RunResult};
+use crate::setup::{
+    build_conformance, build_examples, default_fixtures, is_root, mpi_missing, target_dir,
+    workspace_root, MPI_PACKAGES,
+};
 use crate::{Backend, ConformanceArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Debian packages the MPI backend needs (build and run).
-const MPI_PACKAGES: &str = "openmpi-bin libopenmpi-dev libclang-dev pkg-config";
-
-fn workspace_root() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.parent().map(Path::to_path_buf).unwrap_or(here)
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-}
-
-fn succeeds(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Why the MPI backend cannot run here, or None when `mpirun` and the MPI library are present.
-fn mpi_missing() -> Option<String> {
-    if !succeeds("mpirun", &["--version"]) {
-        return Some("`mpirun` not found".into());
-    }
-    let lib = ["ompi", "ompi-c", "mpich", "mpi"]
-        .iter()
-        .any(|p| succeeds("pkg-config", &["--exists", p]))
-        || succeeds("mpicc", &["--showme:version"]);
-    if !lib {
-        return Some("the MPI development library (pkg-config ompi / mpicc) not found".into());
-    }
-    None
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// Every directory under conformance/fixtures/ that holds a config.json.
-fn default_fixtures(root: &Path) -> Result<Vec<PathBuf>, String> {
-    let dir = root.join("conformance").join("fixtures");
-    let mut out = Vec::new();
-    let entries = fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for entry in entries {
-        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
-        if path.join("config.json").is_file() {
-            out.push(path);
-        }
-    }
-    out.sort();
-    if out.is_empty() {
-        return Err(format!("no fixture directories under {}", dir.display()));
-    }
-    Ok(out)
-}
-
-/// `cargo build -p conformance --bin conformance` (with the `mpi` feature when `with_mpi`).
-fn build_conformance(root: &Path, release: bool, with_mpi: bool) -> Result<bool, String> {
-    eprintln!(
-        "xtask: building conformance ({}{})",
-        if release { "release" } else { "debug" },
-        if with_mpi { "" } else { ", without MPI" }
-    );
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "conformance",
-        "--bin",
-        "conformance",
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    if with_mpi {
-        build.args(["--features", "mpi"]);
-    }
-    let status = build
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    Ok(status.success())
-}
-
-/// Builds the collectives example binaries (MPI fault scenarios, NCCL selftest: they need the
-/// `mpi` feature).
-fn build_examples(root: &Path, release: bool) -> Result<bool, String> {
-    eprintln!("xtask: building the collectives examples");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "collectives",
-        "--examples",
-        "--features",
-        "mpi",
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    let status = build
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    Ok(status.success())
-}
 
 /// Runs an example that prints one `PASS ...` / `FAIL ...` line per check, or a line containing
 /// `skipped:` when it cannot run here (e.g. no CUDA device), and turns its output into a row.
