@@ -70,6 +70,22 @@ pub(crate) fn default_fixtures(root: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
+/// `cargo build --quiet ARGS` (plus `--release`) in the workspace; whether it succeeded.
+fn cargo_build(root: &Path, release: bool, args: &[&str]) -> Result<bool, String> {
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(root)
+        .args(["build", "--quiet"])
+        .args(args);
+    if release {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    Ok(status.success())
+}
+
 /// `cargo build -p conformance --bin conformance` (with the `mpi` feature when `with_mpi`).
 pub(crate) fn build_conformance(
     root: &Path,
@@ -81,46 +97,20 @@ pub(crate) fn build_conformance(
         if release { "release" } else { "debug" },
         if with_mpi { "" } else { ", without MPI" }
     );
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "conformance",
-        "--bin",
-        "conformance",
-    ]);
-    if release {
-        build.arg("--release");
-    }
+    let mut args = vec!["-p", "conformance", "--bin", "conformance"];
     if with_mpi {
-        build.args(["--features", "mpi"]);
+        args.extend(["--features", "mpi"]);
     }
-    let status = build
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    Ok(status.success())
+    cargo_build(root, release, &args)
 }
 
 /// Builds the collectives example binaries (MPI fault scenarios, NCCL selftest: they need the
 /// `mpi` feature).
 pub(crate) fn build_examples(root: &Path, release: bool) -> Result<bool, String> {
     eprintln!("xtask: building the collectives examples");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "collectives",
-        "--examples",
-        "--features",
-        "mpi",
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    let status = build
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    Ok(status.success())
+    cargo_build(
+        root,
+        release,
+        &["-p", "collectives", "--examples", "--features", "mpi"],
+    )
 }
