@@ -490,9 +490,8 @@ pub enum MergeRules {
 /// [`Collective::Noop`]. PyTorch decides each merge on each rank's logical shape; this is one
 /// decision for all ranks (a reduce-scatter merges only where it may on every rank).
 pub fn merged_steps(plan: &RedistributePlan, rules: MergeRules) -> Vec<MergedStep> {
-    let Ok(mesh) = DeviceMesh::new(plan.mesh_shape.clone()) else {
-        return Vec::new();
-    };
+    // A plan's mesh shape is valid; were it not, nothing merges.
+    let mesh = DeviceMesh::new(plan.mesh_shape.clone()).ok();
     let kind = |s: &Step| comm_kind(s.src, s.dst);
     let mergeable = |k: Option<Collective>| {
         matches!(
@@ -512,7 +511,12 @@ pub fn merged_steps(plan: &RedistributePlan, rules: MergeRules) -> Vec<MergedSte
         }
         let group: Vec<&Step> = plan.steps[i..j].iter().collect();
         match kind(s) {
-            Some(k) if group.len() > 1 && merges(plan, &mesh, &group, k, rules) => {
+            Some(k)
+                if group.len() > 1
+                    && mesh
+                        .as_ref()
+                        .is_some_and(|m| merges(plan, m, &group, k, rules)) =>
+            {
                 let size: usize = group.iter().map(|g| plan.mesh_shape[g.mesh_dim]).product();
                 merged.push(MergedStep {
                     mesh_dims: group.iter().map(|g| g.mesh_dim).collect(),
